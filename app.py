@@ -1,0 +1,113 @@
+"""The application factory: ``create_app()`` is what gunicorn and ``flask --app app`` load."""
+import logging
+import os
+
+from flask import Flask, current_app, request
+from sqlalchemy import event
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+import auth
+import cli
+import config as config_module
+import validation
+from errors import register_error_handlers
+from models import db
+from routes import BLUEPRINTS
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "POST, GET, PUT, OPTIONS, PATCH, DELETE",
+    "Access-Control-Allow-Credentials": "true",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    """SQLite for a web server: WAL, foreign keys, a busy timeout, case-sensitive LIKE."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000",
+                   "foreign_keys=ON", "case_sensitive_like=ON"):
+        cursor.execute("PRAGMA " + pragma)
+    cursor.close()
+
+
+class CaseInsensitiveRouting:
+    """WSGI middleware: CIRCUS matches paths case-insensitively.
+
+    Only when a path does not match as sent are its literal segments (those that appear in
+    some route) lowercased; IDs, e-mails and file paths keep their case.
+    """
+
+    def __init__(self, app, wsgi_app):
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.literals = None
+
+    def _literals(self):
+        if self.literals is None:
+            words = set()
+            for rule in self.app.url_map.iter_rules():
+                for segment in rule.rule.split("/"):
+                    if segment and "<" not in segment:
+                        words.add(segment)
+            self.literals = words
+        return self.literals
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path != path.lower():
+            adapter = self.app.url_map.bind_to_environ(environ)
+            try:
+                adapter.match()
+            except (NotFound, MethodNotAllowed):
+                literals = self._literals()
+                fixed = "/".join(s.lower() if s.lower() in literals else s for s in path.split("/"))
+                environ["PATH_INFO"] = fixed
+            except Exception:  # redirects and the like: leave the path alone
+                pass
+        return self.wsgi_app(environ, start_response)
+
+
+def _preflight():
+    """Any OPTIONS below /api answers 200 with an empty body, without authentication."""
+    if request.method == "OPTIONS" and request.path.startswith("/api"):
+        return "", 200
+
+
+def _cors(response):
+    response.headers["Access-Control-Allow-Origin"] = current_app.config["CORS_ORIGIN"]
+    for name, value in CORS_HEADERS.items():
+        response.headers[name] = value
+    return response
+
+
+def create_app(config=None):
+    """Build the Flask app; ``config`` overrides the environment (tests pass a dict)."""
+    app = Flask(__name__)
+    app.config.update(config_module.from_environment())
+    if config:
+        app.config.update(config)
+    app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
+    os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
+    app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+    app.config["MAX_CONTENT_LENGTH"] = None  # uploads are streamed; each route sets its limit
+    app.json.sort_keys = False
+    app.url_map.strict_slashes = False
+    logging.basicConfig(level=logging.INFO if not app.testing else logging.WARNING)
+
+    db.init_app(app)
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            event.listen(db.engine, "connect", _sqlite_pragmas)
+
+    app.before_request(_preflight)
+    app.before_request(auth.authenticate_request)
+    app.before_request(validation.check_content_type)
+    app.after_request(_cors)
+    register_error_handlers(app)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    cli.register(app)
+    app.wsgi_app = CaseInsensitiveRouting(app, app.wsgi_app)
+    return app

@@ -1,0 +1,263 @@
+"""Who is calling and what they may do.
+
+Tokens are 40 lowercase hex characters from ``secrets``; only their SHA-256 digests are
+stored. The fail-closed ``before_request`` hook authenticates every request except the
+endpoints in PUBLIC_ENDPOINTS, then computes the caller's privileges once into ``g``.
+Every "may this user do X" decision of the project is made by the helpers below.
+"""
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import bcrypt
+from flask import current_app, g, request
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from errors import ApiError
+from models import Group, Token, User, db, random_hex, utcnow
+
+log = logging.getLogger(__name__)
+
+PERMANENT_EXPIRY = datetime(2100, 12, 31)
+CLIENT_ID = "CIRCUS Front UI"
+
+GLOBAL_PRIVILEGES = [
+    ("createProject", "Create Project"),
+    ("deleteProject", "Delete Project"),
+    ("manageServer", "Manage Server"),
+    ("personalInfoView", "View Personal Info"),
+    ("downloadVolume", "Download Volume as Raw File"),
+    ("issueOnetime", "Issue Onetime URL"),
+]
+# project role -> group attribute, in CIRCUS's fixed order
+PROJECT_ROLES = {"read": "read_projects", "write": "write_projects",
+                 "viewPersonalInfo": "view_personal_info_projects",
+                 "moderate": "moderate_projects", "addSeries": "add_series_projects"}
+# plug-in role -> group attribute, in CIRCUS's fixed order
+PLUGIN_ROLES = {"readPlugin": "read_plugin", "executePlugin": "execute_plugin",
+                "manageJobs": "manage_jobs", "inputPersonalFeedback": "input_personal_feedback",
+                "inputConsensualFeedback": "input_consensual_feedback",
+                "manageFeedback": "manage_feedback", "viewPersonalInfo": "view_personal_info"}
+
+# Endpoints reachable without a token (OPTIONS is answered before routing).
+PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display"}
+
+
+# --- secrets ----------------------------------------------------------------------------
+
+def digest(secret):
+    """SHA-256 hex digest of a token or one-time string: the only form ever stored."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def hash_password(password):
+    """Hash a password with werkzeug (scrypt; tests may configure a cheaper method)."""
+    return generate_password_hash(password, method=current_app.config.get(
+        "PASSWORD_HASH_METHOD", "scrypt"))
+
+
+def check_password(stored_hash, password):
+    """Verify a password against a werkzeug hash or a bcrypt hash migrated from CIRCUS."""
+    if not stored_hash:
+        return False
+    if stored_hash.startswith(("$2y$", "$2b$", "$2a$")):
+        normalized = "$2b$" + stored_hash[4:]
+        try:
+            return bcrypt.checkpw(password.encode("utf-8"), normalized.encode("ascii"))
+        except ValueError:
+            return False
+    try:
+        return check_password_hash(stored_hash, password)
+    except ValueError:
+        return False
+
+
+def issue_login_token(user_email):
+    """Create a session token pair; return (access_token, refresh_token, lifetime seconds)."""
+    access, refresh = random_hex(), random_hex()
+    now = utcnow()
+    lifetime = current_app.config["ACCESS_TOKEN_LIFETIME"]
+    db.session.add(Token(
+        access_token_hash=digest(access), refresh_token_hash=digest(refresh),
+        access_token_expires_at=now + timedelta(seconds=lifetime),
+        refresh_token_expires_at=now + timedelta(seconds=current_app.config["REFRESH_TOKEN_LIFETIME"]),
+        client_id=CLIENT_ID, user_email=user_email))
+    return access, refresh, lifetime
+
+
+def issue_permanent_token(user_email, description):
+    """Create a permanent token; return (token_id, access_token). The caller commits."""
+    access, token_id = random_hex(), random_hex()
+    db.session.add(Token(
+        access_token_hash=digest(access), refresh_token_hash=digest(random_hex()),
+        access_token_expires_at=PERMANENT_EXPIRY, refresh_token_expires_at=PERMANENT_EXPIRY,
+        client_id=CLIENT_ID, user_email=user_email, permanent_token_id=token_id,
+        permanent_token_description=description))
+    return token_id, access
+
+
+def find_user(email_or_login_id):
+    """The user whose e-mail or login ID is given, or None."""
+    return db.session.execute(
+        db.select(User).where(db.or_(User.user_email == email_or_login_id,
+                                     User.login_id == email_or_login_id))
+        .order_by(User.created_at).limit(1)).scalar_one_or_none()
+
+
+# --- privileges -------------------------------------------------------------------------
+
+@dataclass
+class Privileges:
+    """A user's effective privileges: the union over their groups, in first-seen order."""
+    domains: list = field(default_factory=list)
+    global_privileges: list = field(default_factory=list)
+    project_roles: dict = field(default_factory=dict)  # projectId -> [roles]
+    plugin_roles: dict = field(default_factory=dict)  # pluginId -> [roles]
+    group_ids: list = field(default_factory=list)
+    group_names: list = field(default_factory=list)
+
+    def has_global(self, privilege):
+        return privilege in self.global_privileges
+
+    def has_domain(self, domain):
+        return domain in self.domains
+
+    def has_project_role(self, project_id, role):
+        return role in self.project_roles.get(project_id, ())
+
+    def has_plugin_role(self, plugin_id, role):
+        return role in self.plugin_roles.get(plugin_id, ())
+
+    def projects_with(self, *roles):
+        """IDs of the projects on which the user holds every given role."""
+        return [pid for pid, have in self.project_roles.items() if all(r in have for r in roles)]
+
+    def plugins_with(self, *roles):
+        """IDs of the plug-ins on which the user holds every given role."""
+        return [pid for pid, have in self.plugin_roles.items() if all(r in have for r in roles)]
+
+
+def _append(items, value):
+    if value not in items:
+        items.append(value)
+
+
+def compute_privileges(user):
+    """Compute a user's privileges from their groups (one query; dangling IDs are skipped)."""
+    privileges = Privileges()
+    group_ids = [gid for gid in (user.groups or []) if isinstance(gid, int)]
+    if not group_ids:
+        return privileges
+    rows = {grp.group_id: grp for grp in db.session.execute(
+        db.select(Group).where(Group.group_id.in_(group_ids))).scalars()}
+    for gid in group_ids:
+        grp = rows.get(gid)
+        if grp is None:
+            continue
+        privileges.group_ids.append(gid)
+        privileges.group_names.append(grp.group_name)
+        for priv in grp.privileges or []:
+            _append(privileges.global_privileges, priv)
+        for domain in grp.domains or []:
+            _append(privileges.domains, domain)
+        for role, attr in PROJECT_ROLES.items():
+            for pid in getattr(grp, attr) or []:
+                privileges.project_roles.setdefault(pid, [])
+        for role, attr in PLUGIN_ROLES.items():
+            for pid in getattr(grp, attr) or []:
+                privileges.plugin_roles.setdefault(pid, [])
+    # Roles are appended in CIRCUS's fixed role order, whatever the group order.
+    for role, attr in PROJECT_ROLES.items():
+        for gid in privileges.group_ids:
+            for pid in getattr(rows[gid], attr) or []:
+                _append(privileges.project_roles[pid], role)
+    for role, attr in PLUGIN_ROLES.items():
+        for gid in privileges.group_ids:
+            for pid in getattr(rows[gid], attr) or []:
+                _append(privileges.plugin_roles[pid], role)
+    return privileges
+
+
+# --- the request hook -------------------------------------------------------------------
+
+def _bearer_token():
+    """The bearer token of the request, or an ApiError as CIRCUS answers it."""
+    if "access_token" in request.args:
+        raise ApiError(400, "Invalid request: do not send bearer tokens in query URLs")
+    header = request.headers.get("Authorization")
+    if not header:
+        raise ApiError(401, "Unauthorized request: no authentication given")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(400, "Invalid request: malformed authorization header")
+    return token.strip()
+
+
+def authenticate_token(token):
+    """The user owning a valid, unexpired token, else ApiError 401."""
+    row = db.session.execute(
+        db.select(Token.access_token_expires_at, User)
+        .join(User, User.user_email == Token.user_email)
+        .where(Token.access_token_hash == digest(token))).first()
+    if row is None:
+        raise ApiError(401, "Invalid token: access token is invalid")
+    expires_at, user = row
+    if expires_at < utcnow():
+        raise ApiError(401, "Invalid token: access token has expired")
+    return user
+
+
+def authenticate_request():
+    """before_request hook: fail closed unless the endpoint is public."""
+    g.user = None
+    g.privileges = Privileges()
+    if request.method == "OPTIONS" or request.endpoint is None:
+        return  # CORS preflight, or an unknown route that will answer 404
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
+    fixed = current_app.config.get("FIX_USER")
+    if fixed:
+        user = db.session.get(User, fixed)
+        if user is None:
+            raise ApiError(401, "Invalid token: access token is invalid")
+    else:
+        user = authenticate_token(_bearer_token())
+    g.user = user
+    g.privileges = compute_privileges(user)
+
+
+# --- checks used by views ---------------------------------------------------------------
+
+def require_global(*privileges):
+    """ApiError 401 unless the caller holds every given global privilege."""
+    missing = [p for p in privileges if not g.privileges.has_global(p)]
+    if missing:
+        raise ApiError(401, "You do not have sufficient privilege to access this resource."
+                       + ",".join(missing))
+
+
+def require_project_role(project_id, *roles):
+    """ApiError 401 unless the caller holds every given role on the project."""
+    for role in roles:
+        if not g.privileges.has_project_role(project_id, role):
+            raise ApiError(401, f'You do not have "{role}" privilege of this project.')
+
+
+def require_plugin_role(plugin_id, *roles):
+    """ApiError 401 unless the caller holds every given role on the plug-in."""
+    for role in roles:
+        if not g.privileges.has_plugin_role(plugin_id, role):
+            raise ApiError(401, f'You do not have "{role}" privilege of this plugin.')
+
+
+def require_series_domain(series):
+    """ApiError 403 unless the series' domain is one of the caller's domains."""
+    if not g.privileges.has_domain(series.domain):
+        raise ApiError(403, "You do not have privilege to access this series.")
+
+
+def can_view_personal_info():
+    """Global personalInfoView and the caller's own preference both allow patient info."""
+    return (g.privileges.has_global("personalInfoView")
+            and bool((g.user.preferences or {}).get("personalInfoView")))

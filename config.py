@@ -1,0 +1,56 @@
+"""Configuration: defaults, then environment overrides. Every key is read by create_app()."""
+import os
+
+
+def from_environment():
+    """Return the configuration dict built from defaults and the environment."""
+    data_dir = os.path.abspath(os.environ.get("CIRCUS_DATA_DIR", "./data"))
+    return {
+        # Everything persistent lives here: database, DICOM files, blobs, results, downloads.
+        "CIRCUS_DATA_DIR": data_dir,
+        # Overrides the database only (e.g. postgresql+psycopg://user@host/db).
+        "DATABASE_URL": os.environ.get("DATABASE_URL"),
+        # Access tokens from POST /login expire after this many seconds (CIRCUS: 1 hour).
+        "ACCESS_TOKEN_LIFETIME": int(os.environ.get("CIRCUS_ACCESS_TOKEN_LIFETIME", 3600)),
+        # Refresh tokens expire after this many seconds (CIRCUS: 14 days).
+        "REFRESH_TOKEN_LIFETIME": int(os.environ.get("CIRCUS_REFRESH_TOKEN_LIFETIME", 1209600)),
+        # Value of Access-Control-Allow-Origin.
+        "CORS_ORIGIN": os.environ.get("CIRCUS_CORS_ORIGIN", "*"),
+        # JSON request bodies larger than this are refused (CIRCUS: 1 MB).
+        "JSON_BODY_MAX_BYTES": 1024 * 1024,
+        # Per-file limit of multipart uploads (CIRCUS uploadFileSizeMaxBytes: 200 MiB).
+        "UPLOAD_FILE_SIZE_MAX_BYTES": int(os.environ.get("CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES", 209715200)),
+        # Shown in login-info/full.
+        "DICOM_IMAGE_SERVER_URL": os.environ.get("CIRCUS_DICOM_IMAGE_SERVER_URL", "http://localhost:8080/rs"),
+        # Archive limits for uploads: total uncompressed bytes and entry count (zip bombs).
+        "ARCHIVE_MAX_TOTAL_BYTES": int(os.environ.get("CIRCUS_ARCHIVE_MAX_TOTAL_BYTES", 20 * 1024**3)),
+        "ARCHIVE_MAX_ENTRIES": int(os.environ.get("CIRCUS_ARCHIVE_MAX_ENTRIES", 200000)),
+        # Search filter limits: nesting depth, $in/$all length, raw filter size in characters.
+        "FILTER_MAX_DEPTH": 8,
+        "FILTER_MAX_IN_LENGTH": 1000,
+        "FILTER_MAX_CHARS": 16384,
+        # Minutes east of UTC assumed for DICOM dates without Timezone Offset From UTC.
+        "DICOM_DEFAULT_UTC_OFFSET": int(os.environ.get("CIRCUS_DICOM_DEFAULT_UTC_OFFSET", 0)),
+        # Seconds between polls of the worker when nothing is queued.
+        "WORKER_POLL_INTERVAL": float(os.environ.get("CIRCUS_WORKER_POLL_INTERVAL", 1.0)),
+        # Number of plug-in jobs the worker runs at once (CIRCUS: 1).
+        "PLUGIN_JOB_CONCURRENCY": int(os.environ.get("CIRCUS_PLUGIN_JOB_CONCURRENCY", 1)),
+        # Task downloads older than this many seconds are swept (CIRCUS: 7 days).
+        "DOWNLOAD_RETENTION_SECONDS": int(os.environ.get("CIRCUS_DOWNLOAD_RETENTION_SECONDS", 7 * 86400)),
+        # werkzeug password hash method (tests use a cheap one; never lower it in production).
+        "PASSWORD_HASH_METHOD": "scrypt",
+        # Fixed-user mode for debugging (never in production): every request runs as this user.
+        "FIX_USER": os.environ.get("CIRCUS_API_FIX_USER"),
+    }
+
+
+def database_uri(config):
+    """The SQLAlchemy URI: DATABASE_URL if set, else SQLite inside the data directory."""
+    url = config.get("DATABASE_URL")
+    if url:
+        if url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url[len("postgres://"):]
+        elif url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return url
+    return "sqlite:///" + os.path.join(config["CIRCUS_DATA_DIR"], "circus.db")

@@ -1,0 +1,1 @@
+"""DICOM import: header parsing, the series record, archives, and the import of a batch."""

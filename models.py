@@ -1,0 +1,426 @@
+"""The database and every table; indexes are declared beside the columns they serve.
+
+Documents keep CIRCUS's field names on the wire; ``to_json`` methods produce them.
+Array fields that are searched (case tags, job series, my-list items) live in link
+tables so that "any element matches" compiles to an indexed EXISTS on every database.
+"""
+import os
+import secrets
+import time
+from datetime import datetime, timezone
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_ulid():
+    """A new lowercase ULID (48-bit millisecond time, 80 random bits, Crockford base32)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def utcnow():
+    """The current UTC time as a naive datetime (how every date column is stored)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(value):
+    """Serialise a stored datetime as CIRCUS does: ISO-8601 UTC with milliseconds."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text):
+    """Parse an ISO-8601 string into a naive UTC datetime; ValueError if malformed."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def random_hex(nbytes=20):
+    """A random lowercase hex string (40 characters by default, as CIRCUS tokens)."""
+    return secrets.token_hex(nbytes)
+
+
+class Timestamps:
+    """createdAt / updatedAt, as every CIRCUS document has."""
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow,
+                                                 index=True)
+
+    def timestamps(self):
+        return {"createdAt": iso(self.created_at), "updatedAt": iso(self.updated_at)}
+
+
+# --- accounts -------------------------------------------------------------------------
+
+class User(Timestamps, db.Model):
+    __tablename__ = "users"
+    user_email: Mapped[str] = mapped_column(String(254), primary_key=True)
+    login_id: Mapped[str] = mapped_column(String(64), unique=True)
+    password: Mapped[str] = mapped_column(String(255))  # werkzeug or bcrypt hash, never clear
+    description: Mapped[str] = mapped_column(Text, default="")
+    login_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_login_time: Mapped[datetime] = mapped_column(DateTime, default=lambda: datetime(1970, 1, 1))
+    last_login_ip: Mapped[str] = mapped_column(String(64), default="")
+    groups: Mapped[list] = mapped_column(JSON, default=list)  # group ids, in order
+    preferences: Mapped[dict] = mapped_column(JSON, default=dict)
+
+    def to_json(self):
+        """The user document without the password."""
+        return {"userEmail": self.user_email, "loginId": self.login_id,
+                "description": self.description, "loginEnabled": self.login_enabled,
+                "lastLoginTime": iso(self.last_login_time), "lastLoginIp": self.last_login_ip,
+                "groups": list(self.groups or []), "preferences": dict(self.preferences or {}),
+                **self.timestamps()}
+
+
+GROUP_ARRAY_FIELDS = {
+    # wire name -> attribute name, in CIRCUS's order
+    "privileges": "privileges", "domains": "domains",
+    "readProjects": "read_projects", "writeProjects": "write_projects",
+    "addSeriesProjects": "add_series_projects",
+    "viewPersonalInfoProjects": "view_personal_info_projects",
+    "moderateProjects": "moderate_projects",
+    "readPlugin": "read_plugin", "executePlugin": "execute_plugin",
+    "manageJobs": "manage_jobs", "inputPersonalFeedback": "input_personal_feedback",
+    "inputConsensualFeedback": "input_consensual_feedback",
+    "manageFeedback": "manage_feedback", "viewPersonalInfo": "view_personal_info",
+}
+
+
+class Group(Timestamps, db.Model):
+    __tablename__ = "groups"
+    group_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    group_name: Mapped[str] = mapped_column(String(128))
+    privileges: Mapped[list] = mapped_column(JSON, default=list)
+    domains: Mapped[list] = mapped_column(JSON, default=list)
+    read_projects: Mapped[list] = mapped_column(JSON, default=list)
+    write_projects: Mapped[list] = mapped_column(JSON, default=list)
+    add_series_projects: Mapped[list] = mapped_column(JSON, default=list)
+    view_personal_info_projects: Mapped[list] = mapped_column(JSON, default=list)
+    moderate_projects: Mapped[list] = mapped_column(JSON, default=list)
+    read_plugin: Mapped[list] = mapped_column(JSON, default=list)
+    execute_plugin: Mapped[list] = mapped_column(JSON, default=list)
+    manage_jobs: Mapped[list] = mapped_column(JSON, default=list)
+    input_personal_feedback: Mapped[list] = mapped_column(JSON, default=list)
+    input_consensual_feedback: Mapped[list] = mapped_column(JSON, default=list)
+    manage_feedback: Mapped[list] = mapped_column(JSON, default=list)
+    view_personal_info: Mapped[list] = mapped_column(JSON, default=list)
+
+    def to_json(self):
+        doc = {"groupId": self.group_id, "groupName": self.group_name}
+        for wire, attr in GROUP_ARRAY_FIELDS.items():
+            doc[wire] = list(getattr(self, attr) or [])
+        doc.update(self.timestamps())
+        return doc
+
+
+class Token(Timestamps, db.Model):
+    """A login session or permanent token. Only SHA-256 digests of the secrets are stored."""
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    access_token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    access_token_expires_at: Mapped[datetime] = mapped_column(DateTime)
+    refresh_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    refresh_token_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    client_id: Mapped[str] = mapped_column(String(64), default="CIRCUS Front UI")
+    user_email: Mapped[str] = mapped_column(
+        ForeignKey("users.user_email", ondelete="CASCADE", onupdate="CASCADE"), index=True)
+    permanent_token_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    permanent_token_description: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+
+class OnetimeUrl(Timestamps, db.Model):
+    """A one-time login string (stored as its SHA-256 digest); valid for about a minute."""
+    __tablename__ = "onetime_urls"
+    onetime_url_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    user_email: Mapped[str] = mapped_column(
+        ForeignKey("users.user_email", ondelete="CASCADE", onupdate="CASCADE"), index=True)
+    onetime_string_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ServerParam(Timestamps, db.Model):
+    __tablename__ = "server_params"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[object] = mapped_column(JSON)
+
+
+class SystemState(db.Model):
+    """Internal switches shared by server and worker (e.g. the plug-in job manager)."""
+    __tablename__ = "system_state"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[object] = mapped_column(JSON)
+
+
+# --- projects and cases ---------------------------------------------------------------
+
+class Project(Timestamps, db.Model):
+    __tablename__ = "projects"
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    project_name: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    icon: Mapped[dict] = mapped_column(JSON, default=dict)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    case_attributes_schema: Mapped[dict] = mapped_column(JSON, default=dict)
+    label_attributes_schema: Mapped[dict] = mapped_column(JSON, default=dict)
+    window_presets: Mapped[list] = mapped_column(JSON, default=list)
+    window_priority: Mapped[str] = mapped_column(String(64), default="dicom,auto")
+
+    def to_json(self):
+        return {"projectId": self.project_id, "projectName": self.project_name,
+                "description": self.description, "icon": self.icon, "tags": self.tags,
+                "caseAttributesSchema": self.case_attributes_schema,
+                "labelAttributesSchema": self.label_attributes_schema,
+                "windowPresets": self.window_presets, "windowPriority": self.window_priority,
+                **self.timestamps()}
+
+
+# --- series ---------------------------------------------------------------------------
+
+class Series(Timestamps, db.Model):
+    """One DICOM series; its files are dicom/<seriesUid>/<8-digit instance number>.dcm."""
+    __tablename__ = "series"
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    images: Mapped[str] = mapped_column(Text)  # multi-integer-range string "1-3,5"
+    series_date: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    modality: Mapped[str] = mapped_column(String(16), index=True)
+    series_description: Mapped[str] = mapped_column(Text, default="")
+    body_part: Mapped[str] = mapped_column(Text, default="")
+    station_name: Mapped[str] = mapped_column(Text, default="")
+    model_name: Mapped[str] = mapped_column(Text, default="")
+    manufacturer: Mapped[str] = mapped_column(Text, default="")
+    storage_id: Mapped[int] = mapped_column(Integer, default=0)
+    patient_info: Mapped[dict] = mapped_column(JSON, default=dict)
+    # Copies of patientInfo fields, so that searches use indexes on every database.
+    patient_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(256), nullable=True, index=True)
+    patient_age: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(1), nullable=True)
+    parameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    domain: Mapped[str] = mapped_column(String(128), index=True)
+
+    __table_args__ = (Index("ix_series_domain_created", "domain", "created_at"),
+                      Index("ix_series_modality_date", "modality", "series_date"))
+
+    def set_patient_info(self, info):
+        """Store patientInfo and its indexed copies together."""
+        self.patient_info = dict(info or {})
+        self.patient_id = self.patient_info.get("patientId")
+        self.patient_name = self.patient_info.get("patientName")
+        self.patient_age = self.patient_info.get("age")
+        self.patient_sex = self.patient_info.get("sex")
+
+    def to_json(self, with_patient_info=True):
+        doc = {"seriesUid": self.series_uid, "studyUid": self.study_uid,
+               "width": self.width, "height": self.height, "images": self.images,
+               "seriesDate": iso(self.series_date), "modality": self.modality,
+               "seriesDescription": self.series_description, "bodyPart": self.body_part,
+               "stationName": self.station_name, "modelName": self.model_name,
+               "manufacturer": self.manufacturer, "storageId": self.storage_id,
+               "parameters": self.parameters, "domain": self.domain, **self.timestamps()}
+        if with_patient_info:
+            doc["patientInfo"] = self.patient_info or {}
+        return doc
+
+
+class ClinicalCase(Timestamps, db.Model):
+    __tablename__ = "clinical_cases"
+    case_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.project_id"), index=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)  # ordered; CaseTag mirrors it
+    latest_revision: Mapped[dict] = mapped_column(JSON)
+    revision_count: Mapped[int] = mapped_column(Integer, default=1)
+    domains: Mapped[list] = mapped_column(JSON, default=list)
+    # First series of the latest revision: where the derived patientInfo comes from.
+    first_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+    __table_args__ = (Index("ix_cases_project_created", "project_id", "created_at"),)
+
+
+class CaseRevision(db.Model):
+    """An immutable revision; nothing in the API updates or deletes one (except its case)."""
+    __tablename__ = "case_revisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    case_id: Mapped[str] = mapped_column(
+        ForeignKey("clinical_cases.case_id", ondelete="CASCADE"), index=True)
+    revision_index: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict] = mapped_column(JSON)  # creator, date, description, attributes, status, series
+    __table_args__ = (UniqueConstraint("case_id", "revision_index"),)
+
+
+class CaseTag(db.Model):
+    __tablename__ = "case_tags"
+    case_id: Mapped[str] = mapped_column(
+        ForeignKey("clinical_cases.case_id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class CaseSeries(db.Model):
+    """Every series referenced by any revision of a case (for DELETE /series checks)."""
+    __tablename__ = "case_series"
+    case_id: Mapped[str] = mapped_column(
+        ForeignKey("clinical_cases.case_id", ondelete="CASCADE"), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+# --- my lists -------------------------------------------------------------------------
+
+class MyList(db.Model):
+    __tablename__ = "my_lists"
+    my_list_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    user_email: Mapped[str] = mapped_column(
+        ForeignKey("users.user_email", ondelete="CASCADE", onupdate="CASCADE"), index=True)
+    resource_type: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(64))
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    editors: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    def to_json(self):
+        return {"myListId": self.my_list_id, "resourceType": self.resource_type,
+                "name": self.name, "public": self.public, "editors": list(self.editors or []),
+                "createdAt": iso(self.created_at)}
+
+
+class MyListEditor(db.Model):
+    """Index of my-list editors (mirrors MyList.editors) for sharedMyLists look-ups."""
+    __tablename__ = "my_list_editors"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    my_list_id: Mapped[str] = mapped_column(
+        ForeignKey("my_lists.my_list_id", ondelete="CASCADE"), index=True)
+    user_email: Mapped[str | None] = mapped_column(String(254), nullable=True, index=True)
+    group_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+
+
+class MyListItem(db.Model):
+    __tablename__ = "my_list_items"
+    my_list_id: Mapped[str] = mapped_column(
+        ForeignKey("my_lists.my_list_id", ondelete="CASCADE"), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# --- tasks ----------------------------------------------------------------------------
+
+class Task(Timestamps, db.Model):
+    """A long-running operation of one user, run by the worker.
+
+    The API status is processing | finished | error. ``claimed_by`` is null while the task
+    waits for a worker; ``heartbeat_at`` lets a restarted worker detect tasks whose worker died.
+    """
+    __tablename__ = "tasks"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    user_email: Mapped[str] = mapped_column(String(254), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(64))  # which worker handler runs it
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="processing", index=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)  # latest progress
+    finished: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    download_file_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    dismissed: Mapped[bool] = mapped_column(Boolean, default=False)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (Index("ix_tasks_queue", "status", "claimed_by", "created_at"),
+                      Index("ix_tasks_user_created", "user_email", "created_at"))
+
+    def to_json(self):
+        return {"taskId": self.task_id, "userEmail": self.user_email, "name": self.name,
+                "status": self.status, "errorMessage": self.error_message,
+                "finishedMessage": self.finished_message, "endedAt": iso(self.ended_at),
+                "downloadFileType": self.download_file_type, "dismissed": self.dismissed,
+                **self.timestamps()}
+
+
+# --- CIRCUS CS ------------------------------------------------------------------------
+
+class PluginDefinition(Timestamps, db.Model):
+    __tablename__ = "plugin_definitions"
+    plugin_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    type: Mapped[str] = mapped_column(String(16), index=True)  # CAD | CAD+remote
+    plugin_name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(128), default="")
+    run_configuration: Mapped[dict] = mapped_column(JSON, default=dict)
+    icon: Mapped[dict] = mapped_column(JSON, default=dict)
+    display_strategy: Mapped[list] = mapped_column(JSON, default=list)
+
+    def to_json(self):
+        return {"pluginId": self.plugin_id, "pluginName": self.plugin_name,
+                "version": self.version, "type": self.type, "description": self.description,
+                "runConfiguration": self.run_configuration, "icon": self.icon,
+                "displayStrategy": self.display_strategy, **self.timestamps()}
+
+
+class PluginJob(Timestamps, db.Model):
+    """A plug-in job; while ``queue_state`` is set the job is also a queue item."""
+    __tablename__ = "plugin_jobs"
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    plugin_id: Mapped[str] = mapped_column(String(128), index=True)
+    user_email: Mapped[str] = mapped_column(String(254), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="in_queue", index=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    series: Mapped[list] = mapped_column(JSON)  # [{seriesUid, partialVolumeDescriptor, ...}]
+    results: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    queue_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # wait|processing
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Domain and first series, for searches that join series.
+    domain: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    first_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+    __table_args__ = (Index("ix_jobs_queue", "queue_state", "priority", "queued_at"),)
+
+
+class PluginJobSeries(db.Model):
+    """Series of a job, one row per position (for searches on series fields)."""
+    __tablename__ = "plugin_job_series"
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("plugin_jobs.job_id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class Feedback(db.Model):
+    __tablename__ = "feedbacks"
+    feedback_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("plugin_jobs.job_id", ondelete="CASCADE"), index=True)
+    user_email: Mapped[str] = mapped_column(String(254))
+    is_consensual: Mapped[bool] = mapped_column(Boolean)
+    data: Mapped[object] = mapped_column(JSON, nullable=True)
+    action_log: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    def to_json(self):
+        return {"feedbackId": self.feedback_id, "userEmail": self.user_email,
+                "isConsensual": self.is_consensual, "data": self.data,
+                "actionLog": self.action_log or [], "createdAt": iso(self.created_at)}
+

@@ -1,0 +1,4 @@
+"""Clinical cases: /api/cases."""
+from flask import Blueprint
+
+bp = Blueprint("cases", __name__, url_prefix="/api/cases")

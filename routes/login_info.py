@@ -1,0 +1,19 @@
+"""Who am I: /api/login-info, /api/login-info/full, /api/logout."""
+from flask import Blueprint, g
+
+import accounts
+
+bp = Blueprint("login_info", __name__, url_prefix="/api")
+
+
+@bp.get("/login-info")
+def get_login_info():
+    """The caller's e-mail and login ID (clients use it to test a token)."""
+    return {"userEmail": g.user.user_email, "loginId": g.user.login_id}
+
+
+@bp.get("/logout")
+def get_logout():
+    """Delete every session token of the caller; permanent tokens stay."""
+    accounts.logout(g.user.user_email)
+    return "", 204

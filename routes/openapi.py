@@ -1,0 +1,4 @@
+"""The API description: /api/openapi.json."""
+from flask import Blueprint
+
+bp = Blueprint("openapi", __name__, url_prefix="/api")

@@ -1,0 +1,357 @@
+"""The search protocol of list endpoints: ?filter, ?sort, ?limit, ?page -> SQLAlchemy.
+
+A filter is CIRCUS's Extended-JSON subset of MongoDB queries. It is validated against the
+endpoint's allow-list and compiled to SQLAlchemy expressions with bound parameters only: no
+user text ever becomes SQL or a server-side regular expression. ``$regex`` is accepted in
+the form CIRCUS clients send (an escaped literal with optional ``^``/``$`` and option ``i``)
+and compiled to LIKE.
+
+Fields are SQLAlchemy column expressions, or ``ArrayField`` for stored arrays, which match
+when any element matches (MongoDB semantics) through an indexed EXISTS.
+"""
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from flask import current_app, g, jsonify, request
+
+from errors import ApiError
+from models import db, parse_iso
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 200
+UNLIMITED = 9999
+MAX_SORT_KEYS = 5
+COMPARISONS = {"$gt": "__gt__", "$gte": "__ge__", "$lt": "__lt__", "$lte": "__le__"}
+OPERATORS = set(COMPARISONS) | {"$ne", "$in", "$all"}
+
+
+class BadFilter(ApiError):
+    """Raised when a filter is syntactically valid JSON but not allowed."""
+
+    def __init__(self, message="Bad filter."):
+        super().__init__(400, message)
+
+
+@dataclass(frozen=True)
+class Regex:
+    """A decoded ``{"$regex": ..., "$options": ...}`` literal."""
+    pattern: str
+    options: str = ""
+
+
+@dataclass(frozen=True)
+class ArrayField:
+    """A stored array: ``element`` is the element column, ``where`` correlates its rows."""
+    element: object
+    where: tuple
+
+    def __init__(self, element, *where):
+        object.__setattr__(self, "element", element)
+        object.__setattr__(self, "where", where)
+
+
+# --- Extended JSON ----------------------------------------------------------------------
+
+def _decode_date(value):
+    if isinstance(value, dict) and set(value) == {"$numberLong"}:
+        value = value["$numberLong"]
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise BadFilter() from None
+    if isinstance(value, bool):
+        raise BadFilter()
+    if isinstance(value, (int, float)):
+        try:
+            return datetime.fromtimestamp(value / 1000, timezone.utc).replace(tzinfo=None)
+        except (OverflowError, OSError, ValueError):
+            raise BadFilter() from None
+    if isinstance(value, str):
+        try:
+            return parse_iso(value)
+        except ValueError:
+            raise BadFilter() from None
+    raise BadFilter()
+
+
+def decode_extended_json(value):
+    """Turn ``$date`` and ``$regex`` literals into datetime and Regex, recursively."""
+    if isinstance(value, list):
+        return [decode_extended_json(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"$date"}:
+            return _decode_date(value["$date"])
+        if "$regex" in value and set(value) <= {"$regex", "$options"}:
+            pattern, options = value["$regex"], value.get("$options", "")
+            if not isinstance(pattern, str) or not isinstance(options, str):
+                raise BadFilter()
+            return Regex(pattern, options)
+        return {k: decode_extended_json(v) for k, v in value.items()}
+    return value
+
+
+# --- regex -> LIKE ----------------------------------------------------------------------
+
+_META = set(".^$*+?()[]{}|\\")
+
+
+def regex_to_like(regex):
+    """Translate an escaped-literal regex to a LIKE pattern, or ApiError 400."""
+    if set(regex.options) - {"i"}:
+        raise ApiError(400, "Unsupported regular expression option.")
+    pattern = regex.pattern
+    anchored_start = pattern.startswith("^")
+    if anchored_start:
+        pattern = pattern[1:]
+    anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
+    if anchored_end:
+        pattern = pattern[:-1]
+    literal, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1].isalnum():
+                raise ApiError(400, "Only escaped literal regular expressions are supported.")
+            literal.append(pattern[i + 1])
+            i += 2
+            continue
+        if char in _META:
+            raise ApiError(400, "Only escaped literal regular expressions are supported.")
+        literal.append(char)
+        i += 1
+    text = "".join(literal).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return (("" if anchored_start else "%") + text + ("" if anchored_end else "%"),
+            "i" in regex.options)
+
+
+# --- compilation ------------------------------------------------------------------------
+
+def _is_scalar(value):
+    return isinstance(value, (str, int, float, bool, datetime, Regex)) and value is not None
+
+
+def _python_type(column):
+    try:
+        return column.type.python_type
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _compatible(column, value):
+    """Whether a value can equal a column's values (MongoDB never matches across types)."""
+    kind = _python_type(column)
+    if kind is None or isinstance(value, Regex):
+        return True
+    if kind is datetime:
+        return isinstance(value, datetime)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True
+
+
+def _equals(column, value):
+    if isinstance(value, Regex):
+        like, insensitive = regex_to_like(value)
+        return column.ilike(like, escape="\\") if insensitive else column.like(like, escape="\\")
+    if not _compatible(column, value):
+        return sa.false()
+    return column == value
+
+
+def _element_condition(column, op, operand):
+    """Condition on one (scalar) value for one operator."""
+    if op is None:
+        return _equals(column, operand)
+    if op in COMPARISONS:
+        if isinstance(operand, Regex):
+            raise BadFilter()
+        if not _compatible(column, operand):
+            return sa.false()
+        return getattr(column, COMPARISONS[op])(operand)
+    if op == "$in":
+        values = [v for v in operand if not isinstance(v, Regex) and _compatible(column, v)]
+        conds = [_equals(column, v) for v in operand if isinstance(v, Regex)]
+        if values:
+            conds.append(column.in_(values))
+        return sa.or_(*conds) if conds else sa.false()
+    raise BadFilter()
+
+
+def _field_condition(field, op, operand):
+    """Condition for one operator on a field (scalar column or ArrayField)."""
+    if isinstance(field, ArrayField):
+        def any_element(o, operand_):
+            return sa.exists().where(*field.where, _element_condition(field.element, o, operand_))
+        if op == "$ne":
+            return ~any_element(None, operand)
+        if op == "$all":
+            return sa.and_(sa.true(), *[any_element(None, v) for v in operand])
+        return any_element(op, operand)
+    if op == "$ne":
+        # MongoDB: $ne also matches documents where the field is missing.
+        return sa.or_(~_equals(field, operand), field.is_(None))
+    if op == "$all":
+        return sa.and_(sa.true(), *[_equals(field, v) for v in operand])
+    return _element_condition(field, op, operand)
+
+
+class _Compiler:
+    def __init__(self, fields, config):
+        self.fields = fields
+        self.max_depth = config["FILTER_MAX_DEPTH"]
+        self.max_in = config["FILTER_MAX_IN_LENGTH"]
+        self.keys = set()
+
+    def filter(self, obj, depth=1):
+        if depth > self.max_depth:
+            raise ApiError(400, f"The filter is nested too deeply (at most {self.max_depth} levels).")
+        if not isinstance(obj, dict):
+            raise BadFilter()
+        conds = []
+        for key, value in obj.items():
+            if key in ("$and", "$or"):
+                if not isinstance(value, list) or not value:
+                    raise BadFilter()
+                parts = [self.filter(sub, depth + 1) for sub in value]
+                conds.append(sa.and_(*parts) if key == "$and" else sa.or_(*parts))
+            elif key in self.fields:
+                self.keys.add(key)
+                conds.append(self.field(self.fields[key], value))
+            else:
+                raise BadFilter()
+        return sa.and_(sa.true(), *conds)
+
+    def field(self, field, value):
+        if _is_scalar(value):
+            return _field_condition(field, None, value)
+        if not isinstance(value, dict) or not value or set(value) - OPERATORS:
+            raise BadFilter()
+        conds = []
+        for op, operand in value.items():
+            if op in ("$in", "$all"):
+                if not isinstance(operand, list) or not all(_is_scalar(v) for v in operand):
+                    raise BadFilter()
+                if len(operand) > self.max_in:
+                    raise ApiError(400, f"Too many values in {op} (at most {self.max_in}).")
+            elif not _is_scalar(operand):
+                raise BadFilter()
+            conds.append(_field_condition(field, op, operand))
+        return sa.and_(*conds)
+
+
+def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filter string",
+                   patient_info_allowed=None):
+    """Compile a filter string to a SQLAlchemy condition (ApiError 400 when not allowed)."""
+    if text is None or text == "":
+        return sa.true()
+    config = current_app.config
+    if len(text) > config["FILTER_MAX_CHARS"]:
+        raise ApiError(400, f"The filter is too large (at most {config['FILTER_MAX_CHARS']} characters).")
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise ApiError(400, parse_error) from None
+    compiler = _Compiler(fields, config)
+    condition = compiler.filter(decode_extended_json(raw))
+    if any(k.startswith("patientInfo") for k in compiler.keys):
+        if patient_info_allowed is None:
+            patient_info_allowed = g.privileges.has_global("personalInfoView")
+        if not patient_info_allowed:
+            raise ApiError(400, "You cannot search using patient information.")
+    return condition
+
+
+def compile_sort(text, fields, default, sort_error="Bad sort parameter. Invalid JSON."):
+    """ORDER BY clauses from a sort string; unknown keys are ignored, as sorting by a missing
+    field is in MongoDB."""
+    if text is None:
+        spec = default
+    else:
+        try:
+            spec = json.loads(text)
+        except ValueError:
+            raise ApiError(400, sort_error) from None
+        if not isinstance(spec, dict):
+            raise ApiError(400, "Bad sort parameter. Non-object passed.")
+        if len(spec) > MAX_SORT_KEYS:
+            raise ApiError(400, "Bad sort parameter. Too many sort keys.")
+        for value in spec.values():
+            if isinstance(value, bool) or value not in (1, -1):
+                raise ApiError(400, "Bad sort parameter. Invalid key/value pair.")
+    clauses = []
+    for key, direction in spec.items():
+        column = fields.get(key)
+        if column is not None and not isinstance(column, ArrayField):
+            clauses.append(column.asc() if direction == 1 else column.desc())
+    return clauses
+
+
+def paging(unlimited_allowed=False):
+    """(limit, page) from the query string; CIRCUS's limits, with quirk 28 clamping."""
+    if unlimited_allowed and "unlimited" in request.args:
+        return UNLIMITED, 1
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = DEFAULT_LIMIT
+    if limit > MAX_LIMIT and not unlimited_allowed:
+        raise ApiError(400, f"You cannot query more than {MAX_LIMIT} items at a time.")
+    limit = max(1, min(limit, UNLIMITED))
+    try:
+        page = max(1, int(request.args.get("page", 1)))
+    except ValueError:
+        page = 1
+    return limit, page
+
+
+def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
+           filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
+           patient_info_allowed=None):
+    """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
+
+    Parameters
+    ----------
+    query : Select
+        The candidate rows, already restricted to what the caller may see.
+    fields : dict
+        Filter key -> column expression or ArrayField (the endpoint's allow-list).
+    serialize : callable
+        Row (as returned by the query) -> JSON document; or, if it has ``many=True``
+        as an attribute, a callable taking the whole page (to batch look-ups).
+    default_sort : dict
+        CIRCUS's default sort, e.g. ``{"createdAt": -1}``.
+    sort_fields : dict, optional
+        Sortable key -> column; defaults to ``fields``.
+    """
+    if filter_allowed:
+        query = query.where(compile_filter(request.args.get("filter"), fields, parse_error,
+                                           patient_info_allowed))
+    order = compile_sort(request.args.get("sort"), sort_fields or fields, default_sort)
+    limit, page = paging(unlimited_allowed)
+    count_query = sa.select(sa.func.count()).select_from(query.order_by(None).subquery())
+    total = db.session.execute(count_query).scalar_one()
+    if count_cap is not None:
+        total = min(total, count_cap)
+    rows = db.session.execute(query.order_by(*order).limit(limit).offset(limit * (page - 1)))
+    rows = rows.scalars().all() if len(query.column_descriptions) == 1 else rows.all()
+    if getattr(serialize, "many", False):
+        items = serialize(rows)
+    else:
+        items = [serialize(row) for row in rows]
+    return jsonify({"items": items, "totalItems": total, "page": page})
+
+
+def batch(function):
+    """Mark a serializer as taking the whole page at once (see ``search``)."""
+    function.many = True
+    return function
