@@ -17,6 +17,7 @@ from routes import plugin_jobs
 from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
+from routes import exports
 from routes.admin import groups as admin_groups
 from routes.admin import users as admin_users
 from routes.admin import projects as admin_projects
@@ -38,6 +39,7 @@ BLUEPRINTS = [
     blobs.bp,
     mylists.bp,
     tasks.bp,
+    exports.bp,
     plugins.bp,
     plugin_jobs.bp,
     plugin_job_queue.bp,
