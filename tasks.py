@@ -130,11 +130,16 @@ def run_task(task_id):
 def fail_interrupted():
     """Fail claimed tasks whose worker stopped sending heartbeats (a crash or restart)."""
     stale = utcnow() - STALE_AFTER
+    condition = sa.and_(Task.status == "processing", Task.claimed_by.is_not(None),
+                        sa.or_(Task.heartbeat_at.is_(None), Task.heartbeat_at < stale))
     with db.engine.begin() as conn:
-        conn.execute(sa.update(Task).where(
-            Task.status == "processing", Task.claimed_by.is_not(None),
-            sa.or_(Task.heartbeat_at.is_(None), Task.heartbeat_at < stale)).values(
-            status="error", error_message=INTERRUPTED, message=INTERRUPTED, ended_at=utcnow()))
+        # A read first: the list endpoint calls this on every request, and a write
+        # (a lock on SQLite) is only needed when a zombie actually exists.
+        if conn.execute(sa.select(Task.task_id).where(condition).limit(1)).first() is None:
+            return 0
+        return conn.execute(sa.update(Task).where(condition).values(
+            status="error", error_message=INTERRUPTED, message=INTERRUPTED,
+            ended_at=utcnow())).rowcount
 
 
 def fail_claimed_by(worker_id):
