@@ -1,0 +1,246 @@
+"""Series as a domain object: image range strings, partial volume descriptors, orientation.
+
+Used by the series routes, cases, plug-in jobs and exports. The ``images`` string of a
+series is CIRCUS's multi-integer-range form (``"1-3,5,8-10"``); a partial volume
+descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
+"""
+import json
+import logging
+import re
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+import storage
+from errors import ApiError, not_found
+from models import Series, db
+
+log = logging.getLogger(__name__)
+
+RANGE_ITEM_RE = re.compile(r"^(0|[1-9]\d*)(?:-(0|[1-9]\d*))?$")
+POSITION_TAG = "ImagePositionPatient"
+
+
+class ImagesStringError(ValueError):
+    """Raised when an ``images`` string does not follow the multi-integer-range grammar."""
+
+
+class OrientationError(ApiError):
+    """Raised when the files needed to decide a series' orientation are missing or unusable.
+
+    Answered as CIRCUS does: 500 with ``no image`` (missing file) or ``invalid image``.
+    """
+
+    def __init__(self, message):
+        super().__init__(500, message)
+
+
+# --- images range strings ---------------------------------------------------------------
+
+def parse_ranges(text):
+    """The ``(first, last)`` pairs of an images string, sorted and merged.
+
+    Parameters
+    ----------
+    text : str
+        ``"1-3,5"``; an empty string means no image.
+
+    Raises
+    ------
+    ImagesStringError
+        When ``text`` does not follow ``^(int|int-int)(,(int|int-int))*$``.
+    """
+    if text is None or text == "":
+        return []
+    pairs = []
+    for item in text.split(","):
+        match = RANGE_ITEM_RE.match(item)
+        if match is None:
+            raise ImagesStringError(f"Invalid images string: {text!r}")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        pairs.append((min(first, last), max(first, last)))
+    return _merged(pairs)
+
+
+def _merged(pairs):
+    merged = []
+    for first, last in sorted(pairs):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def parse_images(text):
+    """The instance numbers of an images string, as a sorted list of ints."""
+    return [n for first, last in parse_ranges(text) for n in range(first, last + 1)]
+
+
+def images_string(numbers):
+    """The normalised images string of a collection of instance numbers (``"1-3,5"``)."""
+    items = []
+    run_start = previous = None
+    for number in sorted(set(int(n) for n in numbers)):
+        if previous is not None and number == previous + 1:
+            previous = number
+            continue
+        if run_start is not None:
+            items.append(_range_item(run_start, previous))
+        run_start = previous = number
+    if run_start is not None:
+        items.append(_range_item(run_start, previous))
+    return ",".join(items)
+
+
+def _range_item(first, last):
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def merge_images(text, numbers):
+    """The images string ``text`` with ``numbers`` added (``"1-3,5"`` + [4] -> ``"1-5"``)."""
+    pairs = parse_ranges(text) + [(int(n), int(n)) for n in numbers]
+    return ",".join(_range_item(a, b) for a, b in _merged(pairs))
+
+
+def has_image(text, number):
+    """Whether instance ``number`` is in the images string ``text``."""
+    return any(first <= number <= last for first, last in parse_ranges(text))
+
+
+# --- partial volume descriptors --------------------------------------------------------
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def pvd_json(pvd):
+    """The PVD as compact JSON, as CIRCUS quotes it in error messages."""
+    return json.dumps(pvd, separators=(",", ":"), default=str)
+
+
+def is_valid_pvd(pvd):
+    """Whether ``pvd`` is a valid partial volume descriptor (API.md 4.1; delta required)."""
+    if not isinstance(pvd, dict) or set(pvd) != {"start", "end", "delta"}:
+        return False
+    start, end, delta = pvd["start"], pvd["end"], pvd["delta"]
+    if not (_is_int(start) and _is_int(end) and _is_int(delta)):
+        return False
+    if start < 1 or end < 1 or delta == 0:
+        return False
+    if (start > end and delta > 0) or (start < end and delta < 0):
+        return False
+    if start == end and delta == -1:
+        return False
+    return (end - start) % delta == 0
+
+
+def validate_pvd(pvd):
+    """Raise ApiError 400 ``Invalid partial volume descriptor: <json>`` unless valid."""
+    if not is_valid_pvd(pvd):
+        raise ApiError(400, f"Invalid partial volume descriptor: {pvd_json(pvd)}")
+    return pvd
+
+
+def pvd_images(pvd):
+    """The image numbers selected by a valid PVD, in its order (start, start+delta, ..., end)."""
+    validate_pvd(pvd)
+    step = pvd["delta"]
+    return list(range(pvd["start"], pvd["end"] + (1 if step > 0 else -1), step))
+
+
+def check_pvd_range(series, pvd):
+    """Raise ApiError 400 ``Specified range is invalid.`` unless every image of the PVD is
+    stored in ``series`` (an empty selection is invalid too)."""
+    wanted = pvd_images(pvd)
+    ranges = parse_ranges(series.images)
+    if not wanted or not all(any(a <= n <= b for a, b in ranges) for n in wanted):
+        raise ApiError(400, "Specified range is invalid.")
+
+
+# --- look-up ----------------------------------------------------------------------------
+
+def get_series(series_uid):
+    """The series row, or ApiError 404 ``The requested series was not found.``"""
+    series = db.session.get(Series, series_uid) if isinstance(series_uid, str) else None
+    if series is None:
+        raise not_found("series")
+    return series
+
+
+# --- orientation ------------------------------------------------------------------------
+
+def _position_z(series_uid, number):
+    """Image Position (Patient) z of one stored instance (OrientationError if unusable)."""
+    try:
+        path = storage.instance_path(series_uid, number)
+    except storage.UnsafePathError:
+        raise OrientationError("no image") from None
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[POSITION_TAG])
+    except (OSError, InvalidDicomError):
+        raise OrientationError("no image") from None
+    except Exception:  # a broken header: the file exists but says nothing usable
+        raise OrientationError("invalid image") from None
+    try:
+        return float(dataset[POSITION_TAG].value[2])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise OrientationError("invalid image") from None
+
+
+def orientation(series, start=None, end=None):
+    """``"head-first"`` or ``"foot-first"`` for images ``start..end`` of ``series``.
+
+    The answer is for the ascending order of instance numbers whatever the order of
+    ``start`` and ``end`` (quirk 32 fixed), and a z position of 0 is a real position:
+    head-first when z(lower number) >= z(higher number). Defaults are the smallest and
+    largest stored numbers. A single image is head-first without reading any file.
+
+    Raises
+    ------
+    OrientationError
+        500 ``no image`` / ``invalid image`` when a file is missing or has no position.
+    """
+    numbers = parse_ranges(series.images)
+    if not numbers:
+        raise OrientationError("no image")
+    if start is None:
+        start = numbers[0][0]
+    if end is None:
+        end = numbers[-1][1]
+    low, high = min(start, end), max(start, end)
+    if low == high:
+        return "head-first"
+    return "head-first" if _position_z(series.series_uid, low) >= _position_z(
+        series.series_uid, high) else "foot-first"
+
+
+def auto_pvd(series):
+    """The PVD meant by ``"auto"``: the first contiguous run of images, head-first order."""
+    ranges = parse_ranges(series.images)
+    if not ranges:
+        raise OrientationError("no image")
+    first, last = ranges[0]
+    if orientation(series, first, last) == "head-first":
+        return {"start": first, "end": last, "delta": 1}
+    return {"start": last, "end": first, "delta": -1}
+
+
+def resolve_pvd(series_uid, pvd):
+    """Resolve ``"auto"`` to a concrete PVD; anything else is returned unchanged.
+
+    Raises
+    ------
+    ApiError
+        404 ``The requested series was not found.`` for an unknown series; 500
+        ``Internal server error.`` when the orientation cannot be read (as CIRCUS).
+    """
+    if pvd != "auto":
+        return pvd
+    series = get_series(series_uid)
+    try:
+        return auto_pvd(series)
+    except OrientationError as exc:
+        log.warning("Cannot resolve the auto PVD of %s: %s", series_uid, exc.message)
+        raise ApiError(500, "Internal server error.") from None
