@@ -1,14 +1,21 @@
-"""Logging in and out: the OAuth2 grants, one-time strings and session tokens."""
+"""The caller's account: the OAuth2 grants, one-time strings, session tokens, preferences
+and the login information the web UI loads at start-up."""
+import copy
 import logging
+import secrets
 from datetime import timedelta
 
+from flask import current_app
+
 from auth import check_password, digest, find_user, issue_login_token
-from errors import ApiError
-from models import OnetimeUrl, Token, User, db, utcnow
+from errors import ApiError, not_found
+from models import (MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project, ServerParam,
+                    Token, User, db, utcnow)
 
 log = logging.getLogger(__name__)
 ONETIME_LIFETIME = timedelta(seconds=60)
 INVALID_CREDENTIALS = "Invalid grant: user credentials are invalid"
+UPLOAD_FILE_MAX = 30  # advisory maximum number of files per upload in the web UI
 
 
 def _logged_in(user, ip):
@@ -65,3 +72,167 @@ def logout(user_email):
     db.session.execute(db.delete(Token).where(Token.user_email == user_email,
                                               Token.permanent_token_id.is_(None)))
     db.session.commit()
+
+
+# --- clean-up ---------------------------------------------------------------------------
+
+def clear_tokens(include_permanent=False, expired_only=False):
+    """Delete session tokens (and permanent ones too if asked); return how many went.
+
+    Parameters
+    ----------
+    include_permanent : bool
+        Also delete permanent tokens (``clear-token --all``).
+    expired_only : bool
+        Keep tokens whose access token is still valid (housekeeping).
+    """
+    query = db.delete(Token)
+    if not include_permanent:
+        query = query.where(Token.permanent_token_id.is_(None))
+    if expired_only:
+        query = query.where(Token.access_token_expires_at < utcnow())
+    count = db.session.execute(query).rowcount
+    db.session.commit()
+    return count
+
+
+# --- one-time login strings -------------------------------------------------------------
+
+ONETIME_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+ONETIME_LENGTH = 32
+
+
+def issue_onetime(email_or_login_id):
+    """Issue a one-time login string for the only user with that e-mail or login ID.
+
+    Only the SHA-256 digest is stored; the clear string is returned once. Expired strings
+    of any user are swept on the way (what CIRCUS's TTL index does).
+
+    Raises
+    ------
+    ApiError
+        404 "Not Found" unless exactly one user matches, 400 "Bad Request" if that user
+        may not log in.
+    """
+    users = db.session.execute(db.select(User).where(db.or_(
+        User.user_email == email_or_login_id, User.login_id == email_or_login_id))
+        .limit(2)).scalars().all()
+    if len(users) != 1:
+        raise ApiError(404)
+    if not users[0].login_enabled:
+        raise ApiError(400)
+    db.session.execute(db.delete(OnetimeUrl).where(
+        OnetimeUrl.created_at < utcnow() - ONETIME_LIFETIME))
+    onetime = "".join(secrets.choice(ONETIME_ALPHABET) for _ in range(ONETIME_LENGTH))
+    db.session.add(OnetimeUrl(user_email=users[0].user_email, onetime_string_hash=digest(onetime)))
+    db.session.commit()
+    return onetime
+
+
+# --- preferences ------------------------------------------------------------------------
+
+DEFAULT_PREFERENCES = {
+    "theme": "mode_white",
+    "personalInfoView": False,
+    "caseSearchPresets": [],
+    "seriesSearchPresets": [],
+    "pluginJobSearchPresets": [],
+    "referenceLine": False,
+    "initailAlphaForNewLabels": 1,  # sic: CIRCUS's spelling
+    "interpolationMode": "nearestNeighbor",
+    "windowPropagationScope": "all",
+    "scrollBars": "none",
+    "scrollBarsInfo": {},
+    "maintainAspectRatio": False,
+    "fixCenterOfGravity": False,
+    "dimmedOutlineFor2DLabels": "show",
+    "revisionMessageTemplates": [],
+    "labelColors": {"useDefault": True, "customColors": []},
+}
+
+
+def default_preferences():
+    """A fresh copy of the default preferences (API.md 4.9)."""
+    return copy.deepcopy(DEFAULT_PREFERENCES)
+
+
+def effective_preferences(user):
+    """The defaults shallow-merged with the user's stored preferences."""
+    return {**default_preferences(), **(user.preferences or {})}
+
+
+def update_preferences(user, changes):
+    """Shallow-merge validated ``changes`` into the user's stored preferences and commit."""
+    user.preferences = {**(user.preferences or {}), **changes}
+    db.session.commit()
+
+
+# --- who am I ---------------------------------------------------------------------------
+
+def public_profile(user_email):
+    """What any user may see of another: e-mail, login ID, description, dates."""
+    user = db.session.get(User, user_email)
+    if user is None:
+        raise not_found("user")
+    return {"userEmail": user.user_email, "loginId": user.login_id,
+            "description": user.description, **user.timestamps()}
+
+
+def _by_id(model, key_column, ids):
+    if not ids:
+        return {}
+    rows = db.session.execute(db.select(model).where(key_column.in_(ids))).scalars()
+    return {getattr(row, key_column.key): row for row in rows}
+
+
+def privilege_document(privileges):
+    """The computed privilege object of API.md 2.3, with full project and plug-in documents.
+
+    Projects or plug-ins that no longer exist are skipped (quirk 30).
+    """
+    projects = _by_id(Project, Project.project_id, list(privileges.project_roles))
+    plugins = _by_id(PluginDefinition, PluginDefinition.plugin_id, list(privileges.plugin_roles))
+    return {
+        "domains": list(privileges.domains),
+        "globalPrivileges": list(privileges.global_privileges),
+        "accessibleProjects": [
+            {"projectId": pid, "roles": list(roles), "project": projects[pid].to_json()}
+            for pid, roles in privileges.project_roles.items() if pid in projects],
+        "accessiblePlugins": [
+            {"pluginId": pid, "roles": list(roles), "plugin": plugins[pid].to_json()}
+            for pid, roles in privileges.plugin_roles.items() if pid in plugins],
+    }
+
+
+def shared_my_lists(user):
+    """My lists of which the user is an editor, directly or through one of their groups."""
+    group_ids = [gid for gid in (user.groups or []) if isinstance(gid, int)]
+    editor = MyListEditor.user_email == user.user_email
+    if group_ids:
+        editor = db.or_(editor, MyListEditor.group_id.in_(group_ids))
+    shared = db.select(MyListEditor.my_list_id).where(editor)
+    rows = db.session.execute(db.select(MyList).where(MyList.my_list_id.in_(shared))
+                              .order_by(MyList.created_at, MyList.my_list_id)).scalars()
+    return [{"owner": row.user_email, "sharedMyList": row.to_json()} for row in rows]
+
+
+def full_login_info(user, privileges):
+    """GET /api/login-info/full: the user (no password), privileges and UI settings."""
+    doc = user.to_json()
+    doc["groups"] = list(privileges.group_names)
+    own = db.session.execute(db.select(MyList).where(MyList.user_email == user.user_email)
+                             .order_by(MyList.created_at, MyList.my_list_id)).scalars()
+    doc["myLists"] = [row.to_json() for row in own]
+    doc.update(privilege_document(privileges))
+    param = db.session.get(ServerParam, "defaultDomain")
+    default_domain = param.value if param is not None else None
+    config = current_app.config
+    doc.update({
+        "defaultDomain": default_domain if default_domain in privileges.domains else None,
+        "sharedMyLists": shared_my_lists(user),
+        "dicomImageServer": config["DICOM_IMAGE_SERVER_URL"],
+        "uploadFileMax": UPLOAD_FILE_MAX,
+        "uploadFileSizeMaxBytes": config["UPLOAD_FILE_SIZE_MAX_BYTES"],
+    })
+    return doc
+

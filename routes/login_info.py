@@ -12,6 +12,12 @@ def get_login_info():
     return {"userEmail": g.user.user_email, "loginId": g.user.login_id}
 
 
+@bp.get("/login-info/full")
+def get_login_info_full():
+    """The caller's user document, computed privileges and the settings the web UI needs."""
+    return accounts.full_login_info(g.user, g.privileges)
+
+
 @bp.get("/logout")
 def get_logout():
     """Delete every session token of the caller; permanent tokens stay."""

@@ -1,4 +1,16 @@
 """One-time login URLs: /api/admin/onetime-urls."""
 from flask import Blueprint
 
+import accounts
+from auth import require_global
+from validation import expects
+
 bp = Blueprint("admin_onetime_urls", __name__, url_prefix="/api/admin/onetime-urls")
+bp.before_request(lambda: require_global("issueOnetime"))
+
+
+@bp.post("")
+@expects("onetime-url-request")
+def create_onetime_url(body):
+    """Issue a one-time login string for a user (valid about a minute, usable once)."""
+    return {"onetimeString": accounts.issue_onetime(body["user"])}, 201
