@@ -3,6 +3,7 @@ import logging
 import os
 
 from flask import Flask, current_app, request
+from flask_migrate import Migrate
 from sqlalchemy import event
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -14,6 +15,7 @@ from errors import register_error_handlers
 from models import db
 from routes import BLUEPRINTS
 
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, GET, PUT, OPTIONS, PATCH, DELETE",
     "Access-Control-Allow-Credentials": "true",
@@ -97,6 +99,7 @@ def create_app(config=None):
     logging.basicConfig(level=logging.INFO if not app.testing else logging.WARNING)
 
     db.init_app(app)
+    Migrate(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _sqlite_pragmas)

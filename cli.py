@@ -2,6 +2,7 @@
 import click
 from flask import current_app
 
+import dbmigrate
 from auth import find_user, hash_password, issue_permanent_token
 from models import Group, Project, ServerParam, User, db, new_ulid
 
@@ -68,7 +69,8 @@ def register(app):
 
     @app.cli.command("init-db")
     def init_db_command():
-        """Create the schema and the initial data if absent (idempotent)."""
+        """Create (or upgrade) the schema and the initial data if absent (idempotent)."""
+        click.echo("Schema: " + _prepare_schema())
         created = create_initial_data()
         click.echo("Created: " + ", ".join(created) if created else "Nothing to do: the database is initialised.")
         click.echo("Data directory: " + current_app.config["CIRCUS_DATA_DIR"])
@@ -100,3 +102,16 @@ def register(app):
             click.echo(f"Ran {worker.run_pending(worker.worker_id())} unit(s) of work.")
         else:
             worker.run_forever(current_app._get_current_object())
+
+    @app.cli.command("migrate")
+    def migrate_command():
+        """Upgrade the database schema to the newest revision, keeping every row."""
+        click.echo("Schema: " + _prepare_schema())
+
+
+def _prepare_schema():
+    """Run dbmigrate.prepare(), turning its refusal into a CLI error."""
+    try:
+        return dbmigrate.prepare()
+    except dbmigrate.UnversionedSchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
