@@ -48,3 +48,19 @@ def make_series(series_uid, domain="default", images="1-10", modality="CT", pati
     db.session.add(series)
     db.session.flush()
     return series
+
+
+def make_plugin(plugin_id=None, name="Lung CAD", version="1.0.0", type="CAD", **fields):
+    """A plug-in definition (CAD by default; a 64-hex ID is made up when none is given)."""
+    import secrets
+    from models import PluginDefinition
+    plugin = PluginDefinition(
+        plugin_id=plugin_id or secrets.token_hex(32),
+        type=type, plugin_name=name, version=version,
+        description=fields.pop("description", "A test plug-in"),
+        run_configuration=fields.pop("run_configuration", {"timeout": 900, "gpus": ""}),
+        icon=fields.pop("icon", {"glyph": "calc", "color": "#ffffff", "backgroundColor": "#008800"}),
+        display_strategy=fields.pop("display_strategy", []), **fields)
+    db.session.add(plugin)
+    db.session.flush()
+    return plugin
