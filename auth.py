@@ -257,6 +257,12 @@ def require_series_domain(series):
         raise ApiError(403, "You do not have privilege to access this series.")
 
 
+def require_job_domains(domains):
+    """ApiError 401 unless every domain of a plug-in job's series is the caller's (2.4 step 4)."""
+    if not all(g.privileges.has_domain(domain) for domain in domains):
+        raise ApiError(401, "You do not have privilege to access this plugin-job.")
+
+
 def can_view_personal_info():
     """Global personalInfoView and the caller's own preference both allow patient info."""
     return (g.privileges.has_global("personalInfoView")

@@ -316,7 +316,7 @@ def paging(unlimited_allowed=False):
 
 def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
            filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
-           patient_info_allowed=None):
+           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON."):
     """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
 
     Parameters
@@ -336,12 +336,14 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     if filter_allowed:
         query = query.where(compile_filter(request.args.get("filter"), fields, parse_error,
                                            patient_info_allowed))
-    order = compile_sort(request.args.get("sort"), sort_fields or fields, default_sort)
+    order = compile_sort(request.args.get("sort"), sort_fields or fields, default_sort,
+                         sort_error)
     limit, page = paging(unlimited_allowed)
-    count_query = sa.select(sa.func.count()).select_from(query.order_by(None).subquery())
-    total = db.session.execute(count_query).scalar_one()
+    counted = query.order_by(None)
     if count_cap is not None:
-        total = min(total, count_cap)
+        counted = counted.limit(count_cap)  # count no further than the cap
+    count_query = sa.select(sa.func.count()).select_from(counted.subquery())
+    total = db.session.execute(count_query).scalar_one()
     rows = db.session.execute(query.order_by(*order).limit(limit).offset(limit * (page - 1)))
     rows = rows.scalars().all() if len(query.column_descriptions) == 1 else rows.all()
     if getattr(serialize, "many", False):
