@@ -1,0 +1,146 @@
+"""Administration of projects (/api/admin/projects) and GET /api/projects/<id>."""
+import pytest
+
+from models import Project, db
+from tests.factories import make_group, make_project, make_token, make_user
+
+MANAGE_SERVER = "You do not have sufficient privilege to access this resource.manageServer"
+NEW_PROJECT = {
+    "projectName": "Lung", "description": "Lung nodules",
+    "icon": {"glyph": "lung-icon", "color": "#ffffff", "backgroundColor": "#008800"},
+    "tags": [{"caption": "urgent", "color": "#ff0000"}],
+    "caseAttributesSchema": {"type": "object", "properties": {
+        "grade": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["grade"]},
+    "labelAttributesSchema": {},
+    "windowPresets": [{"label": "lung", "level": -600, "width": 1500}],
+    "windowPriority": "preset,auto",
+}
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("get", "/api/admin/projects", None),
+    ("get", "/api/admin/projects/whatever", None),
+    ("patch", "/api/admin/projects/whatever", {"projectName": "x"}),
+    ("post", "/api/admin/projects", NEW_PROJECT),
+])
+def test_needs_manage_server(client, auth_headers, method, path, body):
+    res = getattr(client, method)(path, json=body, headers=auth_headers["bob"])
+    assert res.status_code == 401
+    assert res.get_json() == {"error": MANAGE_SERVER}
+
+
+def test_create_and_get_project(client, auth_headers):
+    res = client.post("/api/admin/projects", json=NEW_PROJECT, headers=auth_headers["alice"])
+    assert res.status_code == 201
+    project_id = res.get_json()["projectId"]
+    assert len(project_id) == 26 and project_id == project_id.lower()
+    doc = client.get(f"/api/admin/projects/{project_id}", headers=auth_headers["alice"]).get_json()
+    assert doc == {**NEW_PROJECT, "projectId": project_id, "createdAt": doc["createdAt"],
+                   "updatedAt": doc["updatedAt"]}
+
+
+def test_create_project_refuses_id(client, auth_headers):
+    res = client.post("/api/admin/projects", json={**NEW_PROJECT, "projectId": "mine"},
+                      headers=auth_headers["alice"])
+    assert res.status_code == 400
+    assert res.get_json() == {"error": "Project ID cannot be specified"}
+
+
+@pytest.mark.parametrize("change", [
+    {"projectName": None},
+    {"projectName": "x" * 65},
+    {"description": "x" * 1025},
+    {"icon": {"glyph": "Not Kebab", "color": "#ffffff", "backgroundColor": "#000000"}},
+    {"icon": {"glyph": "calc", "color": "white", "backgroundColor": "#000000"}},
+    {"tags": [{"caption": "x", "color": "#FF0000"}]},
+    {"windowPriority": "random"},
+    {"windowPresets": [{"label": "a", "level": 1}]},
+    {"caseAttributesSchema": {"type": "array"}},
+    {"caseAttributesSchema": {"properties": {"a": {"type": "object"}}}},
+    {"owner": "me"},
+])
+def test_create_project_bad_body(client, auth_headers, change):
+    body = {k: v for k, v in {**NEW_PROJECT, **change}.items() if v is not None}
+    res = client.post("/api/admin/projects", json=body, headers=auth_headers["alice"])
+    assert res.status_code == 400
+    assert res.get_json()["error"] == "Request data is not correct."
+
+
+def test_list_projects(app, client, auth_headers, default_project):
+    for name in ("a", "b"):
+        client.post("/api/admin/projects", json={**NEW_PROJECT, "projectName": name},
+                    headers=auth_headers["alice"])
+    res = client.get("/api/admin/projects", headers=auth_headers["alice"]).get_json()
+    assert res["totalItems"] == 3
+    assert [p["projectName"] for p in res["items"]] == ["b", "a", "default"]  # updatedAt desc
+    res = client.get("/api/admin/projects?unlimited", headers=auth_headers["alice"]).get_json()
+    assert len(res["items"]) == 3
+    res = client.get('/api/admin/projects?sort={"projectName":1}&limit=1&page=3',
+                     headers=auth_headers["alice"]).get_json()
+    assert [p["projectName"] for p in res["items"]] == ["default"]
+
+
+def test_patch_project(app, client, auth_headers, default_project):
+    res = client.patch(f"/api/admin/projects/{default_project}", headers=auth_headers["alice"],
+                       json={"description": "changed", "tags": []})
+    assert res.status_code == 204
+    with app.app_context():
+        project = db.session.get(Project, default_project)
+        assert project.description == "changed" and project.project_name == "default"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"projectId": "x"}, 400, "The primary key cannot be modified."),
+    ({"windowPriority": "x"}, 400, "Request data is not correct."),
+])
+def test_patch_project_refusals(client, auth_headers, default_project, body, status, message):
+    res = client.patch(f"/api/admin/projects/{default_project}", json=body,
+                       headers=auth_headers["alice"])
+    assert res.status_code == status
+    assert res.get_json()["error"] == message
+
+
+def test_unknown_project(client, auth_headers):
+    res = client.get("/api/admin/projects/nope", headers=auth_headers["alice"])
+    assert res.status_code == 404
+    assert res.get_json() == {"error": "The requested project was not found."}
+    res = client.patch("/api/admin/projects/nope", json={"description": "x"},
+                       headers=auth_headers["alice"])
+    assert res.status_code == 404
+    assert res.get_json() == {"error": "The request resource was not found."}
+
+
+# --- GET /api/projects/<id> --------------------------------------------------------------
+
+def test_member_reads_project(client, auth_headers, default_project):
+    res = client.get(f"/api/projects/{default_project}", headers=auth_headers["bob"])
+    assert res.status_code == 200
+    doc = res.get_json()
+    assert doc["projectId"] == default_project and doc["projectName"] == "default"
+    assert "createdAt" in doc and "updatedAt" in doc
+
+
+def test_read_role_needed(app, client, auth_headers):
+    with app.app_context():
+        other = make_project("secret").project_id
+        db.session.commit()
+    res = client.get(f"/api/projects/{other}", headers=auth_headers["bob"])
+    assert res.status_code == 401
+    assert res.get_json() == {"error": 'You do not have "read" privilege of this project.'}
+    # even the server manager needs the project role
+    assert client.get(f"/api/projects/{other}", headers=auth_headers["alice"]).status_code == 401
+
+
+def test_unknown_project_is_401(client, auth_headers):
+    res = client.get("/api/projects/does-not-exist", headers=auth_headers["alice"])
+    assert res.status_code == 401
+    assert res.get_json() == {"error": 'You do not have "read" privilege of this project.'}
+
+
+def test_deleted_project_still_named_by_group_is_401(app, client):
+    with app.app_context():
+        group = make_group("ghost readers", read_projects=["gone"])
+        make_user("carol@example.com", "carol", groups=[group.group_id])
+        token = make_token("carol@example.com")
+    res = client.get("/api/projects/gone", headers={"Authorization": f"Bearer {token}"})
+    assert res.status_code == 401
