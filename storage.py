@@ -67,6 +67,12 @@ def instance_path(series_uid, instance_number):
     return os.path.join(series_dir(series_uid), f"{int(instance_number):08d}.dcm")
 
 
+def dicom_staging_dir(name):
+    """A private folder inside the DICOM root (same file system, so renames into series
+    folders are atomic) where an import batch stages its files, or a deletion parks them."""
+    return os.path.join(root("dicom"), ".staging", _checked_id(name))
+
+
 def blob_path(sha1):
     return os.path.join(root("blobs"), _checked_id(sha1, HEX_RE))
 
