@@ -1,0 +1,386 @@
+"""Clinical cases of CIRCUS DB: creation, append-only revisions, tags, deletion, search.
+
+A case row (``ClinicalCase``) keeps a copy of its latest revision and the number of its
+revisions; the revisions themselves are immutable ``CaseRevision`` rows indexed 0, 1, ...
+``CaseTag`` mirrors ``ClinicalCase.tags`` and ``CaseSeries`` records every series any
+revision has referenced. ``first_series_uid`` (first series of the latest revision) is where
+the patient information shown in case searches comes from (quirk 20 fixed).
+
+Appending is race-free: the revision index is claimed by one atomic UPDATE of the case row
+(conditional on the count named by If-Match when the client sends one, else 412).
+"""
+import logging
+
+import sqlalchemy as sa
+
+import blobs
+import my_lists
+import series_access
+from errors import ApiError, not_found
+from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
+                    Series, db, iso, new_ulid, utcnow)
+from search import ArrayField
+
+log = logging.getLogger(__name__)
+
+MAX_TAG_LENGTH = 32
+MAX_BULK_CASES = 1000
+MAX_BULK_TAGS = 10
+PATIENT_FIELDS = {"patientId": Series.patient_id, "patientName": Series.patient_name,
+                  "age": Series.patient_age, "sex": Series.patient_sex}
+
+
+class RevisionConflict(ApiError):
+    """Raised when If-Match names a revision that is no longer the latest one."""
+
+    def __init__(self):
+        super().__init__(412, "The case has been modified since the given revision "
+                              "(another revision was saved meanwhile).")
+
+
+# --- look-up and serialisation -----------------------------------------------------------
+
+def get_case(case_id):
+    """The case, else 404 ``The requested clinicalCase was not found.``"""
+    case = db.session.get(ClinicalCase, case_id) if isinstance(case_id, str) else None
+    if case is None:
+        raise not_found("clinicalCase")
+    return case
+
+
+def require_case_role(case_id, privileges, *roles):
+    """Load a case (404), then require the roles on its project (401), as CIRCUS's 2.4."""
+    case = get_case(case_id)
+    for role in roles:
+        if not privileges.has_project_role(case.project_id, role):
+            raise ApiError(401, f'You do not have "{role}" privilege of this project.')
+    return case
+
+
+def etag(case):
+    """The entity tag naming the latest revision of a case (``rev-<index>``)."""
+    return f"rev-{case.revision_count - 1}"
+
+
+def revisions(case):
+    """Every revision of a case, oldest first."""
+    return list(db.session.execute(
+        db.select(CaseRevision.data).where(CaseRevision.case_id == case.case_id)
+        .order_by(CaseRevision.revision_index)).scalars())
+
+
+def case_document(case):
+    """GET /cases/<id>: the case with all revisions and without latestRevision."""
+    return {"caseId": case.case_id, "projectId": case.project_id, "tags": list(case.tags),
+            "revisions": revisions(case), "domains": list(case.domains), **case.timestamps()}
+
+
+def _summary(case, patient_info=None):
+    doc = {"caseId": case.case_id, "projectId": case.project_id, "tags": list(case.tags),
+           "latestRevision": case.latest_revision, "domains": list(case.domains)}
+    if patient_info is not None:
+        doc["patientInfo"] = patient_info
+    doc.update(case.timestamps())
+    return doc
+
+
+# --- validation helpers -----------------------------------------------------------------
+
+def check_tag_lengths(tags, message="Tag length is too large"):
+    if any(len(tag) > MAX_TAG_LENGTH for tag in tags):
+        raise ApiError(400, message)
+
+
+def _set_tags(case_id, tags):
+    """Mirror a case's tags into CaseTag (the caller commits)."""
+    db.session.execute(sa.delete(CaseTag).where(CaseTag.case_id == case_id))
+    distinct = list(dict.fromkeys(tags))
+    if distinct:
+        db.session.execute(sa.insert(CaseTag), [{"case_id": case_id, "tag": t} for t in distinct])
+
+
+def _add_case_series(case_id, series_uids):
+    """Record series referenced by a revision (the caller commits)."""
+    wanted = list(dict.fromkeys(series_uids))
+    if not wanted:
+        return
+    known = set(db.session.execute(db.select(CaseSeries.series_uid).where(
+        CaseSeries.case_id == case_id, CaseSeries.series_uid.in_(wanted))).scalars())
+    rows = [{"case_id": case_id, "series_uid": uid} for uid in wanted if uid not in known]
+    if rows:
+        db.session.execute(sa.insert(CaseSeries), rows)
+
+
+def _lock_series(uids):
+    """The series rows, locked against deletion where the database can lock rows."""
+    rows = db.session.execute(db.select(Series).where(Series.series_uid.in_(uids))
+                              .with_for_update()).scalars()
+    return {s.series_uid: s for s in rows}
+
+
+# --- creation ----------------------------------------------------------------------------
+
+def create_case(user_email, privileges, project_id, series_entries, tags):
+    """Create a case with its first revision; return the new case ID.
+
+    Checks run in CIRCUS's order (3.3): project (404), ``"auto"`` descriptors (404 for an
+    unknown series), write role (401), every descriptor (400), then each series in turn
+    (400 nonexistent, 400 invalid range, 403 outside the caller's domains) and one shared
+    domain (400).
+
+    Parameters
+    ----------
+    user_email : str
+        The creator.
+    privileges : auth.Privileges
+        The creator's privileges.
+    project_id : str
+    series_entries : list of dict
+        ``{"seriesUid", "partialVolumeDescriptor"}``; the descriptor may be ``"auto"``.
+    tags : list of str
+    """
+    project = db.session.get(Project, project_id)
+    if project is None:
+        raise not_found("project")
+    entries = [{"seriesUid": e["seriesUid"],
+                "partialVolumeDescriptor": series_access.resolve_pvd(
+                    e["seriesUid"], e["partialVolumeDescriptor"])} for e in series_entries]
+    if not privileges.has_project_role(project.project_id, "write"):
+        raise ApiError(401, 'You do not have "write" privilege of this project.')
+    for entry in entries:
+        series_access.validate_pvd(entry["partialVolumeDescriptor"])
+    check_tag_lengths(tags)
+    found = _lock_series([e["seriesUid"] for e in entries])
+    for entry in entries:
+        series = found.get(entry["seriesUid"])
+        if series is None:
+            raise ApiError(400, "Nonexistent series.")
+        series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
+        if not privileges.has_domain(series.domain):
+            raise ApiError(403, "You do not have privilege to access this series.")
+    domains = list(dict.fromkeys(found[e["seriesUid"]].domain for e in entries))
+    if len(domains) > 1:
+        raise ApiError(400, "All series must belong to the same domain.")
+
+    now = utcnow()
+    revision = {"creator": user_email, "date": iso(now), "description": "Created new case.",
+                "attributes": {}, "status": "draft",
+                "series": [{"seriesUid": e["seriesUid"],
+                            "partialVolumeDescriptor": e["partialVolumeDescriptor"],
+                            "labels": []} for e in entries]}
+    case = ClinicalCase(case_id=new_ulid(), project_id=project.project_id, tags=list(tags),
+                        latest_revision=revision, revision_count=1, domains=domains,
+                        first_series_uid=entries[0]["seriesUid"], created_at=now, updated_at=now)
+    db.session.add(case)
+    db.session.flush()
+    db.session.add(CaseRevision(case_id=case.case_id, revision_index=0, data=revision))
+    _set_tags(case.case_id, tags)
+    _add_case_series(case.case_id, [e["seriesUid"] for e in entries])
+    # Inside the write transaction now: a series deleted since it was read is seen here.
+    still = db.session.execute(db.select(sa.func.count()).where(
+        Series.series_uid.in_(list(found)))).scalar_one()
+    if still != len(found):
+        db.session.rollback()
+        raise ApiError(400, "Nonexistent series.")
+    db.session.commit()
+    return case.case_id
+
+
+# --- revisions ---------------------------------------------------------------------------
+
+def _voxel_hashes(revision):
+    return [label["data"]["voxels"] for entry in revision["series"]
+            for label in entry["labels"]
+            if label["type"] == "voxel" and label["data"].get("voxels") is not None]
+
+
+def check_revision(revision):
+    """CIRCUS's checks of a revision body after its schema (400 with CIRCUS's messages)."""
+    if "date" in revision:
+        raise ApiError(400, "You cannot specify revision date.")
+    if "creator" in revision:
+        raise ApiError(400, "You cannot specify revision creator.")
+    for entry in revision["series"]:
+        if "partialVolumeDescriptor" in entry:
+            series_access.validate_pvd(entry["partialVolumeDescriptor"])
+    absent = blobs.missing(_voxel_hashes(revision))
+    if absent:
+        raise ApiError(400, f"Some voxel data are missing ({', '.join(absent)}). "
+                            "Store them first.")
+
+
+def append_revision(case_id, user_email, revision, if_match=None):
+    """Append a revision to a case (date and creator set here); return the new ETag.
+
+    The revision index comes from one atomic ``UPDATE ... SET revision_count =
+    revision_count + 1 ... RETURNING`` on the case row: concurrent writers are serialised by
+    the row (PostgreSQL) or database (SQLite) write lock, so none is lost; the unique
+    (case_id, revision_index) constraint is the backstop.
+
+    Parameters
+    ----------
+    case_id : str
+    user_email : str
+        The creator.
+    revision : dict
+        A schema-valid revision body (description, attributes, status, series).
+    if_match : werkzeug.datastructures.ETags, optional
+        When given, the revision is saved only if it names the latest revision, else
+        RevisionConflict (412). Without it, the revision is appended whatever came before.
+    """
+    check_revision(revision)
+    condition = [ClinicalCase.case_id == case_id]
+    if if_match is not None:
+        current = db.session.execute(
+            db.select(ClinicalCase.revision_count).where(ClinicalCase.case_id == case_id)
+        ).scalar_one_or_none()
+        if current is None:
+            raise not_found("clinicalCase")
+        if not if_match.contains(f"rev-{current - 1}"):
+            raise RevisionConflict()
+        # Another revision saved between this read and the UPDATE makes the UPDATE miss.
+        condition.append(ClinicalCase.revision_count == current)
+    now = utcnow()
+    series = revision["series"]
+    data = {"creator": user_email, "date": iso(now), "description": revision["description"],
+            "attributes": revision["attributes"], "status": revision["status"],
+            "series": series}
+    count = db.session.execute(
+        sa.update(ClinicalCase).where(*condition)
+        .values(revision_count=ClinicalCase.revision_count + 1, latest_revision=data,
+                updated_at=now, first_series_uid=series[0]["seriesUid"] if series else None)
+        .returning(ClinicalCase.revision_count)
+        .execution_options(synchronize_session=False)).scalar_one_or_none()
+    if count is None:
+        db.session.rollback()
+        if if_match is not None and db.session.get(ClinicalCase, case_id) is not None:
+            raise RevisionConflict()
+        raise not_found("clinicalCase")
+    db.session.add(CaseRevision(case_id=case_id, revision_index=count - 1, data=data))
+    _add_case_series(case_id, [s["seriesUid"] for s in series])
+    db.session.commit()
+    return f"rev-{count - 1}"
+
+
+# --- tags --------------------------------------------------------------------------------
+
+def put_tags(case, tags):
+    """Replace the tags of a case; bumps updatedAt."""
+    check_tag_lengths(tags)
+    case.tags = list(tags)
+    case.updated_at = utcnow()
+    _set_tags(case.case_id, tags)
+    db.session.commit()
+
+
+def bulk_tags(privileges, operation, tags, case_ids):
+    """Add, remove or set tags on many cases at once; updatedAt is left alone (3.3)."""
+    if len(case_ids) > MAX_BULK_CASES:
+        raise ApiError(400, "Too many case IDs")
+    if len(tags) > MAX_BULK_TAGS:
+        raise ApiError(400, "Too many tags.")
+    if operation != "set" and not tags:
+        raise ApiError(400, "You must specify at least one tag.")
+    check_tag_lengths(tags, "The specified tag is too long.")
+    ids = list(dict.fromkeys(case_ids))
+    rows = db.session.execute(db.select(ClinicalCase.case_id, ClinicalCase.project_id,
+                                        ClinicalCase.tags, ClinicalCase.updated_at)
+                              .where(ClinicalCase.case_id.in_(ids))).all()
+    if len(rows) != len(ids):
+        raise ApiError(404, "Some case does not exist")
+    if any(not privileges.has_project_role(r.project_id, "write") for r in rows):
+        raise ApiError(401, "You do not have write access to some of the specified cases.")
+    updates = []
+    for row in rows:
+        old = list(row.tags or [])
+        if operation == "add":
+            new = old + [t for t in dict.fromkeys(tags) if t not in old]
+        elif operation == "remove":
+            new = [t for t in old if t not in tags]
+        else:
+            new = list(tags)
+        # updated_at is written back as read so that its onupdate default does not fire.
+        updates.append({"case_id": row.case_id, "tags": new, "updated_at": row.updated_at})
+    db.session.execute(sa.update(ClinicalCase), updates)
+    db.session.execute(sa.delete(CaseTag).where(CaseTag.case_id.in_(ids)))
+    tag_rows = [{"case_id": u["case_id"], "tag": t}
+                for u in updates for t in dict.fromkeys(u["tags"])]
+    if tag_rows:
+        db.session.execute(sa.insert(CaseTag), tag_rows)
+    db.session.commit()
+
+
+# --- deletion ----------------------------------------------------------------------------
+
+def delete_case(case, force=False):
+    """Delete a case and its revisions; with ``force`` it leaves every my list first.
+
+    Without ``force`` a case held by any my list is refused (403), as in CIRCUS.
+    Blobs and series are left alone.
+    """
+    case_id = case.case_id
+    if force:
+        my_lists.remove_resource_everywhere("clinicalCases", case_id)
+    elif my_lists.in_any_list("clinicalCases", case_id):
+        raise ApiError(403, "This case is in someone's my list.")
+    for table in (CaseRevision, CaseTag, CaseSeries):
+        db.session.execute(sa.delete(table).where(table.case_id == case_id))
+    db.session.execute(sa.delete(ClinicalCase).where(ClinicalCase.case_id == case_id)
+                       .execution_options(synchronize_session=False))
+    db.session.commit()
+
+
+# --- search ------------------------------------------------------------------------------
+
+def _patient_field(column, viewable_projects):
+    """A patientInfo field as the caller sees it: NULL where the project masks it.
+
+    A correlated subquery on the first series of the latest revision, so that searches
+    not using patient fields never touch the series table.
+    """
+    value = (db.select(column).where(Series.series_uid == ClinicalCase.first_series_uid)
+             .scalar_subquery())
+    return sa.case((ClinicalCase.project_id.in_(viewable_projects), value), else_=sa.null())
+
+
+def search_fields(privileges):
+    """The filter/sort fields of case searches (API 1.8) for this caller."""
+    viewable = privileges.projects_with("read", "viewPersonalInfo")
+    fields = {"projectId": ClinicalCase.project_id, "caseId": ClinicalCase.case_id}
+    for key, column in PATIENT_FIELDS.items():
+        fields["patientInfo." + key] = _patient_field(column, viewable)
+    fields["tags"] = ArrayField(CaseTag.tag, CaseTag.case_id == ClinicalCase.case_id)
+    fields["createdAt"] = ClinicalCase.created_at
+    fields["updatedAt"] = ClinicalCase.updated_at
+    return fields
+
+
+def readable_cases(privileges):
+    """The cases whose project grants the caller ``read``."""
+    return db.select(ClinicalCase).where(
+        ClinicalCase.project_id.in_(privileges.projects_with("read")))
+
+
+def in_list(query, my_list_id):
+    """Restrict a case query to the items of a my list; returns (query, addedToListAt)."""
+    query = query.join(MyListItem, sa.and_(MyListItem.my_list_id == my_list_id,
+                                           MyListItem.resource_id == ClinicalCase.case_id))
+    return query, MyListItem.created_at
+
+
+def summaries(cases, privileges, show_personal_info):
+    """Search items for a page of cases; patientInfo fetched in one query for the page.
+
+    ``show_personal_info`` is the caller's global privilege and preference together; the
+    project must also grant ``read`` and ``viewPersonalInfo`` (2.6).
+    """
+    viewable = set(privileges.projects_with("read", "viewPersonalInfo"))
+    infos = {}
+    if show_personal_info:
+        uids = {c.first_series_uid for c in cases
+                if c.first_series_uid and c.project_id in viewable}
+        if uids:
+            infos = dict(db.session.execute(db.select(Series.series_uid, Series.patient_info)
+                                            .where(Series.series_uid.in_(uids))).all())
+    return [_summary(c, infos.get(c.first_series_uid) if c.project_id in viewable else None)
+            for c in cases]
