@@ -1,0 +1,353 @@
+"""The anonymised DICOM tag dump of the plug-in input (``<i>.json``, API.md 5.3).
+
+CIRCUS builds this dump from the raw elements of each file, as the JavaScript
+``dicom-parser`` sees them, so the rules depend on the VR *written in the file*: with
+Implicit VR Little Endian there is none and every element (sequences and pixel data
+included) falls under the default string rule. pydicom converts values by dictionary VR,
+so this module walks the bytes itself.
+
+``dump_file(data)`` gives one slice's ``{"gggg,eeee": value}`` in file order;
+``common_and_unique(dumps)`` splits a volume's dumps; ``to_json`` serialises like
+``JSON.stringify(value, null, 2)``, numbers included.
+"""
+import base64
+import codecs
+import logging
+import math
+import struct
+import zlib
+from decimal import Decimal
+
+from pydicom import charset as dicom_charset
+
+log = logging.getLogger(__name__)
+
+# Always removed, at every nesting level (patient, institution and physician tags).
+PERSONAL_TAGS = frozenset(int(t, 16) for t in (
+    "00080080", "00080081", "00080082", "00081040", "00081048", "00081049", "00081050",
+    "00081052", "00081060", "00081062", "00081070", "00081072", "00100010", "00100020",
+    "00100030", "00321031", "00321032", "00321033", "00320030"))
+LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                   b"UR", b"UT", b"UV"}
+OMITTED_VRS = {"OB", "OW", "OD", "OF"}
+TEXT_VRS = {"SH", "LO", "ST", "LT", "PN", "UT"}
+NUMERIC_VRS = {"FL": ("f", 4), "FD": ("d", 8), "UL": ("I", 4), "SL": ("i", 4),
+               "US": ("H", 2), "SS": ("h", 2)}
+UNDEFINED = 0xFFFFFFFF
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+UN_MAX_BYTES = 5 * 1024 * 1024
+JS_WHITESPACE = " \t\n\v\f\r\xa0"  # what JavaScript's trim() removes in the Latin-1 range
+
+# Specific Character Set term (its tail) -> Python codec, as CIRCUS maps them.
+CHARSETS = {"IR 6": "utf-8", "IR 13": "shift_jis", "IR 100": "latin_1", "IR 101": "iso8859_2",
+            "IR 109": "iso8859_3", "IR 110": "iso8859_4", "IR 144": "iso8859_5",
+            "IR 127": "iso8859_6", "IR 126": "iso8859_7", "IR 138": "iso8859_8",
+            "IR 148": "iso8859_9", "IR 192": "utf-8", "GB18030": "gb18030", "GBK": "gbk",
+            "IR 166": "tis_620", "IR 87": "iso2022_jp", "IR 149": "euc_kr"}
+
+
+class TagDumpError(ValueError):
+    """Raised when a file's elements cannot be walked (truncated or not DICOM)."""
+
+
+# --- text ---------------------------------------------------------------------------------
+
+def _decoder(charset_value):
+    """A ``(bytes, vr) -> str`` function for the text VRs, from Specific Character Set."""
+    if not charset_value:
+        return lambda raw, vr: raw.decode("latin_1")
+    terms = [t.strip() for t in charset_value.split("\\")]
+    if len(terms) == 1 and terms[0]:
+        codec = next((c for k, c in CHARSETS.items() if terms[0].endswith(k)), None)
+        if codec is None:
+            log.warning("Unknown Specific Character Set %r: decoding as Latin-1", charset_value)
+            codec = "latin_1"
+        return lambda raw, vr: _decode_single(raw, codec)
+    # Code extensions (ISO 2022 escape sequences): pydicom knows how to switch.
+    encodings = dicom_charset.convert_encodings(terms)
+
+    def decode(raw, vr):
+        delimiters = {0x5E, 0x3D} if vr == "PN" else dicom_charset.TEXT_VR_DELIMS
+        return dicom_charset.decode_bytes(raw, encodings, delimiters)
+    return decode
+
+
+def _decode_single(raw, codec):
+    if codec == "iso2022_jp":  # ESC ( J and ESC ( B both mean "ASCII" here
+        raw = raw.replace(b"\x1b(J", b"\x1b(B")
+    elif codec == "euc_kr":
+        raw = raw.replace(b"\x1b$)C", b"")
+    return raw.decode(codec, errors="replace")
+
+
+def _js_string(raw):
+    """dicom-parser's ``string()``: Latin-1 up to the first NUL, trimmed; None when empty."""
+    if not raw:
+        return None
+    end = raw.find(b"\x00")
+    if end >= 0:
+        raw = raw[:end]
+    return raw.decode("latin_1").strip(JS_WHITESPACE)
+
+
+def _stringify_un(raw, tag):
+    if len(raw) > UN_MAX_BYTES:
+        raise TagDumpError(f"Data of the private tag {tag:08x} is too large")
+    if all(0x20 <= b <= 0x7E for b in raw):
+        return raw.decode("ascii")
+    return "data:application/octet-stream;base64," + base64.b64encode(raw).decode("ascii")
+
+
+# --- the element walker -------------------------------------------------------------------
+
+class _Reader:
+    """Walks the elements of one (sub-)dataset in a byte buffer."""
+
+    def __init__(self, data, little_endian=True, explicit=True):
+        self.data = data
+        self.prefix = "<" if little_endian else ">"
+        self.explicit = explicit
+
+    def _unpack(self, fmt, pos):
+        try:
+            return struct.unpack_from(self.prefix + fmt, self.data, pos)
+        except struct.error:
+            raise TagDumpError("The DICOM file is truncated.") from None
+
+    def header(self, pos, explicit=None):
+        """(tag, vr or None, length, value offset) of the element at ``pos``."""
+        explicit = self.explicit if explicit is None else explicit
+        group, elem = self._unpack("HH", pos)
+        tag = (group << 16) | elem
+        if tag in (ITEM, ITEM_END, SEQUENCE_END) or not explicit:
+            (length,) = self._unpack("I", pos + 4)
+            return tag, None, length, pos + 8
+        vr = self.data[pos + 4:pos + 6]
+        if vr in LONG_LENGTH_VRS:
+            (length,) = self._unpack("I", pos + 8)
+            return tag, vr.decode("ascii"), length, pos + 12
+        (length,) = self._unpack("H", pos + 6)
+        return tag, vr.decode("ascii", errors="replace"), length, pos + 8
+
+    def skip_items(self, pos, explicit):
+        """The offset just after a sequence of items ended by a sequence delimiter."""
+        while True:
+            tag, _vr, length, start = self.header(pos, explicit=False)
+            if tag == SEQUENCE_END:
+                return start
+            if tag != ITEM:
+                raise TagDumpError("Malformed sequence.")
+            if length == UNDEFINED:
+                pos = self.skip_dataset(start, explicit)
+            else:
+                pos = start + length
+
+    def skip_dataset(self, pos, explicit):
+        """The offset just after an undefined-length item (after its delimiter)."""
+        while True:
+            tag, vr, length, start = self.header(pos, explicit)
+            if tag == ITEM_END:
+                return start
+            pos = self._end_of_value(tag, vr, length, start, explicit)
+
+    def _end_of_value(self, tag, vr, length, start, explicit):
+        if length != UNDEFINED:
+            return start + length
+        if vr == "UN":  # an undefined-length UN is an implicit-VR sequence
+            return self.skip_items(start, False)
+        return self.skip_items(start, explicit)
+
+    def items(self, start, length, explicit):
+        """(offset, length) of each item of a sequence value."""
+        end = None if length == UNDEFINED else start + length
+        pos, found = start, []
+        while end is None or pos < end:
+            tag, _vr, item_length, item_start = self.header(pos, explicit=False)
+            if tag == SEQUENCE_END:
+                break
+            if tag != ITEM:
+                raise TagDumpError("Malformed sequence.")
+            if item_length == UNDEFINED:
+                pos = self.skip_dataset(item_start, explicit)
+                found.append((item_start, None))
+            else:
+                pos = item_start + item_length
+                found.append((item_start, item_length))
+        return found
+
+    def elements(self, start, end, explicit):
+        """Yield (tag, vr, value offset, value length) until ``end`` or an item delimiter."""
+        pos = start
+        while pos < (len(self.data) if end is None else end):
+            tag, vr, length, value = self.header(pos, explicit)
+            if tag == ITEM_END:
+                return
+            pos = self._end_of_value(tag, vr, length, value, explicit)
+            yield tag, vr, value, (pos - value)
+
+
+class _Dumper:
+    def __init__(self, reader, decode, private_tags=()):
+        self.reader = reader
+        self.decode = decode
+        self.private_tags = {int(t.replace(",", ""), 16) if isinstance(t, str) else t
+                             for t in private_tags}
+
+    def dataset(self, start, end, explicit):
+        out = {}
+        for tag, vr, offset, length in self.reader.elements(start, end, explicit):
+            if (tag >> 16) & 1 and tag not in self.private_tags:
+                continue
+            if tag == ITEM_END or tag in PERSONAL_TAGS:
+                continue
+            value = self.value(tag, vr, offset, length, explicit)
+            if value is not None:
+                out[f"{tag >> 16:04x},{tag & 0xFFFF:04x}"] = value
+        return out
+
+    def value(self, tag, vr, offset, length, explicit):
+        data = self.reader.data
+        raw = data[offset:offset + length]
+        if vr in OMITTED_VRS:
+            return None
+        if vr == "SQ":
+            nested = []
+            for item_start, item_length in self.reader.items(offset, length, explicit):
+                item_end = None if item_length is None else item_start + item_length
+                nested.append(self.dataset(item_start, item_end, explicit))
+            return nested
+        if vr == "AT":
+            if length < 4:
+                return None
+            group, elem = self.reader._unpack("HH", offset)
+            return f"0x{group:04x}{elem:04x}"
+        if vr in NUMERIC_VRS:
+            fmt, size = NUMERIC_VRS[vr]
+            count = length // size
+            numbers = list(struct.unpack_from(self.reader.prefix + fmt * count, data, offset))
+            return numbers[0] if count == 1 else numbers
+        if vr == "UN":
+            return _stringify_un(raw, tag)
+        if vr in TEXT_VRS:
+            return self.decode(raw, vr)
+        return _js_string(raw)
+
+
+def _split_meta(data):
+    """(meta elements end, transfer syntax UID) of a Part 10 file; (0, None) without DICM."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return 0, None
+    reader = _Reader(data)
+    pos, syntax = 132, None
+    while pos + 8 <= len(data):
+        tag, vr, length, value = reader.header(pos, explicit=True)
+        if tag >> 16 != 0x0002:
+            break
+        if tag == 0x00020010:
+            syntax = _js_string(data[value:value + length])
+        pos = value + length
+    return pos, syntax
+
+
+def dump_file(data, private_tags=()):
+    """The anonymised tag dump of one DICOM file (bytes), as an ordered dict."""
+    meta_end, syntax = _split_meta(data)
+    explicit = syntax != IMPLICIT_LE if syntax else _guess_explicit(data, meta_end)
+    little = syntax != EXPLICIT_BE
+    body = data
+    if syntax == DEFLATED:
+        try:
+            body = data[:meta_end] + zlib.decompress(data[meta_end:], -15)
+        except zlib.error:
+            raise TagDumpError("The deflated dataset cannot be inflated.") from None
+    reader = _Reader(body, little_endian=little, explicit=explicit)
+    decode = _decoder(_find_charset(reader, meta_end, explicit))
+    out = {}
+    if meta_end:
+        out.update(_Dumper(_Reader(body), decode, private_tags).dataset(132, meta_end, True))
+    out.update(_Dumper(reader, decode, private_tags).dataset(meta_end, None, explicit))
+    return out
+
+
+def _guess_explicit(data, pos):
+    """Without a transfer syntax, explicit VR is assumed when two VR letters follow a tag."""
+    vr = data[pos + 4:pos + 6]
+    return len(vr) == 2 and vr.isalpha() and vr.isupper()
+
+
+def _find_charset(reader, start, explicit):
+    for tag, vr, offset, length in reader.elements(start, None, explicit):
+        if tag == 0x00080005:
+            return _js_string(reader.data[offset:offset + length])
+        if tag > 0x00080005:
+            break
+    return None
+
+
+# --- volume-level split and JSON ----------------------------------------------------------
+
+def common_and_unique(dumps):
+    """``{"common": ..., "unique": [...]}``: tags equal in every slice, and the rest."""
+    if not dumps:
+        return {"common": {}, "unique": [{}]}
+    common = dict(dumps[0])
+    for dump in dumps[1:]:
+        for key in list(common):
+            if key not in dump or dump[key] != common[key]:
+                del common[key]
+    unique = [{k: v for k, v in dump.items() if k not in common} for dump in dumps]
+    return {"common": common, "unique": unique}
+
+
+def js_number(value):
+    """A number formatted as JavaScript's ``String(number)`` (NaN/Infinity as null)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value) or math.isinf(value):
+        return "null"
+    if value == 0:
+        return "0"
+    sign, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digits))
+    k = len(digits)
+    n = exponent + k  # the decimal point sits after n digits
+    minus = "-" if sign else ""
+    if k <= n <= 21:
+        return minus + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return minus + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return minus + "0." + "0" * (-n) + digits
+    exp = n - 1
+    mantissa = digits[0] + ("." + digits[1:] if k > 1 else "")
+    return f"{minus}{mantissa}e{'+' if exp > 0 else '-'}{abs(exp)}"
+
+
+def to_json(value, indent=2, _level=0):
+    """``JSON.stringify(value, null, indent)`` for dicts, lists, strings and numbers."""
+    import json
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+        parts = [f"{inner}{json.dumps(str(k), ensure_ascii=False)}: "
+                 f"{to_json(v, indent, _level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(parts) + "\n" + pad + "}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+        return ("[\n" + ",\n".join(inner + to_json(v, indent, _level + 1) for v in value)
+                + "\n" + pad + "]")
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (bool, int, float)):
+        return js_number(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -1,0 +1,437 @@
+"""Series (or a partial volume descriptor of one) -> voxels, MHD/RAW files and the tag dump.
+
+Every image is decoded the way CIRCUS's image extractor does it (API.md 5.3): the pixel
+format follows Photometric Interpretation, Bits Allocated and Pixel Representation;
+MONOCHROME1 is inverted so that larger means brighter; RGB becomes ``rgba8`` (alpha 255);
+CT is rescaled with Rescale Slope/Intercept to ``int16`` Hounsfield units. Compressed
+transfer syntaxes are decoded by pydicom with the pylibjpeg plug-ins (JPEG lossless, JPEG
+2000, RLE), so a JPEG-lossless file gives the same voxels as its uncompressed twin.
+
+Volumes are read one slice at a time (``VolumeReader``, with a small read-ahead on a
+thread) so that writers stream them and memory stays bounded; ``load_volume`` assembles a
+whole numpy array for callers that need one.
+"""
+import logging
+import math
+import os
+import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+import storage
+import tag_dump
+
+log = logging.getLogger(__name__)
+
+# pixel format -> (MetaImage element type, numpy dtype, bytes per voxel)
+PIXEL_FORMATS = {
+    "uint8": ("MET_UCHAR", np.dtype("u1"), 1),
+    "int8": ("MET_CHAR", np.dtype("i1"), 1),
+    "uint16": ("MET_USHORT", np.dtype("<u2"), 2),
+    "int16": ("MET_SHORT", np.dtype("<i2"), 2),
+    "rgba8": ("MET_UCHAR", np.dtype("u1"), 4),  # 4 channels, see mhd_header
+}
+RGB_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
+READ_AHEAD = 3  # slices decoded ahead of the consumer
+_FLOAT_RE = re.compile(r"^[+-]?(Infinity|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)")
+
+
+class VolumeError(Exception):
+    """Raised when a volume cannot be built; the message is shown to users."""
+
+
+class ImageMissingError(VolumeError):
+    """Raised when an image file of the series is not in the storage."""
+
+
+class UnsupportedImageError(VolumeError):
+    """Raised for pixel data CIRCUS volumes cannot hold (format, syntax, multi-frame)."""
+
+
+def js_parse_float(text):
+    """JavaScript's ``parseFloat``: the leading number of ``text``, else NaN."""
+    if text is None:
+        return math.nan
+    match = _FLOAT_RE.match(text.strip())
+    if not match:
+        return math.nan
+    value = match.group(0)
+    return float(value.replace("Infinity", "inf"))
+
+
+def pvd_images(pvd):
+    """The image numbers selected by a partial volume descriptor, in its order."""
+    try:
+        start, end = pvd["start"], pvd["end"]
+        delta = 1 if pvd.get("delta") is None else pvd["delta"]
+        valid = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, delta))
+    except (TypeError, KeyError, AttributeError):
+        valid = False
+    if not valid or start < 1 or end < 1 or delta == 0 or (end - start) * delta < 0 \
+            or (end - start) % delta or (start == end and delta == -1):
+        raise VolumeError(f"Invalid partial volume descriptor: {pvd}")
+    return list(range(start, end + (1 if delta > 0 else -1), delta))
+
+
+# --- one slice ------------------------------------------------------------------------------
+
+@dataclass
+class Slice:
+    """One decoded image, in the volume's pixel format."""
+    number: int
+    pixels: np.ndarray  # (rows, columns) or (rows, columns, 4) for rgba8
+    pixel_format: str
+    columns: int
+    rows: int
+    modality: str
+    pixel_spacing: tuple
+    spacing_between_slices: float | None  # (0018,0088) as written, may be negative
+    slice_location: float  # NaN when absent
+    data: bytes | None = None  # the file, when the caller wants the tag dump
+
+
+def _text(ds, tag):
+    """An element's value as dicom-parser's ``string()`` gives it (None when absent)."""
+    try:
+        elem = ds.get_item(tag)
+    except Exception:  # a value pydicom cannot even hold raw
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        return tag_dump._js_string(value)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _pixel_format(ds, where):
+    photometric = (_text(ds, 0x00280004) or "").upper()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        bits = ds.get("BitsAllocated")
+        signed = ds.get("PixelRepresentation", 0)
+        formats = {(8, 0): "uint8", (8, 1): "int8", (16, 0): "uint16", (16, 1): "int16"}
+        if (bits, signed) in formats:
+            return formats[(bits, signed)]
+    elif photometric in RGB_PHOTOMETRICS and ds.get("SamplesPerPixel") == 3 \
+            and ds.get("BitsAllocated") == 8:
+        return "rgba8"
+    raise UnsupportedImageError(f"Unsupported pixel format detected ({where}: "
+                                f"{photometric or 'no photometric interpretation'}, "
+                                f"{ds.get('BitsAllocated')} bits allocated).")
+
+
+def decode_slice(number, data, where=None):
+    """Decode one DICOM file (bytes) into a ``Slice``; VolumeError when impossible."""
+    where = where or f"image #{number}"
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise VolumeError(f"The file of {where} is not readable DICOM ({exc}).") from None
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise UnsupportedImageError(f"Multi-frame images are not supported ({where}).")
+    if "PixelData" not in ds:
+        raise UnsupportedImageError(f"The file of {where} has no pixel data.")
+    pixel_format = _pixel_format(ds, where)
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # pydicom raises many kinds for undecodable data
+        syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        log.info("Cannot decode %s (%s): %s", where, syntax, exc)
+        raise UnsupportedImageError(
+            f"Unsupported transfer syntax. Maybe compressed? ({where}, {syntax})") from None
+    expected = (rows, columns, 3) if pixel_format == "rgba8" else (rows, columns)
+    if array.shape != expected:
+        raise UnsupportedImageError(f"Unexpected pixel data length ({where}).")
+    pixels = _convert(ds, array, pixel_format)
+    modality = _text(ds, 0x00080060) or ""
+    if modality == "CT":
+        slope, intercept = _rescale(ds)
+        hu = np.trunc(pixels.astype(np.float64) * slope + intercept)
+        pixels = np.clip(hu, -32768, 32767).astype("<i2")
+        pixel_format = "int16"
+    return Slice(number=number, pixels=pixels, pixel_format=pixel_format, columns=columns,
+                 rows=rows, modality=modality, pixel_spacing=_pixel_spacing(ds),
+                 spacing_between_slices=_spacing_between_slices(ds, where),
+                 slice_location=js_parse_float(_text(ds, 0x00201041)))
+
+
+def _convert(ds, array, pixel_format):
+    """Stored values -> the pixel format's values (MONOCHROME1 inverted, RGB -> RGBA)."""
+    if pixel_format == "rgba8":
+        rgba = np.empty(array.shape[:2] + (4,), dtype=np.uint8)
+        rgba[..., :3] = array
+        rgba[..., 3] = 255
+        return rgba
+    dtype = PIXEL_FORMATS[pixel_format][1]
+    if (_text(ds, 0x00280004) or "").upper() == "MONOCHROME1":
+        stored = int(ds.get("BitsStored") or dtype.itemsize * 8)
+        wide = array.astype(np.int64)
+        wide = -wide - 1 if pixel_format.startswith("int") else (1 << stored) - 1 - wide
+        return wide.astype(dtype)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _rescale(ds):
+    intercept, slope = _text(ds, 0x00281052), _text(ds, 0x00281053)
+    if intercept is None or slope is None:
+        return 1.0, 0.0
+    return js_parse_float(slope), js_parse_float(intercept)
+
+
+def _pixel_spacing(ds):
+    raw = _text(ds, 0x00280030)
+    if not raw:
+        return (1.0, 1.0)
+    values = [js_parse_float(v) for v in raw.split("\\")]
+    return (values[0], values[1] if len(values) > 1 else values[0])
+
+
+def _spacing_between_slices(ds, where):
+    if ds.get_item(0x00180088) is None:
+        return None
+    value = js_parse_float(_text(ds, 0x00180088))
+    if math.isnan(value) or value == 0:
+        raise VolumeError(f"Slice pitch could not be determined ({where}).")
+    return value
+
+
+# --- a volume, slice by slice ---------------------------------------------------------------
+
+def _read(path, number, series_uid):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ImageMissingError(
+            f"Image #{number} of series {series_uid} is missing from the storage.") from None
+
+
+def _load(path, number, series_uid, keep_bytes):
+    data = _read(path, number, series_uid)
+    slice_ = decode_slice(number, data, f"image #{number} of series {series_uid}")
+    if keep_bytes:
+        slice_.data = data
+    return slice_
+
+
+class VolumeReader:
+    """The images of a series in the given order, decoded one at a time with read-ahead.
+
+    The first two slices are read on construction (they fix the geometry, the pixel
+    format and the slice pitch); iterating yields every slice, checking that each one
+    matches the first. Use as a context manager so the read-ahead thread is stopped.
+    """
+
+    def __init__(self, series_uid, numbers, keep_bytes=False):
+        if not numbers:
+            raise VolumeError(f"Series {series_uid} has no image to load.")
+        self.series_uid = series_uid
+        self.numbers = list(numbers)
+        self.keep_bytes = keep_bytes
+        self._paths = [storage.instance_path(series_uid, n) for n in self.numbers]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-read")
+        self._futures = deque()
+        self._next = 0
+        self._consumed = 0
+        self._head = []
+        try:
+            self._head = [self._take() for _ in range(min(2, len(self.numbers)))]
+        except BaseException:
+            self.close()
+            raise
+        self.first = self._head[0]
+        self.second = self._head[1] if len(self._head) > 1 else None
+
+    # read-ahead
+    def _fill(self):
+        while self._next < len(self.numbers) and len(self._futures) < READ_AHEAD:
+            i = self._next
+            self._futures.append(self._pool.submit(
+                _load, self._paths[i], self.numbers[i], self.series_uid, self.keep_bytes))
+            self._next += 1
+
+    def _take(self):
+        self._fill()
+        slice_ = self._futures.popleft().result()
+        self._fill()
+        return slice_
+
+    def __iter__(self):
+        for slice_ in self._head:
+            self._check(slice_)
+            yield slice_
+        self._head = []
+        while self._futures or self._next < len(self.numbers):
+            slice_ = self._take()
+            self._check(slice_)
+            yield slice_
+
+    def _check(self, slice_):
+        first = self.first
+        if (slice_.columns, slice_.rows) != (first.columns, first.rows):
+            raise VolumeError(f"Image #{slice_.number} of series {self.series_uid} differs "
+                              "in size from the first image.")
+        if slice_.pixel_format != first.pixel_format:
+            raise VolumeError(f"Image #{slice_.number} of series {self.series_uid} differs "
+                              "in pixel format from the first image.")
+
+    def close(self):
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # geometry
+    @property
+    def pixel_format(self):
+        return self.first.pixel_format
+
+    @property
+    def dimension(self):
+        """[columns, rows, slices], as MHD DimSize."""
+        return [self.first.columns, self.first.rows, len(self.numbers)]
+
+    @property
+    def slice_bytes(self):
+        return self.first.columns * self.first.rows * PIXEL_FORMATS[self.pixel_format][2]
+
+    @property
+    def total_bytes(self):
+        return self.slice_bytes * len(self.numbers)
+
+    def plugin_pitch(self):
+        """Slice pitch of the plug-in input (5.3): Spacing Between Slices as written, else
+        |Slice Location difference|, else 1 (also when Slice Location is missing, quirk 36)."""
+        if self.first.spacing_between_slices is not None:
+            return self.first.spacing_between_slices
+        if self.second is None:
+            return 1
+        pitch = abs(self.first.slice_location - self.second.slice_location)
+        return 1 if math.isnan(pitch) else pitch
+
+    def export_pitch(self, delta=1):
+        """Slice pitch of the MHD case export (3.3): like ``plugin_pitch`` but never
+        negative; Spacing Between Slices is multiplied by |delta| for a PVD with gaps."""
+        if self.first.spacing_between_slices is not None:
+            return abs(self.first.spacing_between_slices) * abs(delta)
+        return abs(self.plugin_pitch())
+
+    def spacing(self, pitch):
+        return [self.first.pixel_spacing[0], self.first.pixel_spacing[1], pitch]
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def mhd_header(pixel_format, dimension, spacing, data_file, line_ending="lf"):
+    """The MetaImage header text CIRCUS writes (every line ends with the line ending).
+
+    For ``rgba8`` the reference writes ``ElementType = undefined`` (quirk 36); we write a
+    valid 4-channel MET_UCHAR header instead.
+    """
+    newline = "\r\n" if line_ending == "crlf" else "\n"
+    element_type = PIXEL_FORMATS[pixel_format][0]
+    lines = ["ObjectType = Image", "NDims = 3",
+             "DimSize = " + " ".join(str(int(d)) for d in dimension)]
+    if pixel_format == "rgba8":
+        lines.append("ElementNumberOfChannels = 4")
+    lines += [f"ElementType = {element_type}",
+              "ElementSpacing = " + " ".join(tag_dump.js_number(float(s)) for s in spacing),
+              "ElementByteOrderMSB = False", f"ElementDataFile = {data_file}"]
+    return newline.join(lines) + newline
+
+
+def load_volume(series_uid, image_numbers):
+    """Decode images of a series into one array.
+
+    Parameters
+    ----------
+    series_uid : str
+    image_numbers : list of int
+        Instance numbers in volume order (e.g. ``pvd_images(pvd)``).
+
+    Returns
+    -------
+    (numpy.ndarray, dict)
+        The voxels as (z, y, x) — (z, y, x, 4) for rgba8 — and the metadata:
+        ``pixelFormat``, ``elementType``, ``dimension`` [x, y, z], ``pixelSpacing``
+        [x, y], ``slicePitch`` (5.3 rule), ``modality``.
+    """
+    with VolumeReader(series_uid, image_numbers) as reader:
+        first = reader.first
+        shape = (len(reader.numbers), first.rows, first.columns) + \
+            ((4,) if reader.pixel_format == "rgba8" else ())
+        volume = np.empty(shape, dtype=PIXEL_FORMATS[reader.pixel_format][1])
+        for z, slice_ in enumerate(reader):
+            volume[z] = slice_.pixels
+        meta = {"pixelFormat": reader.pixel_format,
+                "elementType": PIXEL_FORMATS[reader.pixel_format][0],
+                "dimension": reader.dimension, "pixelSpacing": list(first.pixel_spacing),
+                "slicePitch": reader.plugin_pitch(), "modality": first.modality}
+    return volume, meta
+
+
+def write_plugin_input(series_uid, pvd, out_dir, index, private_tags=()):
+    """Write ``<index>.raw``, ``<index>.mhd`` and ``<index>.json`` (API.md 5.3) into out_dir.
+
+    The raw file is streamed slice by slice; all three files are read-only. Raises
+    VolumeError (with a user-facing message) when the volume cannot be built; no file
+    of this index is left behind then.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    names = {ext: os.path.join(out_dir, f"{index}.{ext}") for ext in ("raw", "mhd", "json")}
+    dumps = []
+    try:
+        with VolumeReader(series_uid, pvd_images(pvd), keep_bytes=True) as reader:
+            with storage.atomic_file(names["raw"], fsync=False) as fh:
+                for slice_ in reader:
+                    fh.write(slice_.pixels.tobytes())
+                    dumps.append(_dump(slice_, series_uid, private_tags))
+            header = mhd_header(reader.pixel_format, reader.dimension,
+                                reader.spacing(reader.plugin_pitch()), f"{index}.raw")
+        storage.write_atomic(names["mhd"], header.encode("ascii"), fsync=False)
+        text = tag_dump.to_json(tag_dump.common_and_unique(dumps))
+        storage.write_atomic(names["json"], text.encode("utf-8"), fsync=False)
+    except BaseException:
+        for path in names.values():
+            _remove(path)
+        raise
+    for path in names.values():
+        os.chmod(path, 0o444)
+    return names
+
+
+def _dump(slice_, series_uid, private_tags=()):
+    data, slice_.data = slice_.data, None
+    try:
+        return tag_dump.dump_file(data, private_tags)
+    except tag_dump.TagDumpError as exc:
+        raise VolumeError(f"Image #{slice_.number} of series {series_uid}: {exc}") from None
+
+
+def dicom_tags(slice_, series_uid, private_tags=()):
+    """The anonymised tag dump of a slice read with ``keep_bytes=True`` (frees the bytes)."""
+    return _dump(slice_, series_uid, private_tags)
+
+
+def _remove(path):
+    try:
+        os.chmod(path, 0o644)
+        os.unlink(path)
+    except OSError:
+        pass
