@@ -74,12 +74,28 @@ def get_group(group_id):
     return group
 
 
+def find_group(reference):
+    """The group with that ID (digits) or, failing that, the only group with that name."""
+    if str(reference).isdigit():
+        group = db.session.get(Group, int(reference))
+        if group is not None:
+            return group
+    groups = db.session.execute(db.select(Group).where(Group.group_name == str(reference))
+                                .limit(2)).scalars().all()
+    return groups[0] if len(groups) == 1 else None
+
+
 def _set_group_fields(group, body):
     if "groupName" in body:
         group.group_name = body["groupName"]
     for wire, attr in GROUP_ARRAY_FIELDS.items():
         if wire in body:
             setattr(group, attr, list(body[wire]))
+
+
+def empty_group(name):
+    """A complete group body granting nothing (for create-group)."""
+    return {"groupName": name, **{wire: [] for wire in GROUP_ARRAY_FIELDS}}
 
 
 def create_group(body):

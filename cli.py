@@ -2,8 +2,12 @@
 import click
 from flask import current_app
 
+import accounts
+import admin_records
 import dbmigrate
-from auth import find_user, hash_password, issue_permanent_token
+from auth import GLOBAL_PRIVILEGES, find_user, hash_password, issue_permanent_token
+from errors import ApiError
+from validation import validate
 from models import Group, Project, ServerParam, User, db, new_ulid
 
 DEFAULT_TOKEN_DESCRIPTION = "A permanent token for API access"
@@ -107,6 +111,85 @@ def register(app):
     def migrate_command():
         """Upgrade the database schema to the newest revision, keeping every row."""
         click.echo("Schema: " + _prepare_schema())
+
+    @app.cli.command("clear-token")
+    @click.option("-a", "--all", "include_permanent", is_flag=True,
+                  help="Also delete permanent tokens.")
+    @click.option("--expired", is_flag=True,
+                  help="Only delete tokens whose access token has expired (housekeeping).")
+    def clear_token_command(include_permanent, expired):
+        """Delete every session token (all users must log in again) and print the count."""
+        count = accounts.clear_tokens(include_permanent, expired_only=expired)
+        click.echo(f"Deleted {count} access token(s).")
+        if not include_permanent:
+            click.echo("Use --all flag to also delete permanent tokens.")
+
+    @app.cli.command("generate-password-hash")
+    def generate_password_hash_command():
+        """Ask for a password twice and print its hash (a value for users.password)."""
+        first = click.prompt("Input raw password", hide_input=True)
+        if click.prompt("Retype the same password", hide_input=True) != first:
+            raise click.ClickException("Password mismatch.")
+        click.echo(hash_password(first))
+
+    @app.cli.command("db-check")
+    @click.option("-t", "--target", multiple=True,
+                  type=click.Choice(list(admin_records.RECORD_CHECKS)),
+                  help="Check only this collection (repeatable).")
+    def db_check_command(target):
+        """Validate every stored record against its schema; stop at the first invalid one."""
+        def progress(name, count):
+            click.echo(f"Validating: {name}" if count is None else
+                       f"  Validated: {count} {'item' if count == 1 else 'items'}.")
+        try:
+            admin_records.check_records(list(target) or None, progress)
+        except admin_records.InvalidRecord as exc:
+            click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
+            for error in exc.errors:
+                click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+    @app.cli.command("create-user")
+    @click.argument("email")
+    @click.argument("login_id")
+    @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+    @click.option("--group", "groups", multiple=True, help="Group ID or name (repeatable).")
+    @click.option("--description", default="", help="Free text shown to administrators.")
+    def create_user_command(email, login_id, password, groups, description):
+        """Create a user, as POST /api/admin/users does."""
+        group_ids = []
+        for reference in groups:
+            group = admin_records.find_group(reference)
+            if group is None:
+                raise click.ClickException(f"No group {reference!r}.")
+            group_ids.append(group.group_id)
+        body = {"userEmail": email, "loginId": login_id, "password": password,
+                "loginEnabled": True, "description": description, "groups": group_ids}
+        _run_api_call(admin_records.create_user, body, "user-create")
+        click.echo(f"Created user {email} ({login_id}).")
+
+    @app.cli.command("create-group")
+    @click.argument("name")
+    @click.option("--privilege", "privileges", multiple=True,
+                  type=click.Choice([name for name, _caption in GLOBAL_PRIVILEGES]),
+                  help="Global privilege to grant (repeatable).")
+    @click.option("--domain", "domains", multiple=True, help="Series domain (repeatable).")
+    def create_group_command(name, privileges, domains):
+        """Create a group granting the given privileges and domains (no project roles)."""
+        body = {**admin_records.empty_group(name), "privileges": list(dict.fromkeys(privileges)),
+                "domains": list(dict.fromkeys(domains))}
+        group_id = _run_api_call(admin_records.create_group, body, "group-create")
+        click.echo(f"Created group {group_id} ({name}).")
+
+
+def _run_api_call(function, body, schema):
+    """Validate ``body`` and call ``function(body)``; API errors become CLI errors."""
+    try:
+        return function(validate(body, schema))
+    except ApiError as exc:
+        details = "; ".join(f"{e['dataPath'] or '(root)'} {e['message']}"
+                            for e in exc.extra.get("validationErrors", []))
+        raise click.ClickException(f"{exc.message} {details}".strip()) from None
 
 
 def _prepare_schema():
