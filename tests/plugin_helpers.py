@@ -39,3 +39,28 @@ def remote_definition(endpoint="http://127.0.0.1:9/", secret="s3cret", key="auth
            "displayStrategy": []}
     doc.update(overrides)
     return doc
+
+
+def store_sample_series(folder, series_uid=None, domain="default", patient_info=None):
+    """Copy the real DICOM files of ``folder`` into storage as instances 1..n of one series
+    (as the importer stores them) and add its row; return the series UID."""
+    import os
+    import shutil
+
+    import pydicom
+
+    import storage
+    from tests.factories import make_series
+    files = sorted(str(p) for p in folder.iterdir() if p.suffix == ".dcm")
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series_uid = series_uid or str(first.SeriesInstanceUID)
+    for number, path in enumerate(files, start=1):
+        target = storage.instance_path(series_uid, number)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
+    make_series(series_uid, domain=domain, images=f"1-{len(files)}" if len(files) > 1 else "1",
+                modality=str(first.get("Modality", "OT")), width=int(first.Columns),
+                height=int(first.Rows), study_uid=str(first.StudyInstanceUID),
+                patient_info=patient_info)
+    db.session.commit()
+    return series_uid
