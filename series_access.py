@@ -6,14 +6,16 @@ descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
 """
 import json
 import logging
+import os
 import re
 
 import pydicom
+import sqlalchemy as sa
 from pydicom.errors import InvalidDicomError
 
 import storage
 from errors import ApiError, not_found
-from models import Series, db
+from models import CaseSeries, PluginJobSeries, Series, db, new_ulid
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +246,46 @@ def resolve_pvd(series_uid, pvd):
     except OrientationError as exc:
         log.warning("Cannot resolve the auto PVD of %s: %s", series_uid, exc.message)
         raise ApiError(500, "Internal server error.") from None
+
+
+# --- deletion ---------------------------------------------------------------------------
+
+def delete_series(series_uid):
+    """Delete a series row and its DICOM files in one step.
+
+    Raises
+    ------
+    ApiError
+        404 if the series vanished; 400 ``There is a plug-in job associated with this
+        series.`` or ``There is a case associated with this series.`` (CIRCUS's checks).
+    """
+    # The DELETE comes first: it takes the write lock (SQLite) or the row lock, so no
+    # import, case or job can slip in between the checks and the commit.
+    deleted = db.session.execute(sa.delete(Series).where(Series.series_uid == series_uid)
+                                 .execution_options(synchronize_session=False)).rowcount
+    if deleted != 1:
+        db.session.rollback()
+        raise not_found("series")
+    for model, message in ((PluginJobSeries, "There is a plug-in job associated with this series."),
+                           (CaseSeries, "There is a case associated with this series.")):
+        if db.session.execute(sa.select(sa.literal(1)).where(
+                model.series_uid == series_uid).limit(1)).first() is not None:
+            db.session.rollback()
+            raise ApiError(400, message)
+    folder = storage.series_dir(series_uid)
+    parked = storage.dicom_staging_dir("deleted-" + new_ulid())
+    moved = False
+    if os.path.isdir(folder):
+        # Parked under the lock: an import committing after us starts a fresh folder.
+        os.makedirs(os.path.dirname(parked), exist_ok=True)
+        os.replace(folder, parked)
+        moved = True
+    try:
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        if moved:
+            os.replace(parked, folder)
+        raise
+    if moved:
+        storage.remove_tree(parked)

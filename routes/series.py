@@ -1,4 +1,207 @@
 """DICOM series: /api/series."""
-from flask import Blueprint
+import os
+import re
+
+from flask import Blueprint, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+
+import dicom_import
+import series_access
+import storage
+import tasks
+from auth import can_view_personal_info, require_series_domain
+from errors import ApiError
+from models import Series, ServerParam, db, new_ulid
+from search import search
+from validation import content_type
 
 bp = Blueprint("series", __name__, url_prefix="/api/series")
+
+FIELD_NAME = "files"
+POSITIVE_INT_RE = re.compile(r"^[1-9]\d*$")
+
+# API.md 1.8: the series filter keys (patientInfo.* read the indexed copies).
+SEARCH_FIELDS = {
+    "modality": Series.modality,
+    "seriesUid": Series.series_uid,
+    "studyUid": Series.study_uid,
+    "seriesDescription": Series.series_description,
+    "patientInfo.patientId": Series.patient_id,
+    "patientInfo.patientName": Series.patient_name,
+    "patientInfo.age": Series.patient_age,
+    "patientInfo.sex": Series.patient_sex,
+    "seriesDate": Series.series_date,
+    "createdAt": Series.created_at,
+}
+SORT_FIELDS = {**SEARCH_FIELDS, "updatedAt": Series.updated_at, "domain": Series.domain,
+               "bodyPart": Series.body_part, "stationName": Series.station_name,
+               "manufacturer": Series.manufacturer, "modelName": Series.model_name}
+
+
+# --- multipart spooling -------------------------------------------------------------------
+
+class _LimitedFile:
+    """A spool file that refuses to grow beyond the per-file upload limit (413)."""
+
+    def __init__(self, path, limit):
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self.fh = open(path, "w+b")
+
+    def write(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            raise RequestEntityTooLarge()
+        return self.fh.write(data)
+
+    def seek(self, *args):
+        return self.fh.seek(*args)
+
+    def read(self, *args):
+        return self.fh.read(*args)
+
+    def tell(self):
+        return self.fh.tell()
+
+    def close(self):
+        self.fh.close()
+
+
+def _spool_upload(folder):
+    """Stream the multipart body into ``folder``: one file per part, never in memory.
+
+    Returns the spooled paths of the ``files`` parts in order. Any other file field, a
+    malformed body or a file above UPLOAD_FILE_SIZE_MAX_BYTES is refused.
+    """
+    os.makedirs(folder, exist_ok=True)
+    limit = current_app.config["UPLOAD_FILE_SIZE_MAX_BYTES"]
+    opened = []
+
+    def stream_factory(total_content_length, content_type, filename, content_length=None):
+        spooled = _LimitedFile(os.path.join(folder, f"{len(opened) + 1:06d}"), limit)
+        opened.append(spooled)
+        return spooled
+
+    parser = FormDataParser(stream_factory, max_form_memory_size=1024 * 1024,
+                            max_form_parts=current_app.config["ARCHIVE_MAX_ENTRIES"],
+                            silent=False)
+    try:
+        _stream, _form, files = parser.parse(request.stream, request.mimetype,
+                                             request.content_length, request.mimetype_params)
+    except RequestEntityTooLarge:
+        raise ApiError(413, "request entity too large") from None
+    except ValueError:
+        raise ApiError(400, "The multipart body could not be parsed.") from None
+    finally:
+        for spooled in opened:
+            spooled.close()
+    if any(name != FIELD_NAME for name in files.keys()):
+        raise ApiError(400, f'Uploaded files must use the field name "{FIELD_NAME}".')
+    return [storage_file.stream.path for storage_file in files.getlist(FIELD_NAME)]
+
+
+def _check_upload_domain(domain):
+    """400 for a domain the server does not know, 403 for one the caller lacks."""
+    param = db.session.get(ServerParam, "domains")
+    known = param.value if param is not None and isinstance(param.value, list) else []
+    if domain not in known:
+        raise ApiError(400, f'The domain "{domain}" does not exist.')
+    if not g.privileges.has_domain(domain):
+        raise ApiError(403, "You cannot upload to this domain.")
+
+
+# --- views ------------------------------------------------------------------------------
+
+@bp.get("")
+def list_series():
+    """Search the series of the caller's domains."""
+    query = db.select(Series).where(Series.domain.in_(g.privileges.domains))
+    show = can_view_personal_info()
+    return search(query, SEARCH_FIELDS, lambda s: s.to_json(with_patient_info=show),
+                  {"createdAt": -1}, sort_fields=SORT_FIELDS)
+
+
+@bp.post("/domain/<domain>")
+@content_type("multipart/form-data")
+def upload_series(domain):
+    """Upload DICOM files or zip/tar.gz archives; they are imported by a task."""
+    _check_upload_domain(domain)
+    task_id = new_ulid()
+    spool = storage.spool_dir(task_id)
+    try:
+        paths = _spool_upload(spool)
+        if not paths:
+            raise ApiError(400, "No file was uploaded.")
+        task = tasks.create_task(g.user.user_email, dicom_import.TASK_NAME, kind="series_import",
+                                 params={"domain": domain,
+                                         "files": [os.path.basename(p) for p in paths]})
+        task.task_id = task_id
+        db.session.commit()
+    except BaseException:
+        storage.remove_tree(spool)
+        raise
+    return {"taskId": task_id}, 201
+
+
+@bp.post("/domain/<domain>/single")
+@content_type("multipart/form-data")
+def upload_single(domain):
+    """Import one DICOM file synchronously."""
+    _check_upload_domain(domain)
+    spool = storage.spool_dir(new_ulid())
+    try:
+        paths = _spool_upload(spool)
+        if len(paths) != 1:
+            raise ApiError(400, "Only one file is allowed.")
+        if dicom_import.file_kind(paths[0]) != "dicom":
+            raise ApiError(400, "The file is not a DICOM file. You cannot use archived files.")
+        try:
+            dicom_import.import_single(paths[0], domain, move=True)
+        except dicom_import.DicomImportError as exc:
+            raise ApiError(exc.status, "Error while importing a DICOM file. "
+                           f"This may mean the uploaded file is broken. ({exc})") from None
+    finally:
+        storage.remove_tree(spool)
+    return "", 201
+
+
+@bp.get("/<series_uid>")
+def get_series(series_uid):
+    """One series; patient information only for those allowed to see it."""
+    series = series_access.get_series(series_uid)
+    require_series_domain(series)
+    return series.to_json(with_patient_info=can_view_personal_info())
+
+
+def _image_number(name):
+    value = request.args.get(name)
+    if value is None:
+        return None
+    if not POSITIVE_INT_RE.match(value):
+        raise ApiError(400, "Invalid string")
+    return int(value)
+
+
+@bp.get("/<series_uid>/orientation")
+def get_orientation(series_uid):
+    """Whether images start..end of a series run head-first or foot-first."""
+    series = series_access.get_series(series_uid)
+    numbers = series_access.parse_ranges(series.images)
+    start = _image_number("start") or (numbers[0][0] if numbers else None)
+    end = _image_number("end") or (numbers[-1][1] if numbers else None)
+    if start is None or end is None or not (series_access.has_image(series.images, start)
+                                            and series_access.has_image(series.images, end)):
+        raise ApiError(400, "The given start/end number is out of bounds.")
+    require_series_domain(series)
+    return {"orientation": series_access.orientation(series, start, end)}
+
+
+@bp.delete("/<series_uid>")
+def delete_series(series_uid):
+    """Delete a series of the caller's domains and its files (not if a case or job uses it)."""
+    series = series_access.get_series(series_uid)
+    require_series_domain(series)
+    series_access.delete_series(series_uid)
+    return "", 204
