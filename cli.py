@@ -181,6 +181,30 @@ def register(app):
         group_id = _run_api_call(admin_records.create_group, body, "group-create")
         click.echo(f"Created group {group_id} ({name}).")
 
+    @app.cli.command("register-case")
+    @click.argument("project")
+    @click.argument("series", nargs=-1, required=True)
+    @click.option("--user", "user_ref", required=True, help="E-mail or login ID of the creator.")
+    @click.option("--tags", default="", help="Comma-separated tags.")
+    def register_case_command(project, series, user_ref, tags):
+        """Create a case in PROJECT (ID or name) from SERIES (UID[:start:end:delta]...)
+        as a user, with the rules of POST /api/cases; print the case ID."""
+        import clinical_cases
+        from auth import compute_privileges
+        account = find_user(user_ref)
+        if account is None:
+            raise click.ClickException(f"No user with e-mail or login ID {user_ref!r}.")
+        tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+        try:
+            project_id = clinical_cases.find_project(project).project_id
+            entries = [clinical_cases.series_entry_from_text(text) for text in series]
+            case_id = clinical_cases.create_case(account.user_email, compute_privileges(account),
+                                                 project_id, entries, tag_list)
+        except ApiError as exc:
+            db.session.rollback()
+            raise click.ClickException(exc.message) from None
+        click.echo(case_id)
+
 
 def _run_api_call(function, body, schema):
     """Validate ``body`` and call ``function(body)``; API errors become CLI errors."""

@@ -186,6 +186,38 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
     return case.case_id
 
 
+def find_project(id_or_name):
+    """The project with this ID, else the oldest one with this name, else 404."""
+    project = db.session.get(Project, id_or_name) or db.session.execute(
+        db.select(Project).where(Project.project_name == id_or_name)
+        .order_by(Project.created_at).limit(1)).scalar_one_or_none()
+    if project is None:
+        raise not_found("project")
+    return project
+
+
+def series_entry_from_text(text):
+    """``UID`` or ``UID:start:end:delta`` (the CLI's form) as a case series entry.
+
+    Without a descriptor, the first contiguous run of stored images with delta 1 is used
+    (404 for an unknown series); a malformed descriptor gives 400.
+    """
+    uid, *numbers = text.split(":")
+    if not numbers:
+        ranges = series_access.parse_ranges(series_access.get_series(uid).images)
+        if not ranges:
+            raise ApiError(400, "Specified range is invalid.")
+        return {"seriesUid": uid,
+                "partialVolumeDescriptor": {"start": ranges[0][0], "end": ranges[0][1],
+                                            "delta": 1}}
+    try:
+        start, end, delta = (int(n) for n in numbers)
+    except ValueError:
+        raise ApiError(400, f"Invalid partial volume descriptor: {':'.join(numbers)}") from None
+    return {"seriesUid": uid, "partialVolumeDescriptor": {"start": start, "end": end,
+                                                          "delta": delta}}
+
+
 # --- revisions ---------------------------------------------------------------------------
 
 def _voxel_hashes(revision):
