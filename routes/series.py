@@ -205,3 +205,18 @@ def delete_series(series_uid):
     require_series_domain(series)
     series_access.delete_series(series_uid)
     return "", 204
+
+
+@bp.get("/list/<my_list_id>")
+def list_series_in_my_list(my_list_id):
+    """Search the series of a my list (the caller's own or a public one)."""
+    import my_lists
+    from models import MyListItem
+    my_list = my_lists.list_for_search(my_list_id, "series")
+    query = (db.select(Series).where(Series.domain.in_(g.privileges.domains))
+             .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
+                                       MyListItem.resource_id == Series.series_uid)))
+    show = can_view_personal_info()
+    return search(query, SEARCH_FIELDS, lambda s: s.to_json(with_patient_info=show),
+                  {"addedToListAt": -1},
+                  sort_fields={**SORT_FIELDS, "addedToListAt": MyListItem.created_at})

@@ -226,3 +226,51 @@ def test_items_patch_validation(client, auth_headers):
 
 def test_my_lists_need_a_token(client):
     assert client.get("/api/mylists").status_code == 401
+
+
+# --- GET /api/series/list/<id> ----------------------------------------------------------
+
+def test_series_list_search(app, client, auth_headers, series):
+    from tests.case_helpers import UID_OTHER_DOMAIN
+    list_id = new_list(client, auth_headers["bob"])
+    for uid in (UID1, UID_OTHER_DOMAIN, UID2):  # one request each: distinct addedToListAt
+        assert patch_items(client, auth_headers["bob"], list_id, "add", [uid]).status_code == 200
+    res = client.get(f"/api/series/list/{list_id}", headers=auth_headers["bob"])
+    assert res.status_code == 200
+    body = res.get_json()
+    # The sirius series silently disappears (bob's domains); newest addition first.
+    assert [s["seriesUid"] for s in body["items"]] == [UID2, UID1]
+    assert body["totalItems"] == 2 and body["page"] == 1
+    assert body["items"][0]["patientInfo"]["patientName"] == "Koume"
+    assert "addedToListAt" not in body["items"][0]
+    res = client.get(f"/api/series/list/{list_id}", headers=auth_headers["bob"],
+                     query_string={"sort": '{"addedToListAt": 1}',
+                                   "filter": '{"patientInfo.sex": "F"}'})
+    assert [s["seriesUid"] for s in res.get_json()["items"]] == [UID1]
+
+
+def test_series_list_search_masks_patient_info(app, client, auth_headers, series):
+    hidden = persona(app, "ivy@example.com", privileges=["personalInfoView"],
+                     preferences={"personalInfoView": False})
+    list_id = new_list(client, hidden)
+    patch_items(client, hidden, list_id, "add", [UID1])
+    (item,) = client.get(f"/api/series/list/{list_id}", headers=hidden).get_json()["items"]
+    assert "patientInfo" not in item
+
+
+def test_series_list_search_refusals(app, client, auth_headers, series):
+    case_list = new_list(client, auth_headers["bob"], "clinicalCases")
+    res = client.get(f"/api/series/list/{case_list}", headers=auth_headers["bob"])
+    assert res.status_code == 400
+    assert res.get_json() == {"error": "This my list is not for series"}
+    res = client.get("/api/series/list/nope", headers=auth_headers["bob"])
+    assert res.status_code == 404
+    assert res.get_json() == {"error": "This my list does not exist"}
+    private = new_list(client, auth_headers["alice"])
+    patch_items(client, auth_headers["alice"], private, "add", [UID1])
+    res = client.get(f"/api/series/list/{private}", headers=auth_headers["bob"])
+    assert res.status_code == 404
+    public = new_list(client, auth_headers["alice"], public=True)
+    patch_items(client, auth_headers["alice"], public, "add", [UID1])
+    res = client.get(f"/api/series/list/{public}", headers=auth_headers["bob"])
+    assert [s["seriesUid"] for s in res.get_json()["items"]] == [UID1]
