@@ -33,6 +33,8 @@ def from_environment():
         "DICOM_DEFAULT_UTC_OFFSET": int(os.environ.get("CIRCUS_DICOM_DEFAULT_UTC_OFFSET", 0)),
         # Seconds between polls of the worker when nothing is queued.
         "WORKER_POLL_INTERVAL": float(os.environ.get("CIRCUS_WORKER_POLL_INTERVAL", 1.0)),
+        # Seconds between the task-table polls of each open /api/tasks/report stream.
+        "TASK_REPORT_POLL_INTERVAL": float(os.environ.get("CIRCUS_TASK_REPORT_POLL_INTERVAL", 0.5)),
         # Number of plug-in jobs the worker runs at once (CIRCUS: 1).
         "PLUGIN_JOB_CONCURRENCY": int(os.environ.get("CIRCUS_PLUGIN_JOB_CONCURRENCY", 1)),
         # Task downloads older than this many seconds are swept (CIRCUS: 7 days).

@@ -8,12 +8,16 @@ batch) is never committed half-way by a progress report.
 A handler is registered with ``@handler("kind")`` and called as ``fn(task, progress)``;
 it returns the finish message, or raises ``TaskError`` (its message is shown to the user).
 """
+import json
 import logging
+import mimetypes
+import os
 import time
 from datetime import timedelta
 
 import sqlalchemy as sa
 
+import storage
 from models import Task, db, utcnow
 
 log = logging.getLogger(__name__)
@@ -148,3 +152,156 @@ def fail_claimed_by(worker_id):
         conn.execute(sa.update(Task).where(
             Task.status == "processing", Task.claimed_by == worker_id).values(
             status="error", error_message=INTERRUPTED, message=INTERRUPTED, ended_at=utcnow()))
+
+
+# --- the progress report (GET /api/tasks/report) ---------------------------------------------
+
+REPORT_KEEPALIVE_SECONDS = 10
+REPORT_OVERLAP = timedelta(seconds=2)  # re-read window: commits land after their timestamps
+
+
+def _event(kind, task_id, message, finished=None, total=None):
+    """One SSE event; JSON keys in CIRCUS's order, unknown counts omitted."""
+    data = {"taskId": task_id, "message": message}
+    if finished is not None:
+        data["finished"] = finished
+    if total is not None:
+        data["total"] = total
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def report_stream(engine, user_email, poll_interval, keepalive=REPORT_KEEPALIVE_SECONDS,
+                  clock=time.monotonic, sleep=time.sleep):
+    """Yield the Server-Sent Events of one user's tasks, forever (API.md 3.9).
+
+    The first chunk is ``"\n"`` plus a progress event per running task; then one chunk
+    per poll: its events, the ``":\n"`` keep-alive, or ``""`` when there is nothing to send.
+
+    The worker is another process, so the stream polls the tasks table: one query per
+    poll, for the user's tasks created since the oldest task that can still change
+    (index ``ix_tasks_user_created``) and updated since the last poll. An event is sent
+    when a task's state differs from what this stream last sent for it.
+
+    Parameters
+    ----------
+    engine : sqlalchemy.Engine
+        Used without the Flask app context (the generator outlives the request).
+    """
+    columns = (Task.task_id, Task.status, Task.message, Task.finished, Task.total,
+               Task.finished_message, Task.error_message, Task.created_at, Task.updated_at,
+               Task.ended_at)
+    started = utcnow()
+    with engine.connect() as conn:
+        running = conn.execute(sa.select(*columns).where(
+            Task.user_email == user_email, Task.status == "processing")
+            .order_by(Task.created_at)).all()
+    # A task created just before ``started`` may commit after the query above.
+    since = min([row.created_at for row in running] + [started - REPORT_OVERLAP])
+    watermark = max([row.updated_at for row in running] + [started])
+    sent = {}
+    first = ["\n"]  # the first byte makes the stream live
+    for row in running:
+        sent[row.task_id] = (row.status, row.message, row.finished, row.total)
+        first.append(_event("progress", row.task_id, row.message or "Starting the task.",
+                            row.finished, row.total))
+    yield "".join(first)
+    last_write = clock()
+    while True:
+        sleep(poll_interval)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(*columns).where(
+                Task.user_email == user_email, Task.created_at >= since,
+                Task.updated_at > watermark - REPORT_OVERLAP)
+                .order_by(Task.updated_at)).all()
+        chunks = []
+        for row in rows:
+            watermark = max(watermark, row.updated_at)
+            state = (row.status, row.message, row.finished, row.total)
+            if sent.get(row.task_id) == state:
+                continue
+            seen_running = row.task_id in sent
+            sent[row.task_id] = state
+            if row.status == "processing":
+                chunks.append(_event("progress", row.task_id, row.message or "Starting the task.",
+                                     row.finished, row.total))
+            elif seen_running or (row.ended_at is not None and row.ended_at >= started):
+                if row.status == "finished":
+                    chunks.append(_event("finish", row.task_id, row.finished_message or "Finished."))
+                else:
+                    chunks.append(_event("error", row.task_id, row.error_message or row.message
+                                         or "An error occurred."))
+        if chunks:
+            last_write = clock()
+            yield "".join(chunks)
+        elif clock() - last_write >= keepalive:
+            last_write = clock()
+            yield ":\n"
+        else:
+            yield ""  # nothing new: lets the caller step the stream (the view drops it)
+
+
+# --- downloads ---------------------------------------------------------------------------------
+
+class DownloadGone(Exception):
+    """Raised when a finished task's download file no longer exists."""
+
+
+def download_extension(mime_type):
+    """``tar.gz`` for tgz, else the usual extension of the MIME type (``bin`` by default)."""
+    if mime_type == "application/x-tgz":
+        return "tar.gz"
+    known = {"application/zip": "zip", "application/octet-stream": "bin",
+             "application/json": "json", "text/plain": "txt"}
+    if mime_type in known:
+        return known[mime_type]
+    guessed = mimetypes.guess_extension(mime_type or "")
+    return guessed.lstrip(".") if guessed else "bin"
+
+
+def open_download(task):
+    """(open binary file, size) of a task's download; DownloadGone when deleted."""
+    try:
+        fh = open(storage.download_path(task.task_id), "rb")
+    except FileNotFoundError:
+        raise DownloadGone(task.task_id) from None
+    return fh, os.fstat(fh.fileno()).st_size
+
+
+def remove_download(task_id):
+    """Delete a task's download file (missing is fine)."""
+    try:
+        os.unlink(storage.download_path(task_id))
+    except OSError:
+        pass
+
+
+def dismiss(task, dismissed):
+    """Set ``dismissed``; dismissing deletes the download file (errors ignored)."""
+    task.dismissed = dismissed
+    db.session.commit()
+    if dismissed and task.download_file_type:
+        remove_download(task.task_id)
+
+
+def sweep_downloads(retention_seconds, temp_grace_seconds=3600):
+    """Delete downloads older than the retention, and temporary files of dead writers.
+
+    A temporary file is written continuously while its export runs, so one untouched
+    for ``temp_grace_seconds`` belongs to a crashed worker. Returns the number deleted.
+    """
+    folder = storage.root("downloads")
+    now = time.time()
+    removed = 0
+    for entry in os.scandir(folder):
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            limit = temp_grace_seconds if entry.name.startswith(".tmp-") else retention_seconds
+            if entry.stat(follow_symlinks=False).st_mtime < now - limit:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("Swept %d old download file(s).", removed)
+    return removed
