@@ -1,5 +1,6 @@
 """Small synthetic DICOM instances for tests (real files written by pydicom)."""
 import io
+import warnings
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -50,12 +51,14 @@ def make_dataset(series_uid="1.2.3.4.5", instance=1, z=0.0, study_uid="1.2.3.4",
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     ds.PixelData = np.arange(rows * columns, dtype="<i2").tobytes()
-    for keyword, value in tags.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tests set invalid values on purpose
+        for keyword, value in tags.items():
+            if value is None:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
     return ds
 
 

@@ -1,0 +1,448 @@
+"""dicom_import: the record of 3.2.1, batches, archives and their failure modes."""
+import io
+import os
+import shutil
+import tarfile
+import zipfile
+from datetime import datetime
+
+import pytest
+import sqlalchemy as sa
+
+import dicom_import as di
+import storage
+from models import Series, db
+from tests.dicom_factory import dicom_bytes, make_dataset, write_dicom
+
+HEAD_FIRST_UID = "1.2.276.0.7230010.3.1.3.3289186935.22648.1590026998.547"
+
+
+@pytest.fixture
+def ctx(app):
+    with app.app_context():
+        yield app
+
+
+def data_files(app):
+    """Every file under the DICOM root (staging included): what an import left behind."""
+    found = []
+    for folder, _dirs, names in os.walk(os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom")):
+        found.extend(os.path.join(folder, n) for n in names)
+    return sorted(found)
+
+
+def series_rows():
+    return db.session.execute(sa.select(Series)).scalars().all()
+
+
+def record_of(**kwargs):
+    return di.extract_record(di.read_dataset(io.BytesIO(dicom_bytes(**kwargs)),
+                                             len(dicom_bytes(**kwargs))), 0)
+
+
+def read(path):
+    with open(path, "rb") as fh:
+        return di.extract_record(di.read_dataset(fh, os.path.getsize(path)), 0)
+
+
+# --- the record ---------------------------------------------------------------------------
+
+def test_record_of_shared_sample(dicom_dir):
+    record = read(dicom_dir / "head-first" / "head-first003.dcm")
+    s = record.series
+    assert record.instance_number == 3
+    assert s["series_uid"] == HEAD_FIRST_UID
+    assert (s["width"], s["height"], s["modality"]) == (320, 260, "MR")
+    assert s["series_description"] == "head_first" and s["manufacturer"] == "SIEMENS"
+    assert s["series_date"] == datetime(2018, 2, 16, 9, 36, 47, 829000)
+    assert s["patient_info"] == {"patientId": "2018021601", "patientName": "TEST^MR1",
+                                 "age": 41, "birthDate": "1975-04-01", "sex": "M"}
+    params = s["parameters"]
+    assert params["TransferSyntaxUID"] == "1.2.840.10008.1.2.1"
+    assert params["pixelSpacingX"] == 1.1875 and params["pixelSpacingY"] == 1.1875
+    assert params["imagePositionPatientZ"] == pytest.approx(-278.834145545)
+    assert params["SliceThickness"] == 6  # DS -> number
+    assert params["ImageOrientationPatient"] == [1, 0, 0, 0, 1, 0]  # DS multi-valued
+    assert params["Rows"] == 260 and params["BitsStored"] == 12  # US
+    assert params["SmallestImagePixelValue"] == 0  # US or SS, by Pixel Representation
+    assert params["ScanOptions"] == "PFP\\SAT2"  # CS keeps the backslash
+    assert "PatientName" not in params  # only groups 0018, 0020, 0028
+
+
+@pytest.mark.parametrize("name", ["CT-phantom-lossless.dcm", "MR-phantom-lossless.dcm",
+                                  "with-private-tags.dcm", "MR-MONO2-16-head.dcm",
+                                  "CT-MONO2-16-brain.dcm", "MR-RGB-Head-MRA.dcm"])
+def test_every_sample_parses_without_codecs(dicom_dir, name):
+    record = read(dicom_dir / "misc" / name)
+    assert record.series["width"] > 0 and record.series["parameters"]["TransferSyntaxUID"]
+
+
+def test_patient_name_keeps_padding_and_sex_o(dicom_dir):
+    record = read(dicom_dir / "misc" / "with-private-tags.dcm")
+    assert record.series["patient_info"]["patientName"] == "CHEST^NORMAL  "  # quirk 34 (compat)
+    assert record.series["patient_info"]["sex"] == "O"
+
+
+def test_patient_name_decoded_with_character_set():
+    record = record_of(SpecificCharacterSet="ISO_IR 192", PatientName="Yamada^Tarō")
+    assert record.series["patient_info"]["patientName"] == "Yamada^Tarō"
+    latin = record_of(SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen")
+    assert latin.series["patient_info"]["patientName"] == "Müller^Jürgen "  # odd: padded
+
+
+def test_unknown_character_set_fails():
+    with pytest.raises(di.InvalidInstanceError, match="Could not find a encoding ISO_IR 999"):
+        record_of(SpecificCharacterSet="ISO_IR 999")
+
+
+@pytest.mark.parametrize("tags, expected", [
+    ({}, datetime(2020, 1, 2, 3, 4, 5, 123000)),  # series pair, fraction truncated to ms
+    ({"SeriesDate": None, "SeriesTime": None}, datetime(2020, 1, 2, 3, 4, 5)),  # study pair
+    ({"SeriesTime": None}, datetime(2020, 1, 2)),  # series date alone: midnight
+    ({"SeriesDate": "2021.03.04", "SeriesTime": "10:11:12"}, datetime(2021, 3, 4, 10, 11, 12)),
+    ({"SeriesDate": None, "SeriesTime": None, "StudyDate": None}, None),
+    ({"TimezoneOffsetFromUTC": "+0900"}, datetime(2020, 1, 1, 18, 4, 5, 123000)),
+    ({"TimezoneOffsetFromUTC": "+0930"}, datetime(2020, 1, 1, 17, 34, 5, 123000)),  # quirk 12
+    ({"TimezoneOffsetFromUTC": "-0130"}, datetime(2020, 1, 2, 4, 34, 5, 123000)),
+])
+def test_series_date(tags, expected):
+    assert record_of(**tags).series["series_date"] == expected
+
+
+def test_default_offset_applies_without_tag(ctx):
+    ctx.config["DICOM_DEFAULT_UTC_OFFSET"] = 540
+    with di.ImportBatch("default") as batch:
+        record = batch.add_bytes(dicom_bytes())
+        assert record.series["series_date"] == datetime(2020, 1, 1, 18, 4, 5, 123000)
+        record = batch.add_bytes(dicom_bytes(instance=2, TimezoneOffsetFromUTC="+0000"))
+        assert record.series["series_date"] == datetime(2020, 1, 2, 3, 4, 5, 123000)
+
+
+@pytest.mark.parametrize("age, birth, expected", [
+    ("050Y", "19700101", 50), ("030M", None, 2), ("104W", None, 1), ("400D", None, 1),
+    ("50Y", "19700101", 50),  # malformed: from the birth date to the study date (2020-01-02)
+    (None, "19700103", 49), (None, "19700102", 50), (None, None, None), ("abc", None, None),
+])
+def test_age(age, birth, expected):
+    info = record_of(PatientAge=age, PatientBirthDate=birth).series["patient_info"]
+    assert info.get("age") == expected
+
+
+def test_patient_info_omits_absent_tags():
+    info = record_of(PatientID=None, PatientName=None, PatientBirthDate="1970", PatientSex=None,
+                     PatientAge=None).series["patient_info"]
+    assert info == {}
+    info = record_of(PatientSize="1.72", PatientWeight="60").series["patient_info"]
+    assert info["size"] == 1.72 and info["weight"] == 60
+
+
+def test_parameter_typing():
+    params = record_of(PixelRepresentation=1, SmallestImagePixelValue=-5, KVP="120",
+                       SpacingBetweenSlices="2.5", RescaleSlope=1,
+                       ExposureModulationType="NONE").series["parameters"]
+    assert params["SmallestImagePixelValue"] == -5  # SS because Pixel Representation is 1
+    assert params["KVP"] == 120 and params["SpacingBetweenSlices"] == 2.5
+    assert params["RescaleIntercept"] == -1024
+    assert params["pixelSpacingX"] == 0.5 and params["pixelSpacingY"] == 0.6
+    assert params["imagePositionPatientZ"] == 0
+
+
+@pytest.mark.parametrize("tags, message", [
+    ({"InstanceNumber": None}, "Instance number not set"),
+    ({"SeriesInstanceUID": None}, "Series UID of this DICOM file is invalid."),
+    ({"SeriesInstanceUID": "1.2.abc"}, "Series UID of this DICOM file is invalid."),
+    ({"StudyInstanceUID": None}, "Study UID of this DICOM file is invalid."),
+    ({"Modality": None}, "Modality of this DICOM file is not set."),
+    ({"Rows": None}, "Rows or Columns of this DICOM file is not set."),
+    ({"PatientSex": "X"}, "Patient's Sex must be F, M or O"),
+])
+def test_invalid_instances(tags, message):
+    with pytest.raises(di.InvalidInstanceError, match=message.replace("(", r"\(")):
+        record_of(**tags)
+
+
+@pytest.mark.parametrize("cut", [200, 600, -10])
+def test_truncated_file_is_refused(cut):
+    data = dicom_bytes(rows=16, columns=16)
+    with pytest.raises(di.BrokenDicomError, match="no pixel data or is truncated"):
+        di.read_dataset(io.BytesIO(data[:cut]), len(data[:cut]))
+
+
+def test_truncated_encapsulated_pixel_data_is_refused(dicom_dir):
+    data = (dicom_dir / "misc" / "CT-phantom-lossless.dcm").read_bytes()
+    di.read_dataset(io.BytesIO(data), len(data))
+    with pytest.raises(di.BrokenDicomError):
+        di.read_dataset(io.BytesIO(data[:-5000]), len(data) - 5000)
+
+
+def test_not_dicom_is_refused():
+    with pytest.raises(di.NotDicomError):
+        di.read_dataset(io.BytesIO(b"hello" * 100), 500)
+
+
+def test_big_endian_and_implicit_files_parse(tmp_path):
+    ds = make_dataset(instance=4)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    path = str(tmp_path / "implicit.dcm")
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    assert read(path).instance_number == 4
+    ds = make_dataset(instance=5, PixelRepresentation=0)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    ds.PixelData = bytes(32)
+    path = str(tmp_path / "big.dcm")
+    ds.save_as(path, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    record = read(path)
+    assert (record.instance_number, record.series["width"]) == (5, 4)
+    assert record.series["parameters"]["BitsAllocated"] == 16
+
+
+def test_deflated_file_parses(tmp_path):
+    ds = make_dataset(instance=6)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    path = str(tmp_path / "deflated.dcm")
+    ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    assert read(path).instance_number == 6
+
+
+# --- batches ------------------------------------------------------------------------------
+
+def _import(paths, domain="default"):
+    with di.ImportBatch(domain) as batch:
+        for path in paths:
+            batch.add_file(str(path))
+        return batch.commit()
+
+
+def test_batch_stores_files_and_one_series_row(ctx, dicom_dir):
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    result = _import(paths)
+    assert result.instances == 10 and result.series_uids == {HEAD_FIRST_UID}
+    [series] = series_rows()
+    assert series.images == "1-10" and series.domain == "default" and series.storage_id == 0
+    assert series.patient_name == "TEST^MR1" and series.patient_age == 41
+    for n in range(1, 11):
+        stored = storage.instance_path(HEAD_FIRST_UID, n)
+        assert open(stored, "rb").read() == paths[n - 1].read_bytes()
+    assert not [f for f in data_files(ctx) if "/.staging/" in f]
+
+
+def test_reimport_is_idempotent_and_batches_merge(ctx, dicom_dir):
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    _import(paths[:3])
+    _import(paths[5:7])
+    assert series_rows()[0].images == "1-3,6-7"
+    before = data_files(ctx)
+    _import(paths[5:7])
+    assert series_rows()[0].images == "1-3,6-7" and data_files(ctx) == before
+    _import(paths[3:5])
+    assert series_rows()[0].images == "1-7"
+    assert len(series_rows()) == 1
+
+
+def test_other_domain_is_refused_and_leaves_nothing(ctx, dicom_dir):
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    _import(paths[:2])
+    before = data_files(ctx)
+    with pytest.raises(di.DomainConflictError, match="already exists in another domain"):
+        _import(paths[2:4], domain="other")
+    db.session.rollback()
+    [series] = series_rows()
+    assert (series.images, series.domain) == ("1-2", "default")
+    assert data_files(ctx) == before
+
+
+def test_failed_commit_removes_new_files(ctx, dicom_dir):
+    """Quirk 33: a database failure after the files were moved leaves no orphan file."""
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    _import(paths[:2])
+    before = data_files(ctx)
+
+    def refuse(_session):
+        raise RuntimeError("database went away")
+    sa.event.listen(db.session, "before_commit", refuse)
+    try:
+        with pytest.raises(RuntimeError):
+            _import(paths)  # 1-2 are re-imports, 3-10 are new
+    finally:
+        sa.event.remove(db.session, "before_commit", refuse)
+    assert data_files(ctx) == before
+    assert series_rows()[0].images == "1-2"
+
+
+def test_batch_with_a_bad_file_stores_nothing(ctx, dicom_dir, tmp_path):
+    bad = write_dicom(str(tmp_path / "bad.dcm"), series_uid="1.2.3.4.9", InstanceNumber=None)
+    with di.ImportBatch("default") as batch:
+        batch.add_file(str(dicom_dir / "head-first" / "head-first001.dcm"))
+        with pytest.raises(di.InvalidInstanceError):
+            batch.add_file(bad)
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+# --- archives and the importer -------------------------------------------------------------
+
+def _zip(path, entries):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return str(path)
+
+
+def _targz(path, entries):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _run(paths, domain="default"):
+    importer = di.Importer(domain)
+    try:
+        for path in paths:
+            importer.import_file(str(path))
+        return importer.finish()
+    finally:
+        importer.close()
+
+
+def _series_entries(uid="1.2.3.100", count=3):
+    return [(f"study/series/{n}.dcm", dicom_bytes(series_uid=uid, instance=n, z=-n))
+            for n in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("maker", [_zip, _targz])
+def test_archive_in_folders_with_skipped_entries(ctx, tmp_path, maker):
+    entries = _series_entries() + [("notes/readme.txt", b"hello"),
+                                   ("../../etc/x.dcm", dicom_bytes(series_uid="1.2.3.666")),
+                                   ("/abs/y.dcm", dicom_bytes(series_uid="1.2.3.667"))]
+    archive = maker(tmp_path / "a.archive", entries)
+    entities, files, skipped, nseries = _run([archive])
+    assert (entities, files, skipped, nseries) == (3, 1, 3, 1)
+    [series] = series_rows()
+    assert series.series_uid == "1.2.3.100" and series.images == "1-3"
+    assert not os.path.exists(storage.series_dir("1.2.3.666"))
+
+
+def test_symlink_entries_are_skipped(ctx, tmp_path):
+    path = str(tmp_path / "links.tar.gz")
+    with tarfile.open(path, "w:gz") as archive:
+        data = dicom_bytes(series_uid="1.2.3.101")
+        info = tarfile.TarInfo("a.dcm")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.dcm")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        archive.addfile(link)
+    zpath = str(tmp_path / "links.zip")
+    with zipfile.ZipFile(zpath, "w") as archive:
+        info = zipfile.ZipInfo("link.dcm")
+        info.external_attr = 0o120777 << 16
+        archive.writestr(info, "/etc/passwd")
+    assert _run([path, zpath])[:3] == (1, 2, 2)
+
+
+def test_zip_bomb_fails_and_imports_nothing(ctx, tmp_path):
+    ctx.config["ARCHIVE_MAX_TOTAL_BYTES"] = 1024 * 1024
+    entries = _series_entries(count=2) + [("bomb.bin", b"\0" * (4 * 1024 * 1024))]
+    archive = _zip(tmp_path / "bomb.zip", entries)
+    assert os.path.getsize(archive) < 64 * 1024  # small on disk, large inflated
+    with pytest.raises(di.ImportFailed) as info:
+        _run([archive])
+    assert str(info.value).startswith("Error while processing file #1, entity #1: ")
+    assert "larger than 1048576 bytes uncompressed" in str(info.value)
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+def test_zip_with_lying_sizes_cannot_inflate_more(ctx, tmp_path):
+    """A zip that declares small sizes but inflates to more is cut at the declared size and
+    then fails its CRC: the archive fails and nothing is imported."""
+    ctx.config["ARCHIVE_MAX_TOTAL_BYTES"] = 1024 * 1024
+    path = tmp_path / "liar.zip"
+    _zip(path, _series_entries(count=1) + [("big.dcm", b"\0" * 128 + b"DICM" + b"\0" * 3000000)])
+    raw = bytearray(path.read_bytes())
+    size = (3000132).to_bytes(4, "little")
+    for index in [i for i in range(len(raw)) if raw[i:i + 4] == size]:
+        raw[index:index + 4] = (1000).to_bytes(4, "little")  # declared uncompressed size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(di.ImportFailed, match="Nothing of this archive was imported"):
+        _run([path])
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+def test_entry_count_limit(ctx, tmp_path):
+    ctx.config["ARCHIVE_MAX_ENTRIES"] = 3
+    archive = _targz(tmp_path / "many.tar.gz", _series_entries(count=4))
+    with pytest.raises(di.ImportFailed, match="more than 3 entries"):
+        _run([archive])
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"garbage" * 50, b"\x1f\x8b" + b"junk" * 50])
+def test_unreadable_archive_fails(ctx, tmp_path, content):
+    path = tmp_path / "broken.archive"
+    path.write_bytes(content)
+    with pytest.raises(di.ImportFailed, match="cannot be read"):
+        _run([path])
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+def test_file_that_is_not_a_zip_is_skipped(ctx, tmp_path):
+    path = tmp_path / "fake.zip"
+    path.write_bytes(b"this is not a zip at all" * 10)
+    assert _run([path]) == (0, 1, 1, 0)
+
+
+def test_archive_with_a_bad_entry_imports_nothing_of_it(ctx, tmp_path):
+    entries = _series_entries(count=2) + [("3.dcm", dicom_bytes(series_uid="1.2.3.100",
+                                                                InstanceNumber=None))]
+    archive = _zip(tmp_path / "bad.zip", entries)
+    with pytest.raises(di.ImportFailed) as info:
+        _run([archive])
+    assert str(info.value).startswith("Error while processing file #1, entity #3: "
+                                      "Instance number not set (entry '3.dcm')")
+    assert data_files(ctx) == [] and series_rows() == []
+
+
+def test_plain_files_before_a_broken_one_stay_imported(ctx, tmp_path):
+    good = [write_dicom(str(tmp_path / f"{n}.dcm"), series_uid="1.2.3.102", instance=n)
+            for n in (1, 2)]
+    broken = tmp_path / "3.dcm"
+    broken.write_bytes(dicom_bytes(series_uid="1.2.3.102", instance=3)[:300])
+    with pytest.raises(di.ImportFailed) as info:
+        _run(good + [broken])
+    assert str(info.value).startswith("Error while processing file #3, entity #3: ")
+    assert series_rows()[0].images == "1-2"
+    assert len(data_files(ctx)) == 2
+
+
+def test_large_entries_are_streamed_through_a_file(ctx, tmp_path, monkeypatch):
+    monkeypatch.setattr(di, "SMALL_ENTRY_BYTES", 100)
+    archive = _zip(tmp_path / "a.zip", _series_entries(count=2))
+    assert _run([archive])[0] == 2
+    assert series_rows()[0].images == "1-2"
+
+
+def test_collect_paths(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.dcm", "a/b/2.dcm", "3.dcm"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [os.path.relpath(p, tmp_path) for p in di.collect_paths([str(tmp_path)], True)] == \
+        ["3.dcm", "a/1.dcm", "a/b/2.dcm"]
+    assert [os.path.relpath(p, tmp_path) for p in di.collect_paths([str(tmp_path)], False)] == \
+        ["3.dcm"]
+
+
+def test_refresh_parameters_keeps_updated_at(ctx, dicom_dir):
+    _import(sorted((dicom_dir / "head-first").glob("*.dcm"))[:2])
+    series = series_rows()[0]
+    updated = series.updated_at
+    db.session.execute(sa.update(Series).values(parameters={}, updated_at=updated))
+    db.session.commit()
+    assert di.refresh_parameters() == (1, 0)
+    db.session.expire_all()
+    series = series_rows()[0]
+    assert series.parameters["SliceThickness"] == 6 and series.updated_at == updated
+    shutil.rmtree(storage.series_dir(HEAD_FIRST_UID))
+    assert di.refresh_parameters() == (0, 1)
