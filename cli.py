@@ -205,6 +205,57 @@ def register(app):
             raise click.ClickException(exc.message) from None
         click.echo(case_id)
 
+    @app.cli.command("import-series")
+    @click.option("-d", "--domain", required=True, help="Domain of the imported series.")
+    @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
+    @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+    def import_series_command(domain, recursive, paths):
+        """Import DICOM files, folders, zip and tar.gz archives into DOMAIN."""
+        import dicom_import
+        param = db.session.get(ServerParam, "domains")
+        if domain not in (param.value if param is not None else []):
+            raise click.ClickException(f'The domain "{domain}" is not in the server '
+                                       'parameter "domains".')
+        files = dicom_import.collect_paths(paths, recursive)
+        importer = dicom_import.Importer(domain)
+        try:
+            with click.progressbar(files, label="Importing", show_pos=True) as bar:
+                for path in bar:
+                    importer.import_file(path)
+            entities, _files, skipped, series = importer.finish()
+        except dicom_import.DicomImportError as exc:
+            raise click.ClickException(f"{exc} (after {importer.entities} imported)") from None
+        finally:
+            importer.close()
+        click.echo(f"{entities} files imported into {series} series, {skipped} skipped")
+
+    @app.cli.command("dump-dicom")
+    @click.argument("path", type=click.Path(exists=True, dir_okay=False))
+    def dump_dicom_command(path):
+        """Print, as JSON, what the importer extracts from a DICOM file."""
+        import json
+
+        import dicom_import
+        try:
+            record = dicom_import.read_record(path)
+        except dicom_import.DicomImportError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(dicom_import.record_json(record), indent=2, ensure_ascii=False))
+
+    @app.cli.command("refresh-series-parameters")
+    @click.option("--max-date", "--maxDate", "max_date", default=None,
+                  help="Only series created at or before this ISO date.")
+    def refresh_series_parameters_command(max_date):
+        """Re-read the parameters of stored series from their first image (updatedAt kept)."""
+        import dicom_import
+        from models import parse_iso
+        try:
+            limit = parse_iso(max_date) if max_date else None
+        except ValueError:
+            raise click.ClickException(f"Invalid date {max_date!r}.") from None
+        refreshed, failed = dicom_import.refresh_parameters(limit)
+        click.echo(f"Refreshed {refreshed} series, {failed} failed.")
+
 
 def _run_api_call(function, body, schema):
     """Validate ``body`` and call ``function(body)``; API errors become CLI errors."""
