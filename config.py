@@ -37,6 +37,10 @@ def from_environment():
         "TASK_REPORT_POLL_INTERVAL": float(os.environ.get("CIRCUS_TASK_REPORT_POLL_INTERVAL", 0.5)),
         # Number of plug-in jobs the worker runs at once (CIRCUS: 1).
         "PLUGIN_JOB_CONCURRENCY": int(os.environ.get("CIRCUS_PLUGIN_JOB_CONCURRENCY", 1)),
+        # The docker command CAD plug-ins run with (a path, or a name looked up in PATH).
+        "PLUGIN_DOCKER_COMMAND": os.environ.get("CIRCUS_PLUGIN_DOCKER_COMMAND", "docker"),
+        # Keep work/<jobId>/ (in/, out/) after a plug-in job, for debugging plug-ins.
+        "PLUGIN_KEEP_WORK_DIR": os.environ.get("CIRCUS_PLUGIN_KEEP_WORK_DIR", "") == "1",
         # Task downloads older than this many seconds are swept (CIRCUS: 7 days).
         "DOWNLOAD_RETENTION_SECONDS": int(os.environ.get("CIRCUS_DOWNLOAD_RETENTION_SECONDS", 7 * 86400)),
         # werkzeug password hash method (tests use a cheap one; never lower it in production).

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = []
 HEARTBEAT_SECONDS = 15
+DOWNLOAD_SWEEP_SECONDS = 3600  # how often old task downloads are looked for
 
 
 def source(fn):
@@ -78,6 +79,8 @@ def run_pending(wid="inline", max_units=10000):
 def _load_handlers():
     """Import the modules whose handlers and sources register themselves on import."""
     import dicom_import  # noqa: F401  (series_import)
+    import exports  # noqa: F401  (export-mhd, export-cs-volume)
+    import plugin_runners  # noqa: F401  (run_plugin_jobs)
 
 
 def run_forever(app, poll_interval=None):
@@ -86,6 +89,10 @@ def run_forever(app, poll_interval=None):
     stopping = threading.Event()
 
     def stop(signum, _frame):
+        if stopping.is_set():  # a second signal: give up the current task at its next step
+            log.info("Signal %s received again: interrupting the current task.", signum)
+            tasks.ABORT.set()
+            return
         log.info("Signal %s received: stopping after the current work.", signum)
         stopping.set()
     signal.signal(signal.SIGTERM, stop)
@@ -94,11 +101,17 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = 0.0
+    last_sweep = last_download_sweep = 0.0
     while not stopping.is_set():
         if time.monotonic() - last_sweep > 60:
             tasks.fail_interrupted()
             last_sweep = time.monotonic()
+        if time.monotonic() - last_download_sweep > DOWNLOAD_SWEEP_SECONDS:
+            try:
+                tasks.sweep_downloads(app.config["DOWNLOAD_RETENTION_SECONDS"])
+            except OSError:
+                log.exception("Sweeping old downloads failed")
+            last_download_sweep = time.monotonic()
         did_work = False
         for src in list(SOURCES):
             if stopping.is_set():
