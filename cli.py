@@ -256,6 +256,28 @@ def register(app):
         refreshed, failed = dicom_import.refresh_parameters(limit)
         click.echo(f"Refreshed {refreshed} series, {failed} failed.")
 
+    @app.cli.command("export-case")
+    @click.argument("case_ids", nargs=-1, required=True)
+    @click.option("-o", "--out", default="case-exports", show_default=True,
+                  help="One archive (.tar.gz, .tgz or .zip) for all cases, or a folder "
+                       "that receives <caseId>.tar.gz per case.")
+    @click.option("-t", "--type", "label_pack_type", default="isolated", show_default=True,
+                  type=click.Choice(["isolated", "combined"]), help="Label packing.")
+    @click.option("--zip", "use_zip", is_flag=True, help="Write zip instead of tar.gz.")
+    @click.option("--crlf", is_flag=True, help="CRLF line endings in the MHD headers.")
+    @click.option("-c", "--continue", "keep_going", is_flag=True,
+                  help="Go on with the next case after an error (folder output).")
+    def export_case_command(case_ids, out, label_pack_type, use_zip, crlf, keep_going):
+        """Export cases in the MHD format of POST /api/cases/export-mhd."""
+        import exports
+        try:
+            files = exports.export_case_files(list(case_ids), out, label_pack_type, use_zip,
+                                              "crlf" if crlf else "lf", keep_going, click.echo)
+        except exports.ExportError as exc:
+            raise click.ClickException(str(exc)) from None
+        for path in files:
+            click.echo(f"Written: {path}")
+
 
 def _run_api_call(function, body, schema):
     """Validate ``body`` and call ``function(body)``; API errors become CLI errors."""

@@ -12,6 +12,7 @@ import json
 import logging
 import mimetypes
 import os
+import threading
 import time
 from datetime import timedelta
 
@@ -26,6 +27,8 @@ HANDLERS = {}
 PROGRESS_INTERVAL = 0.15  # seconds between persisted progress reports (CIRCUS: 150 ms)
 STALE_AFTER = timedelta(seconds=120)  # a claimed task without heartbeat for this long died
 INTERRUPTED = "The task was interrupted because the worker running it stopped."
+# Set by the worker when told twice to stop: running handlers give up at their next report.
+ABORT = threading.Event()
 
 
 class TaskError(Exception):
@@ -64,6 +67,8 @@ class Progress:
         self._pending = None
 
     def __call__(self, message, finished=None, total=None, force=False):
+        if ABORT.is_set():
+            raise TaskError(INTERRUPTED)
         self._pending = {"message": message, "finished": finished, "total": total}
         now = time.monotonic()
         if force or now - self._last >= PROGRESS_INTERVAL:

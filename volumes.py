@@ -215,6 +215,9 @@ def _read(path, number, series_uid):
     except FileNotFoundError:
         raise ImageMissingError(
             f"Image #{number} of series {series_uid} is missing from the storage.") from None
+    except OSError as exc:
+        raise VolumeError(f"Image #{number} of series {series_uid} cannot be read "
+                          f"({exc.strerror or exc}).") from None
 
 
 def _load(path, number, series_uid, keep_bytes):
