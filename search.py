@@ -27,6 +27,8 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 200
 UNLIMITED = 9999
 MAX_SORT_KEYS = 5
+MAX_OFFSET = 2 ** 62  # past any table; larger offsets do not fit the databases' integers
+INT64 = 2 ** 63
 COMPARISONS = {"$gt": "__gt__", "$gte": "__ge__", "$lt": "__lt__", "$lte": "__le__"}
 OPERATORS = set(COMPARISONS) | {"$ne", "$in", "$all"}
 
@@ -109,7 +111,9 @@ def regex_to_like(regex):
     anchored_start = pattern.startswith("^")
     if anchored_start:
         pattern = pattern[1:]
-    anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
+    # "$" ends the pattern unless escaped, i.e. preceded by an odd number of backslashes
+    backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+    anchored_end = pattern.endswith("$") and backslashes % 2 == 0
     if anchored_end:
         pattern = pattern[:-1]
     literal, i = [], 0
@@ -162,6 +166,8 @@ def _compatible(column, value):
 def _equals(column, value):
     if isinstance(value, Regex):
         like, insensitive = regex_to_like(value)
+        if _python_type(column) not in (None, str):
+            return sa.false()  # MongoDB: a regex never matches a number or a date
         return column.ilike(like, escape="\\") if insensitive else column.like(like, escape="\\")
     if not _compatible(column, value):
         return sa.false()
@@ -249,6 +255,28 @@ class _Compiler:
         return sa.and_(*conds)
 
 
+def _parse_int(text):
+    # MongoDB keeps larger integers as doubles; as Python ints they would not fit a parameter.
+    value = int(text)
+    return value if -INT64 <= value < INT64 else float(text)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_depth(value):
+    """Nesting depth of parsed JSON, computed without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in
+                         (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filter string",
                    patient_info_allowed=None):
     """Compile a filter string to a SQLAlchemy condition (ApiError 400 when not allowed)."""
@@ -257,10 +285,17 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
     config = current_app.config
     if len(text) > config["FILTER_MAX_CHARS"]:
         raise ApiError(400, f"The filter is too large (at most {config['FILTER_MAX_CHARS']} characters).")
+    too_deep = ApiError(400, "The filter is nested too deeply "
+                             f"(at most {config['FILTER_MAX_DEPTH']} levels).")
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_int=_parse_int, parse_constant=_reject_constant)
+    except RecursionError:
+        raise too_deep from None
     except ValueError:
         raise ApiError(400, parse_error) from None
+    # Each $and/$or level is two JSON levels; a field adds at most four ($in, $date, ...).
+    if _json_depth(raw) > 2 * config["FILTER_MAX_DEPTH"] + 3:
+        raise too_deep
     compiler = _Compiler(fields, config)
     condition = compiler.filter(decode_extended_json(raw))
     if any(k.startswith("patientInfo") for k in compiler.keys):
@@ -274,12 +309,12 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
 def compile_sort(text, fields, default, sort_error="Bad sort parameter. Invalid JSON."):
     """ORDER BY clauses from a sort string; unknown keys are ignored, as sorting by a missing
     field is in MongoDB."""
-    if text is None:
+    if not text:
         spec = default
     else:
         try:
             spec = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(400, sort_error) from None
         if not isinstance(spec, dict):
             raise ApiError(400, "Bad sort parameter. Non-object passed.")
@@ -344,7 +379,8 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
         counted = counted.limit(count_cap)  # count no further than the cap
     count_query = sa.select(sa.func.count()).select_from(counted.subquery())
     total = db.session.execute(count_query).scalar_one()
-    rows = db.session.execute(query.order_by(*order).limit(limit).offset(limit * (page - 1)))
+    offset = min(limit * (page - 1), MAX_OFFSET)
+    rows = db.session.execute(query.order_by(*order).limit(limit).offset(offset))
     rows = rows.scalars().all() if len(query.column_descriptions) == 1 else rows.all()
     if getattr(serialize, "many", False):
         items = serialize(rows)
