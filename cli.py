@@ -112,6 +112,65 @@ def register(app):
         """Upgrade the database schema to the newest revision, keeping every row."""
         click.echo("Schema: " + _prepare_schema())
 
+    @app.cli.command("register-cad-plugin")
+    @click.argument("image_id")
+    @click.option("-y", "--yes", is_flag=True, help="Register without asking for confirmation.")
+    def register_cad_plugin_command(image_id, yes):
+        """Register the CAD plug-in of a local Docker image (IMAGE_ID: 64 hex) from its
+        /plugin.json manifest."""
+        import json
+
+        import plugin_definitions
+        import plugin_runners
+        try:
+            plugin_definitions.check_new_cad_id(image_id)
+            manifest = plugin_runners.read_manifest(
+                image_id, current_app.config["PLUGIN_DOCKER_COMMAND"])
+            doc = plugin_definitions.cad_definition_from_manifest(image_id, manifest)
+        except (ApiError, plugin_runners.PluginRunError) as exc:
+            raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
+        click.echo(json.dumps(doc, indent=2))
+        if not yes and not click.confirm("Is this OK?"):
+            return
+        plugin_definitions.create_plugin(doc)
+        click.echo(f"Registered {doc['pluginName']} v{doc['version']}")
+
+    @app.cli.command("register-plugin-job")
+    @click.argument("plugin")
+    @click.argument("series", nargs=-1, required=True)
+    @click.option("--user", "user_ref", required=True, help="E-mail or login ID of the owner.")
+    @click.option("--priority", type=int, default=0, show_default=True)
+    def register_plugin_job_command(plugin, series, user_ref, priority):
+        """Queue a job of PLUGIN (ID or name) on SERIES (UID[:start:end:delta]...) as a user,
+        with the rules of POST /api/plugin-jobs; print the job ID."""
+        import plugin_jobs
+        try:
+            click.echo(plugin_jobs.register_job_as(plugin, user_ref, series, priority))
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from None
+
+    @app.cli.command("run-plugin")
+    @click.argument("plugin_id")
+    @click.argument("series", nargs=-1, required=True)
+    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                  help="Folder that receives the plug-in's output and plugin-log.txt.")
+    @click.option("--keep", is_flag=True, help="Keep the work folder (in/, out/).")
+    @click.option("--work", "work_root", type=click.Path(file_okay=False),
+                  help="Where the work folder is made (default: the data folder's work/).")
+    def run_plugin_command(plugin_id, series, out_dir, keep, work_root):
+        """Run one plug-in on SERIES (UID[:start:end:delta]...) without the queue and write
+        its output to --out (what plug-in authors use to test)."""
+        import plugin_runners
+        try:
+            results, kept = plugin_runners.run_standalone(plugin_id, series, out_dir, keep,
+                                                          work_root)
+        except (ApiError, plugin_runners.PluginRunError) as exc:
+            raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
+        click.echo(f"Finished: {len((results.get('results') or {}).get('lesionCandidates') or [])}"
+                   f" lesion candidate(s); output in {out_dir}")
+        if kept:
+            click.echo(f"Work folder kept: {kept}")
+
     @app.cli.command("clear-token")
     @click.option("-a", "--all", "include_permanent", is_flag=True,
                   help="Also delete permanent tokens.")

@@ -7,7 +7,9 @@ merged PATCH result must be valid too (400, never the reference's 500).
 """
 import copy
 import hashlib
+import json
 import logging
+import re
 
 from errors import ApiError, not_found
 from models import PluginDefinition, db
@@ -150,3 +152,47 @@ def remote_secret(plugin):
         if parameters.get(key):
             return str(parameters[key])
     return ""
+
+
+DEFAULT_CAD_ICON = {"glyph": "calc", "color": "#ffffff", "backgroundColor": "#008800"}
+MANIFEST_REQUIRED = ("type", "pluginName", "version", "description")
+
+
+def check_new_cad_id(image_id):
+    """``register-cad-plugin``: the ID must be a 64-char image ID not registered yet."""
+    if not isinstance(image_id, str) or not re.match(r"^[a-z0-9]{64}$", image_id):
+        raise ApiError(400, "The plug-in ID must be 64-char hex string.")
+    if db.session.get(PluginDefinition, image_id) is not None:
+        raise DuplicatePluginError("This plug-in is already installed.")
+
+
+def cad_definition_from_manifest(image_id, manifest_bytes):
+    """The definition ``register-cad-plugin`` stores, built from the image's /plugin.json
+    (``type`` CAD, ``pluginName``, ``version``, ``description``; optional ``icon`` and
+    ``displayStrategy``), with runConfiguration ``{timeout: 900, gpus: ""}``."""
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, f"The manifest file /plugin.json is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ApiError(400, "The manifest file /plugin.json must hold an object.")
+    missing = [key for key in MANIFEST_REQUIRED if key not in manifest]
+    if missing:
+        raise ApiError(400, "Manifest file validation failed.\n\n"
+                       + "\n".join(f"should have required property '{k}'" for k in missing))
+    if manifest["type"] != "CAD":
+        raise ApiError(400, 'The plug-in type must be "CAD".')
+    doc = {"pluginId": image_id, "pluginName": manifest["pluginName"],
+           "version": manifest["version"], "type": "CAD",
+           "description": manifest.get("description") or "",
+           "runConfiguration": {"timeout": 900, "gpus": ""},
+           "icon": manifest.get("icon") or dict(DEFAULT_CAD_ICON),
+           "displayStrategy": manifest.get("displayStrategy") or []}
+    validate_definition(doc)
+    same = db.session.execute(db.select(PluginDefinition).where(
+        PluginDefinition.plugin_name == doc["pluginName"],
+        PluginDefinition.version == doc["version"])).scalars().first()
+    if same is not None:
+        raise DuplicatePluginError(
+            "There is a plugin registered with the same name and the same version.")
+    return doc

@@ -16,9 +16,10 @@ import series_access
 import storage
 from auth import require_job_domains, require_plugin_role
 from errors import ApiError, not_found
-from models import (Feedback, MyListItem, PluginJob, PluginJobSeries, Series, SystemState, db,
+from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series, SystemState, db,
                     iso, new_ulid, parse_iso, utcnow)
 from search import ArrayField
+from validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,44 @@ def job_document(job):
 # --- registration -----------------------------------------------------------------------
 
 def parse_series_argument(text):
-    """``UID`` or ``UID:start:end:delta`` (CLI form) -> a series entry of a job request."""
+    """``UID`` or ``UID:start:end:delta`` (CLI form) -> a series entry of a job request.
+
+    Without a range the first contiguous run of images is used with delta 1, as CIRCUS's
+    CLI does (not ``auto``). ApiError 400/404 for a malformed argument or unknown series.
+    """
     parts = text.split(":")
     if len(parts) == 1:
-        return {"seriesUid": parts[0], "partialVolumeDescriptor": "auto"}
+        ranges = series_access.parse_ranges(series_access.get_series(parts[0]).images)
+        if not ranges:
+            raise ApiError(400, f"Series {parts[0]} has no image.")
+        return {"seriesUid": parts[0], "partialVolumeDescriptor": {
+            "start": ranges[0][0], "end": ranges[0][1], "delta": 1}}
     if len(parts) != 4:
-        raise ValueError(f"Expected SERIES or SERIES:start:end:delta, got {text!r}.")
+        raise ApiError(400, f"Expected SERIES or SERIES:start:end:delta, got {text!r}.")
     try:
         start, end, delta = (int(p) for p in parts[1:])
     except ValueError:
-        raise ValueError(f"start, end and delta must be integers in {text!r}.") from None
+        raise ApiError(400, f"start, end and delta must be integers in {text!r}.") from None
     return {"seriesUid": parts[0],
             "partialVolumeDescriptor": {"start": start, "end": end, "delta": delta}}
+
+
+def register_job_as(plugin, user, series_arguments, priority=0):
+    """``register-plugin-job``: queue a job as a user (e-mail or login ID) on a plug-in
+    (ID or name); the same checks as POST /api/plugin-jobs. Return the job ID."""
+    from auth import compute_privileges, find_user
+    account = find_user(user)
+    if account is None:
+        raise ApiError(404, "Specified user does not exist.")
+    definition = db.session.execute(db.select(PluginDefinition).where(sa.or_(
+        PluginDefinition.plugin_id == plugin, PluginDefinition.plugin_name == plugin))
+        .order_by(PluginDefinition.created_at)).scalars().first()
+    if definition is None:
+        raise ApiError(404, "Specified plugin does not exist.")
+    body = {"pluginId": definition.plugin_id, "priority": priority,
+            "series": [parse_series_argument(text) for text in series_arguments]}
+    validate(body, "plugin-job-create")
+    return register_job(account.user_email, compute_privileges(account), body)
 
 
 def _same_request(job, entries):

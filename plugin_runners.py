@@ -585,6 +585,48 @@ def run_job(job_id):
                 _remove_work_dir(work_dir)
 
 
+def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=None):
+    """``run-plugin``: run one plug-in on series without the queue, writing its output
+    and log to ``out_dir``. Return (results, work folder or None when removed).
+
+    Raises ApiError for a bad plug-in or series argument, PluginRunError when the run fails.
+    """
+    import series_access
+    plugin = plugin_definitions.get_plugin(plugin_id)
+    entries = []
+    for text in series_arguments:
+        entry = plugin_jobs.parse_series_argument(text)
+        pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
+        series_access.check_pvd_range(series_access.get_series(entry["seriesUid"]), pvd)
+        entries.append(entry)
+    db.session.expunge(plugin)
+    db.session.rollback()
+    os.makedirs(out_dir, exist_ok=True)
+    root = work_root or storage.root("work")
+    os.makedirs(root, exist_ok=True)
+    run_id = "run-" + secrets.token_hex(8)
+    work_dir = os.path.join(root, run_id)
+    docker = current_app.config.get("PLUGIN_DOCKER_COMMAND", "docker")
+    try:
+        with JobLog(os.path.join(out_dir, LOG_NAME)) as job_log:
+            try:
+                results, work_out = execute(plugin, entries, work_dir, job_log, run_id, docker)
+                copy_outputs(work_out, out_dir, job_log, read_only=False)
+                job_log.line("Done.")
+            except PluginRunError as exc:
+                job_log.line(f"Error: {exc}")
+                raise
+    finally:
+        if not keep:
+            _remove_work_dir(work_dir)
+    return results, (work_dir if keep else None)
+
+
+def read_manifest(image_id, docker="docker"):
+    """The bytes of /plugin.json in a CAD plug-in's image."""
+    return docker_read_file(image_id, "/plugin.json", docker=docker)
+
+
 def _remove_work_dir(path):
     """Remove a work folder, including read-only files a plug-in left."""
     def writable(func, target, _exc):
