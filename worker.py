@@ -101,7 +101,7 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = last_download_sweep = 0.0
+    last_sweep = last_download_sweep = float("-inf")  # both run once at start
     while not stopping.is_set():
         if time.monotonic() - last_sweep > 60:
             tasks.fail_interrupted()
