@@ -290,28 +290,37 @@ class MultipartBody:
 
 def sse_events(chunks):
     """Server-sent events ``(type, data)`` from a byte-chunk iterator (``data`` decoded from
-    JSON when it is JSON, else the text)."""
+    JSON when it is JSON, else the text). An event cut off by the end of the stream counts."""
     buffer, event, data = b"", None, []
+
+    def line_ends(raw):
+        nonlocal event, data
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if line == "":
+            complete = (event or "message", _sse_data("\n".join(data))) \
+                if event is not None or data else None
+            event, data = None, []
+            return complete
+        if not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+        return None
+
     for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if line == "":
-                if event is not None or data:
-                    yield event or "message", _sse_data("\n".join(data))
-                event, data = None, []
-            elif line.startswith(":"):
-                continue
-            else:
-                field, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if field == "event":
-                    event = value
-                elif field == "data":
-                    data.append(value)
-    if event is not None or data:
-        yield event or "message", _sse_data("\n".join(data))
+            complete = line_ends(raw)
+            if complete is not None:
+                yield complete
+    for raw in (buffer, b""):
+        complete = line_ends(raw)
+        if complete is not None:
+            yield complete
 
 
 def _sse_data(text):

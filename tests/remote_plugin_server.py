@@ -94,6 +94,14 @@ class Handler(BaseHTTPRequestHandler):
             return self._plain(200, b"too late")
         if mode == "http500":
             return self._plain(500, b"the detector is broken")
+        with plugin.lock:
+            plugin.active += 1
+            plugin.max_active = max(plugin.max_active, plugin.active)
+        try:
+            time.sleep(plugin.run_delay)
+        finally:
+            with plugin.lock:
+                plugin.active -= 1
         mean, dims = voxel_mean(files["0.mhd"].decode(), files["0.raw"])
         request_id = uuid.uuid4().hex
         plugin.results[request_id] = (mean, dims)
@@ -168,6 +176,8 @@ class RemotePlugin:
     def __init__(self, secret="s3cret", mode="ok", delay=3.0):
         self.secret, self.mode, self.delay = secret, mode, delay
         self.received, self.results = [], {}
+        self.run_delay, self.active, self.max_active = 0.0, 0, 0
+        self.lock = threading.Lock()
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.plugin = self
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -1,0 +1,360 @@
+"""plugin_runners: the worker source (concurrency, stopped manager, crash recovery), input
+preparation, result recording, archive and SSE handling, and the plug-in CLI commands."""
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+
+import plugin_jobs
+import plugin_runners
+import storage
+import worker
+from models import PluginDefinition, PluginJob, db, utcnow
+from tests.plugin_helpers import grant, remote_definition, store_sample_series
+from tests.remote_plugin_server import RemotePlugin
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def server():
+    with RemotePlugin() as plugin:
+        yield plugin
+
+
+@pytest.fixture
+def env(app, client, tokens, auth_headers, dicom_dir, server):
+    res = client.post("/api/admin/plugins", headers=auth_headers["alice"],
+                      json=remote_definition(endpoint=server.endpoint, secret="s3cret"))
+    assert res.status_code == 201
+    with app.app_context():
+        plugin_id = db.session.execute(sa.select(PluginDefinition.plugin_id)).scalar()
+        grant("bob@example.com", plugin_id)
+        uid = store_sample_series(dicom_dir / "head-first")
+    return SimpleNamespace(app=app, client=client, headers=auth_headers, server=server,
+                           plugin_id=plugin_id, series_uid=uid,
+                           data=Path(app.config["CIRCUS_DATA_DIR"]))
+
+
+def queue_jobs(env, count):
+    ids = []
+    for end in range(10, 10 - count, -1):
+        res = env.client.post("/api/plugin-jobs", headers=env.headers["bob"], json={
+            "pluginId": env.plugin_id, "series": [{"seriesUid": env.series_uid,
+                                                   "partialVolumeDescriptor": {
+                                                       "start": 1, "end": end, "delta": 1}}]})
+        assert res.status_code == 201, res.get_json()
+        ids.append(res.get_json()["jobId"])
+    return ids
+
+
+def statuses(env, ids):
+    with env.app.app_context():
+        return [db.session.get(PluginJob, i).status for i in ids]
+
+
+# --- the worker source ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_jobs_run_concurrently_up_to_the_configured_number(env, concurrency):
+    env.app.config["PLUGIN_JOB_CONCURRENCY"] = concurrency
+    env.server.run_delay = 0.4
+    ids = queue_jobs(env, 6)
+    with env.app.app_context():
+        worker.run_pending()
+    assert statuses(env, ids) == ["finished"] * 6
+    assert env.server.max_active == concurrency      # never more, and really that many
+
+
+def test_stopped_manager_finishes_the_current_job_and_takes_no_new_one(env):
+    env.server.run_delay = 0.3
+    first, second = queue_jobs(env, 2)
+    with env.app.app_context():
+        assert plugin_runners.run_plugin_jobs("w1") is True       # takes the first job
+        assert statuses(env, [first, second]) == ["processing", "in_queue"]
+        plugin_jobs.set_manager_status("stopped")
+        while plugin_runners.run_plugin_jobs("w1"):
+            pass
+    assert statuses(env, [first, second]) == ["finished", "in_queue"]
+    with env.app.app_context():
+        plugin_jobs.set_manager_status("running")
+        worker.run_pending()
+    assert statuses(env, [first, second]) == ["finished", "finished"]
+
+
+def _processing(env, job_id, claimed_by, started_at):
+    with env.app.app_context():
+        db.session.execute(sa.update(PluginJob).where(PluginJob.job_id == job_id).values(
+            status="processing", queue_state="processing", claimed_by=claimed_by,
+            started_at=started_at))
+        db.session.commit()
+        os.makedirs(storage.work_dir(job_id), exist_ok=True)
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_jobs_of_a_crashed_worker_are_failed_on_restart(env):
+    dead, fresh, stale, beating, own = queue_jobs(env, 5)
+    now, old = utcnow(), utcnow() - timedelta(minutes=10)
+    _processing(env, dead, f"{socket.gethostname()}:{_dead_pid()}", now)
+    _processing(env, fresh, "other-host:1", now)        # just claimed elsewhere: alive
+    _processing(env, stale, "other-host:2", old)        # no heartbeat for 10 minutes
+    _processing(env, beating, "other-host:3", old)      # long job, fresh heartbeat
+    _processing(env, own, "me:1", now)                  # this worker before its restart
+    with env.app.app_context():
+        plugin_runners.beat("other-host:3")
+        failed = plugin_runners.recover_interrupted_jobs("me:1")
+    assert sorted(failed) == sorted([dead, stale, own])
+    assert statuses(env, [dead, fresh, stale, beating, own]) == [
+        "failed", "processing", "failed", "processing", "failed"]
+    with env.app.app_context():
+        job = db.session.get(PluginJob, dead)
+        assert job.error_message == plugin_runners.INTERRUPTED and job.queue_state is None
+    assert not (env.data / "work" / dead).exists() and (env.data / "work" / fresh).exists()
+    log = (env.data / "plugin-results" / dead / "plugin-log.txt").read_text()
+    assert plugin_runners.INTERRUPTED in log
+
+
+def test_worker_start_sweeps_interrupted_jobs(env):
+    [job_id] = queue_jobs(env, 1)
+    _processing(env, job_id, f"{socket.gethostname()}:{_dead_pid()}", utcnow())
+    with env.app.app_context():
+        worker.run_pending()
+    assert statuses(env, [job_id]) == ["failed"]
+
+
+def test_job_of_a_deleted_plugin_fails(env):
+    [job_id] = queue_jobs(env, 1)
+    with env.app.app_context():
+        db.session.delete(db.session.get(PluginDefinition, env.plugin_id))
+        db.session.commit()
+        worker.run_pending()
+        job = db.session.get(PluginJob, job_id)
+        assert (job.status, job.error_message) == ("failed", f"No such plugin: {env.plugin_id}")
+
+
+# --- input preparation ----------------------------------------------------------------------
+
+def test_prepare_input_writes_read_only_volumes(env, tmp_path):
+    in_dir = tmp_path / "in"
+    series = [{"seriesUid": env.series_uid,
+               "partialVolumeDescriptor": {"start": 2, "end": 8, "delta": 3}},
+              {"seriesUid": env.series_uid,
+               "partialVolumeDescriptor": {"start": 10, "end": 1, "delta": -1}}]
+    with env.app.app_context(), plugin_runners.JobLog(str(tmp_path / "log.txt")) as job_log:
+        plugin_runners.prepare_input(series, str(in_dir), job_log)
+    assert sorted(os.listdir(in_dir)) == ["0.json", "0.mhd", "0.raw", "1.json", "1.mhd", "1.raw"]
+    assert "DimSize = 320 260 3\n" in (in_dir / "0.mhd").read_text()
+    assert (in_dir / "1.raw").stat().st_size == 320 * 260 * 10 * 2
+    assert not (in_dir / "0.raw").stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert "Preparing volume #1" in (tmp_path / "log.txt").read_text()
+
+
+def test_prepare_input_with_a_missing_file(env, tmp_path):
+    with env.app.app_context():
+        os.unlink(storage.instance_path(env.series_uid, 5))
+        with plugin_runners.JobLog(str(tmp_path / "log.txt")) as job_log:
+            with pytest.raises(plugin_runners.PluginRunError) as caught:
+                plugin_runners.prepare_input([{"seriesUid": env.series_uid,
+                                               "partialVolumeDescriptor": {
+                                                   "start": 1, "end": 10, "delta": 1}}],
+                                             str(tmp_path / "in"), job_log)
+    assert env.series_uid in str(caught.value)
+    assert not list((tmp_path / "in").glob("0.*"))
+
+
+# --- results --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"results": ', "Plug-in validation failed: Expecting value"),
+    (b'{"results": {"x": NaN}}', "Plug-in validation failed: NaN is not valid JSON"),
+    (b'\xff\xfe{}', "Plug-in validation failed: 'utf-8' codec can't decode"),
+    (b'[1, 2]', "Plug-in validation failed: results.json [1, 2] is not of type 'object'"),
+    (b'{"results": {"lesionCandidates": [{"volumeId": 0, "location": [1, 2, 3]}]}}',
+     "Plug-in validation failed: results/lesionCandidates/0 'confidence' is a required property"),
+    (b'{"metadata": {"displayOptions": [{"volumeId": 0, "window": {"level": 1}}]}}',
+     "Plug-in validation failed: metadata/displayOptions/0/window 'width' is a required"),
+])
+def test_read_results_rejects(tmp_path, content, reason):
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(plugin_runners.PluginRunError) as caught:
+        plugin_runners.read_results(str(tmp_path))
+    assert str(caught.value).startswith(reason)
+
+
+def test_read_results_accepts_any_extra_content(tmp_path):
+    doc = {"results": {"lesionCandidates": [{"volumeId": 0, "location": [1, 2.5, 3],
+                                             "confidence": "high", "rank": 1}], "other": [1]},
+           "metadata": {"displayOptions": [{"volumeId": 0, "crop": {"origin": [0, 0, 0],
+                                                                     "size": [1, 1, 1]}}]},
+           "free": "form"}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert plugin_runners.read_results(str(tmp_path)) == doc
+
+
+def test_results_json_must_appear_within_two_seconds(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(plugin_runners.PluginRunError) as caught:
+        plugin_runners.wait_for_results(str(tmp_path))
+    assert str(caught.value) == "Timeout: File out/results.json did not appear within 2000ms"
+    assert 1.9 < time.monotonic() - started < 3
+    threading.Timer(0.3, lambda: (tmp_path / "results.json").write_text("{}")).start()
+    assert plugin_runners.wait_for_results(str(tmp_path)).endswith("results.json")
+
+
+def test_copy_outputs_skips_links(tmp_path):
+    out, target = tmp_path / "out", tmp_path / "target"
+    (out / "a" / "b").mkdir(parents=True)
+    (out / "a" / "b" / "deep.txt").write_text("deep")
+    (out / "results.json").write_text("{}")
+    (out / "passwd").symlink_to("/etc/passwd")
+    (out / "linkdir").symlink_to("/etc")
+    plugin_runners.copy_outputs(str(out), str(target))
+    found = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+    assert found == ["a", "a/b", "a/b/deep.txt", "results.json"]
+    assert (target / "a" / "b" / "deep.txt").stat().st_mode & 0o777 == 0o444
+
+
+# --- archives, SSE, multipart ---------------------------------------------------------------
+
+def _tar(path, entries, mode="w"):
+    with tarfile.open(path, mode) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _file(name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_extract_tar_accepts_relative_files_and_folders(tmp_path):
+    folder = tarfile.TarInfo("./sub")
+    folder.type = tarfile.DIRTYPE
+    _tar(tmp_path / "a.tgz", [(folder, None), _file("./sub/x.txt", b"x"),
+                              _file("results.json", b"{}")], mode="w:gz")
+    plugin_runners.extract_tar(str(tmp_path / "a.tgz"), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "sub" / "x.txt").read_bytes() == b"x"
+    assert (tmp_path / "out" / "results.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "device", "fifo", "backslash", "dotdot"])
+def test_extract_tar_refuses_unsafe_entries(tmp_path, kind):
+    entries = [_file("results.json", b"{}")]
+    if kind in ("hardlink", "device", "fifo"):
+        info = tarfile.TarInfo("odd")
+        info.type = {"hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE,
+                     "fifo": tarfile.FIFOTYPE}[kind]
+        info.linkname = "/etc/passwd"
+        entries.append((info, None))
+    else:
+        entries.append(_file("..\\evil" if kind == "backslash" else "sub/../../evil"))
+    _tar(tmp_path / "a.tar", entries)
+    with pytest.raises(plugin_runners.UnsafeArchiveError) as caught:
+        plugin_runners.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
+    assert "Unsafe entry in the result archive" in str(caught.value)
+    assert not (tmp_path / "out" / "results.json").exists()   # nothing written at all
+    assert not list(tmp_path.rglob("evil"))
+
+
+def test_extract_tar_of_garbage(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(plugin_runners.PluginRunError) as caught:
+        plugin_runners.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
+    assert str(caught.value).startswith("Remote CAD failed: The result archive cannot be read")
+
+
+def test_sse_events():
+    stream = [b"event: log\r\ndata: \"one\"\r\n\r\n: comment\n", b"event: lo", b"g\ndata: line 1\n",
+              b"data: line 2\n\nevent: finished\ndata: null\n\nevent: error\ndata:\"tail\""]
+    assert list(plugin_runners.sse_events(stream)) == [
+        ("log", "one"), ("log", "line 1\nline 2"), ("finished", None), ("error", "tail")]
+
+
+def test_multipart_body_length_is_exact(tmp_path):
+    (tmp_path / "0.raw").write_bytes(os.urandom(3000))
+    (tmp_path / "0.mhd").write_text("ObjectType = Image\n")
+    body = plugin_runners.MultipartBody([str(tmp_path / "0.mhd"), str(tmp_path / "0.raw")])
+    data = b"".join(body)
+    assert len(data) == len(body)
+    assert data.count(b'name="files"; filename="0.raw"') == 1
+    assert data.endswith(f"--{body.boundary}--\r\n".encode())
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def test_register_plugin_job_command(env):
+    runner = env.app.test_cli_runner()
+    result = runner.invoke(args=["register-plugin-job", "Remote CAD", "--user=bob",
+                                 "--priority=7", f"{env.series_uid}:1:5:1"])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.strip()
+    with env.app.app_context():
+        job = db.session.get(PluginJob, job_id)
+        assert (job.user_email, job.priority, job.status) == ("bob@example.com", 7, "in_queue")
+        assert job.series[0]["partialVolumeDescriptor"] == {"start": 1, "end": 5, "delta": 1}
+    result = runner.invoke(args=["register-plugin-job", env.plugin_id, "--user=bob@example.com",
+                                 env.series_uid])
+    assert result.exit_code == 0, result.output
+    with env.app.app_context():
+        job = db.session.get(PluginJob, result.output.strip())
+        assert job.series[0]["partialVolumeDescriptor"] == {"start": 1, "end": 10, "delta": 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["Remote CAD", "--user=nobody", "UID"], "Specified user does not exist."),
+    (["Unknown CAD", "--user=bob", "UID"], "Specified plugin does not exist."),
+    (["Remote CAD", "--user=guest", "UID"],
+     'You do not have "executePlugin" privilege of this plugin.'),
+    (["Remote CAD", "--user=bob", "UID:1:2"], "Expected SERIES or SERIES:start:end:delta"),
+    (["Remote CAD", "--user=bob", "UID:1:20:1"], "Specified range is invalid."),
+])
+def test_register_plugin_job_command_errors(env, args, message):
+    args = [a.replace("UID", env.series_uid) for a in args]
+    result = env.app.test_cli_runner().invoke(args=["register-plugin-job", *args])
+    assert result.exit_code != 0 and message in result.output
+    with env.app.app_context():
+        assert db.session.execute(sa.select(sa.func.count()).select_from(PluginJob)).scalar() == 0
+
+
+def test_run_plugin_command(env, tmp_path):
+    out = tmp_path / "cli-out"
+    result = env.app.test_cli_runner().invoke(args=[
+        "run-plugin", env.plugin_id, env.series_uid, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Finished: 1 lesion candidate(s)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["images", "plugin-log.txt", "results.json"]
+    assert json.loads((out / "results.json").read_text())["results"]["dimension"] == [320, 260, 10]
+    assert list((env.data / "work").iterdir()) == []          # work folder removed
+    with env.app.app_context():                                 # and no job was queued
+        assert db.session.execute(sa.select(sa.func.count()).select_from(PluginJob)).scalar() == 0
+
+
+def test_run_plugin_command_failure(env, tmp_path):
+    env.server.mode = "error_event"
+    out = tmp_path / "cli-out"
+    result = env.app.test_cli_runner().invoke(args=[
+        "run-plugin", env.plugin_id, f"{env.series_uid}:1:3:1", "--out", str(out), "--keep"])
+    assert result.exit_code != 0
+    assert "Remote CAD failed: The lesion detector crashed" in result.output
+    assert "Error: Remote CAD failed" in (out / "plugin-log.txt").read_text()
+    result = env.app.test_cli_runner().invoke(args=[
+        "run-plugin", "f" * 64, env.series_uid, "--out", str(out)])
+    assert "The requested plugin/remotePlugin was not found." in result.output
