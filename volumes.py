@@ -38,6 +38,7 @@ PIXEL_FORMATS = {
     "rgba8": ("MET_UCHAR", np.dtype("u1"), 4),  # 4 channels, see mhd_header
 }
 RGB_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
+NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 READ_AHEAD = 3  # slices decoded ahead of the consumer
 _FLOAT_RE = re.compile(r"^[+-]?(Infinity|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)")
 
@@ -144,7 +145,9 @@ def decode_slice(number, data, where=None):
     pixel_format = _pixel_format(ds, where)
     rows, columns = ds.get("Rows"), ds.get("Columns")
     try:
-        array = ds.pixel_array
+        array = _native_pixels(ds, pixel_format, rows, columns)
+        if array is None:
+            array = ds.pixel_array
     except Exception as exc:  # pydicom raises many kinds for undecodable data
         syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
         log.info("Cannot decode %s (%s): %s", where, syntax, exc)
@@ -156,14 +159,47 @@ def decode_slice(number, data, where=None):
     pixels = _convert(ds, array, pixel_format)
     modality = _text(ds, 0x00080060) or ""
     if modality == "CT":
-        slope, intercept = _rescale(ds)
-        hu = np.trunc(pixels.astype(np.float64) * slope + intercept)
-        pixels = np.clip(hu, -32768, 32767).astype("<i2")
-        pixel_format = "int16"
+        pixels, pixel_format = _to_hounsfield(pixels, *_rescale(ds)), "int16"
     return Slice(number=number, pixels=pixels, pixel_format=pixel_format, columns=columns,
                  rows=rows, modality=modality, pixel_spacing=_pixel_spacing(ds),
                  spacing_between_slices=_spacing_between_slices(ds, where),
                  slice_location=js_parse_float(_text(ds, 0x00201041)))
+
+
+def _native_pixels(ds, pixel_format, rows, columns):
+    """Uncompressed little-endian monochrome pixels read straight from the element (pydicom's
+    general path costs more than the rest of the decoding); None when not applicable."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if syntax not in NATIVE_LITTLE_ENDIAN or pixel_format == "rgba8" or not rows or not columns:
+        return None
+    raw = ds.get_item(0x7FE00010).value
+    dtype = PIXEL_FORMATS[pixel_format][1]
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) < rows * columns * dtype.itemsize:
+        return None
+    array = np.frombuffer(raw, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    bits = dtype.itemsize * 8
+    stored = int(ds.get("BitsStored") or bits)
+    high = int(ds.get("HighBit") if ds.get("HighBit") is not None else stored - 1)
+    if pixel_format.startswith("int") and 0 < stored < bits:
+        # two's complement with the sign at High Bit, as CIRCUS's convertComplement
+        value = (array.astype(np.int32) & ((1 << bits) - 1)) >> (high - stored + 1)
+        value &= (1 << stored) - 1
+        value = np.where(value & (1 << (stored - 1)), value - (1 << stored), value)
+        return value.astype(dtype)
+    return array
+
+
+def _to_hounsfield(pixels, slope, intercept):
+    """Stored values * slope + intercept, truncated toward zero and clipped to int16."""
+    if slope == 1 and intercept == int(intercept) and abs(intercept) < 1 << 20:
+        hu = pixels.astype(np.int32)  # the usual case, in integers (several times faster)
+        hu += int(intercept)
+    else:
+        hu = np.trunc(pixels.astype(np.float64) * slope + intercept)
+    if hu.min() < -32768 or hu.max() > 32767:
+        np.clip(hu, -32768, 32767, out=hu)
+    return hu.astype("<i2")
 
 
 def _convert(ds, array, pixel_format):

@@ -321,3 +321,24 @@ def test_common_and_unique():
                                          {"a": 1, "b": [1, 2], "c": "y", "d": 4}])
     assert result == {"common": {"a": 1, "b": [1, 2]},
                       "unique": [{"c": "x"}, {"c": "y", "d": 4}]}
+
+
+def test_ct_hounsfield_values_are_clipped_to_int16(ctx, dicom_dir, tmp_path):
+    path = modified(tmp_path, dicom_dir / "misc" / "CT-MONO2-16-brain.dcm", "clip.dcm",
+                    RescaleIntercept="-32000")
+    uid = store_series([path])
+    volume, _ = volumes.load_volume(uid, [1])
+    stored = pydicom.dcmread(path).pixel_array.astype(np.int64)
+    assert stored.min() - 32000 < -32768  # the case is exercised
+    assert np.array_equal(volume[0], np.clip(stored - 32000, -32768, 32767))
+
+
+def test_signed_pixels_with_fewer_bits_stored_are_sign_extended(ctx, dicom_dir, tmp_path):
+    ds = pydicom.dcmread(dicom_dir / "misc" / "MR-phantom-LE.dcm")  # signed 16 bits
+    values = np.array([[-3, 5], [-2048, 2047]], dtype=np.int16)
+    ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 2, 2, 12, 11
+    ds.PixelData = (values.astype(np.uint16) & 0x0FFF).astype("<u2").tobytes()  # no sign bits
+    ds.save_as(tmp_path / "s12.dcm")
+    uid = store_series([tmp_path / "s12.dcm"])
+    volume, _ = volumes.load_volume(uid, [1])
+    assert np.array_equal(volume[0], values)

@@ -1,0 +1,32 @@
+"""The served configuration: gunicorn reads this file from the working directory, so
+``gunicorn 'app:create_app()'`` started in the project root (scripts/serve.sh, the
+Dockerfile, the e2e tests) gets these settings. Command-line options (``-b``, ``-w``, ...)
+override them.
+
+Why gthread: every open web UI tab keeps a ``GET /api/tasks/report`` stream open for hours.
+A sync worker holding one serves nobody else, so sync workers cannot hold the 50+ streams
+this server must keep while short requests go on. With gthread each stream holds one thread
+of a worker (it sleeps between cheap polls of the tasks table); the other threads keep
+serving short requests. A worker accepts connections beyond its free threads and queues
+them behind the streams, so each worker needs more threads than streams it may hold:
+``threads`` is sized for all streams landing on one worker. Measured with
+``bench/streams.py`` (figures in its docstring and the export issue's report).
+"""
+import os
+
+# Default address; `-b` on the command line replaces it.
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8080')}"]
+# Processes: one per core is enough for Python; raise with WEB_CONCURRENCY.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+# Threads per worker: SSE streams (one thread each) plus threads for short requests.
+threads = int(os.environ.get("GUNICORN_THREADS", "96"))
+# Open connections per worker (streams + keep-alive clients).
+worker_connections = 1000
+# Seconds a keep-alive connection may idle between requests.
+keepalive = 5
+# Report streams never end by themselves: do not wait long for them on shutdown/reload.
+graceful_timeout = 10
+# A worker silent for this long is restarted (uploads and downloads stream; nothing long
+# runs inside a request, see DESIGN.md).
+timeout = 60
