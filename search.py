@@ -309,7 +309,7 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
 def compile_sort(text, fields, default, sort_error="Bad sort parameter. Invalid JSON."):
     """ORDER BY clauses from a sort string; unknown keys are ignored, as sorting by a missing
     field is in MongoDB."""
-    if not text:
+    if text is None:
         spec = default
     else:
         try:
