@@ -9,7 +9,9 @@ the patient information shown in case searches comes from (quirk 20 fixed).
 Appending is race-free: the revision index is claimed by one atomic UPDATE of the case row
 (conditional on the count named by If-Match when the client sends one, else 412).
 """
+import functools
 import logging
+from types import MappingProxyType
 
 import sqlalchemy as sa
 
@@ -76,11 +78,13 @@ def case_document(case):
 
 
 def _summary(case, patient_info=None):
+    """A search item from a case row (an entity or a row of SUMMARY_COLUMNS)."""
     doc = {"caseId": case.case_id, "projectId": case.project_id, "tags": list(case.tags),
            "latestRevision": case.latest_revision, "domains": list(case.domains)}
     if patient_info is not None:
         doc["patientInfo"] = patient_info
-    doc.update(case.timestamps())
+    doc["createdAt"] = iso(case.created_at)
+    doc["updatedAt"] = iso(case.updated_at)
     return doc
 
 
@@ -363,56 +367,76 @@ def delete_case(case, force=False):
 
 
 # --- search ------------------------------------------------------------------------------
+# Searches use table columns (SQLAlchemy Core): the ORM adds nothing to read-only rows here
+# and would double the per-statement cost of the busiest list of CIRCUS DB.
+_CASES = ClinicalCase.__table__.c
+_TAGS = CaseTag.__table__.c
+_SERIES = Series.__table__.c
+_ITEMS = MyListItem.__table__.c
+_PATIENT_COLUMNS = {"patientId": _SERIES.patient_id, "patientName": _SERIES.patient_name,
+                    "age": _SERIES.patient_age, "sex": _SERIES.patient_sex}
 
-def _patient_field(column, viewable_projects):
-    """A patientInfo field as the caller sees it: NULL where the project masks it.
 
-    A correlated subquery on the first series of the latest revision, so that searches
-    not using patient fields never touch the series table.
-    """
-    value = (db.select(column).where(Series.series_uid == ClinicalCase.first_series_uid)
+def _masked_by_role(column, viewable_projects):
+    """A value of the first series of the latest revision, NULL where the project's roles
+    mask patient information (a correlated subquery: searches not using it never read the
+    series table)."""
+    value = (sa.select(column).where(_SERIES.series_uid == _CASES.first_series_uid)
              .scalar_subquery())
-    return sa.case((ClinicalCase.project_id.in_(viewable_projects), value), else_=sa.null())
+    return sa.case((_CASES.project_id.in_(viewable_projects), value), else_=sa.null())
+
+
+def _viewable(privileges):
+    return tuple(sorted(privileges.projects_with("read", "viewPersonalInfo")))
 
 
 def search_fields(privileges):
-    """The filter/sort fields of case searches (API 1.8) for this caller."""
-    viewable = privileges.projects_with("read", "viewPersonalInfo")
-    fields = {"projectId": ClinicalCase.project_id, "caseId": ClinicalCase.case_id}
-    for key, column in PATIENT_FIELDS.items():
-        fields["patientInfo." + key] = _patient_field(column, viewable)
-    fields["tags"] = ArrayField(CaseTag.tag, CaseTag.case_id == ClinicalCase.case_id)
-    fields["createdAt"] = ClinicalCase.created_at
-    fields["updatedAt"] = ClinicalCase.updated_at
-    return fields
+    """The filter/sort fields of case searches (API 1.8) for this caller; patientInfo.*
+    fields are evaluated against the value masked by project role (2.6)."""
+    return _search_fields(_viewable(privileges))
 
 
-def readable_cases(privileges):
-    """The cases whose project grants the caller ``read``."""
-    return db.select(ClinicalCase).where(
-        ClinicalCase.project_id.in_(privileges.projects_with("read")))
+@functools.lru_cache(maxsize=256)
+def _search_fields(viewable):
+    # SQL expressions are immutable: built once per set of viewable projects, they also
+    # keep SQLAlchemy's compiled-statement cache warm.
+    fields = {"projectId": _CASES.project_id, "caseId": _CASES.case_id}
+    for key, column in _PATIENT_COLUMNS.items():
+        fields["patientInfo." + key] = _masked_by_role(column, list(viewable))
+    fields["tags"] = ArrayField(_TAGS.tag, _TAGS.case_id == _CASES.case_id)
+    fields["createdAt"] = _CASES.created_at
+    fields["updatedAt"] = _CASES.updated_at
+    return MappingProxyType(fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _summary_columns(viewable, show_personal_info):
+    patient_info = (_masked_by_role(_SERIES.patient_info, list(viewable))
+                    if show_personal_info and viewable else sa.null())
+    return (_CASES.case_id, _CASES.project_id, _CASES.tags, _CASES.latest_revision,
+            _CASES.domains, _CASES.created_at, _CASES.updated_at,
+            patient_info.label("patient_info"))
+
+
+def readable_cases(privileges, show_personal_info):
+    """Rows of the cases whose project grants the caller ``read``, each with the
+    ``patient_info`` the caller may see (2.6) or NULL.
+
+    ``show_personal_info`` is the caller's global privilege and preference together; the
+    project must also grant ``read`` and ``viewPersonalInfo``.
+    """
+    return sa.select(*_summary_columns(_viewable(privileges), bool(show_personal_info))).where(
+        _CASES.project_id.in_(privileges.projects_with("read")))
 
 
 def in_list(query, my_list_id):
     """Restrict a case query to the items of a my list; returns (query, addedToListAt)."""
-    query = query.join(MyListItem, sa.and_(MyListItem.my_list_id == my_list_id,
-                                           MyListItem.resource_id == ClinicalCase.case_id))
-    return query, MyListItem.created_at
+    query = query.join(MyListItem.__table__,
+                       sa.and_(_ITEMS.my_list_id == my_list_id,
+                               _ITEMS.resource_id == _CASES.case_id))
+    return query, _ITEMS.created_at
 
 
-def summaries(cases, privileges, show_personal_info):
-    """Search items for a page of cases; patientInfo fetched in one query for the page.
-
-    ``show_personal_info`` is the caller's global privilege and preference together; the
-    project must also grant ``read`` and ``viewPersonalInfo`` (2.6).
-    """
-    viewable = set(privileges.projects_with("read", "viewPersonalInfo"))
-    infos = {}
-    if show_personal_info:
-        uids = {c.first_series_uid for c in cases
-                if c.first_series_uid and c.project_id in viewable}
-        if uids:
-            infos = dict(db.session.execute(db.select(Series.series_uid, Series.patient_info)
-                                            .where(Series.series_uid.in_(uids))).all())
-    return [_summary(c, infos.get(c.first_series_uid) if c.project_id in viewable else None)
-            for c in cases]
+def summary(row):
+    """A search item from a row of ``readable_cases``."""
+    return _summary(row, row.patient_info)

@@ -4,7 +4,7 @@ from flask import Blueprint, g, request
 import clinical_cases
 import my_lists
 from auth import can_view_personal_info
-from search import batch, search
+from search import search
 from validation import expects
 
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
@@ -12,32 +12,29 @@ bp = Blueprint("cases", __name__, url_prefix="/api/cases")
 
 def _search(query, extra_sort=None):
     fields = clinical_cases.search_fields(g.privileges)
-    privileges, show = g.privileges, can_view_personal_info()
-
-    @batch
-    def serialize(cases):
-        return clinical_cases.summaries(cases, privileges, show)
-
     default = {"createdAt": -1}
     sort_fields = fields
     if extra_sort:
         sort_fields = {**fields, **extra_sort}
         default = {next(iter(extra_sort)): -1}
-    return search(query, fields, serialize, default, sort_fields=sort_fields)
+    return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields)
+
+
+def _readable():
+    return clinical_cases.readable_cases(g.privileges, can_view_personal_info())
 
 
 @bp.get("")
 def list_cases():
     """Search the cases of the projects the caller can read."""
-    return _search(clinical_cases.readable_cases(g.privileges))
+    return _search(_readable())
 
 
 @bp.get("/list/<my_list_id>")
 def list_cases_in_my_list(my_list_id):
     """Search the cases of a my list (the caller's own or a public one)."""
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
-    query, added_at = clinical_cases.in_list(clinical_cases.readable_cases(g.privileges),
-                                             my_list.my_list_id)
+    query, added_at = clinical_cases.in_list(_readable(), my_list.my_list_id)
     return _search(query, {"addedToListAt": added_at})
 
 
