@@ -1,11 +1,12 @@
 """A database of the test's own, for tests that build schemas or start servers.
 
-On SQLite (no DATABASE_URL) the test's data directory holds it, so ``scratch_database`` is
-None. On PostgreSQL a new database is created beside DATABASE_URL's and dropped afterwards,
-so these tests never touch the tables the ``app`` fixture shares.
+On SQLite (no DATABASE_URL) the test's data directory holds it, so the URL is None. On
+PostgreSQL a new database is created beside DATABASE_URL's and dropped afterwards, so these
+tests never touch the tables the ``app`` fixture shares.
 """
 import os
 import secrets
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -13,8 +14,8 @@ import sqlalchemy as sa
 from config import database_uri
 
 
-@pytest.fixture
-def scratch_database():
+@contextmanager
+def scratch_database_url():
     """DATABASE_URL of a new empty database, or None when the suite runs on SQLite."""
     url = os.environ.get("DATABASE_URL")
     if not url:
@@ -30,3 +31,10 @@ def scratch_database():
         with admin.connect() as connection:
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def scratch_database():
+    """Fixture form of scratch_database_url()."""
+    with scratch_database_url() as url:
+        yield url

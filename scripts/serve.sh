@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Serves CIRCUS on http://localhost:8080 (PORT changes it) with the worker beside gunicorn.
+# Data in ./data (CIRCUS_DATA_DIR), SQLite unless DATABASE_URL is set. The first run prints a
+# permanent token for the user circus. Ctrl-C or SIGTERM stops the server and the worker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+export CIRCUS_DATA_DIR=${CIRCUS_DATA_DIR:-./data}
+
+flask --app app init-db
+first_token="$CIRCUS_DATA_DIR/.first-token-printed"
+if [ ! -e "$first_token" ]; then
+  flask --app app add-permanent-token circus --description "First token (scripts/serve.sh)"
+  touch "$first_token"
+fi
+
+flask --app app worker & worker=$!
+gunicorn -b "0.0.0.0:${PORT:-8080}" 'app:create_app()' & server=$!  # reads ./gunicorn.conf.py
+stop() { kill -TERM "$server" "$worker" 2>/dev/null || true; }
+trap stop INT TERM
+wait -n "$server" "$worker" || true  # the first of them to end, or a signal
+stop
+wait "$server" "$worker" 2>/dev/null || true
