@@ -620,13 +620,22 @@ class ImportBatch:
         self.bytes += size
         return record
 
-    def add_bytes(self, data):
-        """Stage one instance given as bytes; return its InstanceRecord."""
+    def add_bytes(self, data, move_from=None):
+        """Stage one instance given as bytes; return its InstanceRecord.
+
+        ``move_from`` names a file holding the same bytes that may be taken over (a spool
+        file): it is renamed into the staging folder instead of writing a copy.
+        """
         dataset = read_dataset(io.BytesIO(data), len(data))
         record = extract_record(dataset, self.utc_offset)
         path = self._staged_name()
-        with open(path, "wb") as fh:
-            fh.write(data)
+        try:
+            if move_from is None:
+                raise OSError("nothing to move")
+            os.replace(move_from, path)
+        except OSError:
+            with open(path, "wb") as fh:
+                fh.write(data)
         return self._keep(record, path, len(data))
 
     def add_stream(self, stream, size):
@@ -941,12 +950,16 @@ class Importer:
 
     def import_file(self, path):
         """Import one file: a DICOM instance, a zip or a tar.gz; anything else is skipped."""
-        kind = file_kind(path)
-        if kind == "dicom":
-            self._import_plain(path)
-        elif kind in ("zip", "targz"):
+        with open(path, "rb") as fh:
+            head = fh.read(DICM_OFFSET + 4)
+            data = None
+            if is_like_dicom(head) and os.fstat(fh.fileno()).st_size <= SMALL_ENTRY_BYTES:
+                data = head + fh.read()  # one open per small file: opens are what cost most
+        if is_like_dicom(head):
+            self._import_plain(path, data)
+        elif is_zip(head) or is_targz(head):
             self._flush_plain_or_fail()
-            self._import_archive(path, kind)
+            self._import_archive(path, "zip" if is_zip(head) else "targz")
         else:
             self.skipped += 1
         self.files += 1
@@ -958,11 +971,14 @@ class Importer:
             self._fail(f"{exc} None of the {self.pending_entities} DICOM files since the "
                        "last commit was imported.", self.entities + 1)
 
-    def _import_plain(self, path):
+    def _import_plain(self, path, data=None):
         if self.plain is None:
             self.plain = ImportBatch(self.domain, self.offset)
         try:
-            self.plain.add_file(path, move=self.move_files)
+            if data is not None:
+                self.plain.add_bytes(data, move_from=path if self.move_files else None)
+            else:
+                self.plain.add_file(path, move=self.move_files)
         except DicomImportError as exc:
             entity = self.entities + self.pending_entities + 1
             # Instances before the broken one stay imported, as in CIRCUS.
