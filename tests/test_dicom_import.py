@@ -36,8 +36,8 @@ def series_rows():
 
 
 def record_of(**kwargs):
-    return di.extract_record(di.read_dataset(io.BytesIO(dicom_bytes(**kwargs)),
-                                             len(dicom_bytes(**kwargs))), 0)
+    data = dicom_bytes(**kwargs)
+    return di.extract_record(di.read_dataset(io.BytesIO(data), len(data)), 0)
 
 
 def read(path):
