@@ -380,14 +380,21 @@ _PATIENT_COLUMNS = {"patientId": _SERIES.patient_id, "patientName": _SERIES.pati
 def _masked_by_role(column, viewable_projects):
     """A value of the first series of the latest revision, NULL where the project's roles
     mask patient information (a correlated subquery: searches not using it never read the
-    series table)."""
+    series table). ``viewable_projects`` None means every readable project."""
     value = (sa.select(column).where(_SERIES.series_uid == _CASES.first_series_uid)
              .scalar_subquery())
+    if viewable_projects is None:
+        return value
     return sa.case((_CASES.project_id.in_(viewable_projects), value), else_=sa.null())
 
 
 def _viewable(privileges):
-    return tuple(sorted(privileges.projects_with("read", "viewPersonalInfo")))
+    """The projects whose patient information the caller's roles show, or None when that
+    is every project the caller can read (the usual case: no CASE needed in the SQL)."""
+    viewable = privileges.projects_with("read", "viewPersonalInfo")
+    if set(viewable) >= set(privileges.projects_with("read")):
+        return None
+    return tuple(sorted(viewable))
 
 
 def search_fields(privileges):
@@ -402,7 +409,8 @@ def _search_fields(viewable):
     # keep SQLAlchemy's compiled-statement cache warm.
     fields = {"projectId": _CASES.project_id, "caseId": _CASES.case_id}
     for key, column in _PATIENT_COLUMNS.items():
-        fields["patientInfo." + key] = _masked_by_role(column, list(viewable))
+        fields["patientInfo." + key] = _masked_by_role(
+            column, None if viewable is None else list(viewable))
     fields["tags"] = ArrayField(_TAGS.tag, _TAGS.case_id == _CASES.case_id)
     fields["createdAt"] = _CASES.created_at
     fields["updatedAt"] = _CASES.updated_at
@@ -411,8 +419,11 @@ def _search_fields(viewable):
 
 @functools.lru_cache(maxsize=256)
 def _summary_columns(viewable, show_personal_info):
-    patient_info = (_masked_by_role(_SERIES.patient_info, list(viewable))
-                    if show_personal_info and viewable else sa.null())
+    if not show_personal_info or viewable == ():
+        patient_info = sa.null()
+    else:
+        patient_info = _masked_by_role(_SERIES.patient_info,
+                                       None if viewable is None else list(viewable))
     return (_CASES.case_id, _CASES.project_id, _CASES.tags, _CASES.latest_revision,
             _CASES.domains, _CASES.created_at, _CASES.updated_at,
             patient_info.label("patient_info"))

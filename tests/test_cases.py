@@ -478,3 +478,20 @@ def test_list_search_refusals_and_public_lists(app, client, auth_headers, two_pr
     # bob may read the public list, but only the cases of projects he can read appear.
     body = search(client, auth_headers["bob"], f"/api/cases/list/{public}").get_json()
     assert [i["caseId"] for i in body["items"]] == [two_projects["mine"]]
+
+
+def test_patient_info_masked_per_project_when_roles_differ(app, client, auth_headers,
+                                                           default_project, series):
+    with app.app_context():
+        other = make_project("other").project_id
+        db.session.commit()
+    mixed = persona(app, "jane@example.com", privileges=["personalInfoView"],
+                    read_projects=[default_project, other], write_projects=[other],
+                    view_personal_info_projects=[default_project])
+    shown = create_case(client, auth_headers["bob"], default_project)
+    hidden = create_case(client, mixed, other)  # same series: same patient
+    items = {i["caseId"]: i for i in search(client, mixed).get_json()["items"]}
+    assert items[shown]["patientInfo"]["patientName"] == "Anzu"
+    assert "patientInfo" not in items[hidden]
+    body = search(client, mixed, filter={"patientInfo.patientName": "Anzu"}).get_json()
+    assert [i["caseId"] for i in body["items"]] == [shown]
