@@ -17,16 +17,13 @@ NEW_PROJECT = {
 }
 
 
-@pytest.mark.parametrize("method, path, body", [
-    ("get", "/api/admin/projects", None),
-    ("get", "/api/admin/projects/whatever", None),
-    ("patch", "/api/admin/projects/whatever", {"projectName": "x"}),
-    ("post", "/api/admin/projects", NEW_PROJECT),
-])
-def test_needs_manage_server(client, auth_headers, method, path, body):
-    res = getattr(client, method)(path, json=body, headers=auth_headers["bob"])
-    assert res.status_code == 401
-    assert res.get_json() == {"error": MANAGE_SERVER}
+def test_needs_manage_server(client, auth_headers):
+    for method, path, body in [("get", "/api/admin/projects", None),
+                               ("get", "/api/admin/projects/whatever", None),
+                               ("patch", "/api/admin/projects/whatever", {"projectName": "x"}),
+                               ("post", "/api/admin/projects", NEW_PROJECT)]:
+        res = getattr(client, method)(path, json=body, headers=auth_headers["bob"])
+        assert (res.status_code, res.get_json()) == (401, {"error": MANAGE_SERVER}), (method, path)
 
 
 def test_create_and_get_project(client, auth_headers):
@@ -46,24 +43,28 @@ def test_create_project_refuses_id(client, auth_headers):
     assert res.get_json() == {"error": "Project ID cannot be specified"}
 
 
-@pytest.mark.parametrize("change", [
-    {"projectName": None},
-    {"projectName": "x" * 65},
-    {"description": "x" * 1025},
-    {"icon": {"glyph": "Not Kebab", "color": "#ffffff", "backgroundColor": "#000000"}},
-    {"icon": {"glyph": "calc", "color": "white", "backgroundColor": "#000000"}},
-    {"tags": [{"caption": "x", "color": "#FF0000"}]},
-    {"windowPriority": "random"},
-    {"windowPresets": [{"label": "a", "level": 1}]},
-    {"caseAttributesSchema": {"type": "array"}},
-    {"caseAttributesSchema": {"properties": {"a": {"type": "object"}}}},
-    {"owner": "me"},
-])
-def test_create_project_bad_body(client, auth_headers, change):
-    body = {k: v for k, v in {**NEW_PROJECT, **change}.items() if v is not None}
-    res = client.post("/api/admin/projects", json=body, headers=auth_headers["alice"])
-    assert res.status_code == 400
-    assert res.get_json()["error"] == "Request data is not correct."
+def test_create_project_bad_body(app, client, auth_headers):
+    changes = [
+        {"projectName": None},
+        {"projectName": "x" * 65},
+        {"description": "x" * 1025},
+        {"icon": {"glyph": "Not Kebab", "color": "#ffffff", "backgroundColor": "#000000"}},
+        {"icon": {"glyph": "calc", "color": "white", "backgroundColor": "#000000"}},
+        {"icon": {"glyph": "calc", "color": "#ffffff"}},
+        {"tags": [{"caption": "x", "color": "#FF0000"}]},
+        {"windowPriority": "random"},
+        {"windowPresets": [{"label": "a", "level": 1}]},
+        {"caseAttributesSchema": {"type": "array"}},
+        {"caseAttributesSchema": {"properties": {"a": {"type": "object"}}}},
+        {"owner": "me"},
+    ]
+    for change in changes:
+        body = {k: v for k, v in {**NEW_PROJECT, **change}.items() if v is not None}
+        res = client.post("/api/admin/projects", json=body, headers=auth_headers["alice"])
+        assert res.status_code == 400, change
+        assert res.get_json()["error"] == "Request data is not correct."
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count()).select_from(Project)).scalar() == 1
 
 
 def test_list_projects(app, client, auth_headers, default_project):

@@ -4,16 +4,15 @@ import pytest
 MANAGE_SERVER = "You do not have sufficient privilege to access this resource.manageServer"
 
 
-@pytest.mark.parametrize("method, path, body", [
-    ("get", "/api/admin/server-params", None),
-    ("get", "/api/admin/server-params/domains", None),
-    ("put", "/api/admin/server-params/domains", ["evil"]),
-    ("put", "/api/admin/server-params", {"defaultDomain": "evil"}),
-])
-def test_needs_manage_server(client, auth_headers, method, path, body):
-    res = getattr(client, method)(path, json=body, headers=auth_headers["bob"])
-    assert res.status_code == 401
-    assert res.get_json() == {"error": MANAGE_SERVER}
+def test_needs_manage_server(client, auth_headers):
+    for method, path, body in [("get", "/api/admin/server-params", None),
+                               ("get", "/api/admin/server-params/domains", None),
+                               ("put", "/api/admin/server-params/domains", ["evil"]),
+                               ("put", "/api/admin/server-params", {"defaultDomain": "evil"})]:
+        res = getattr(client, method)(path, json=body, headers=auth_headers["bob"])
+        assert (res.status_code, res.get_json()) == (401, {"error": MANAGE_SERVER}), (method, path)
+    res = client.get("/api/admin/server-params", headers=auth_headers["alice"])
+    assert res.get_json() == {"domains": ["default"]}
 
 
 def test_initial_params(client, auth_headers):
@@ -60,20 +59,20 @@ def test_put_bulk(client, auth_headers):
     assert client.get("/api/admin/server-params/n", headers=headers).get_json() == 3
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/api/admin/server-params", {"domains": "default"}),
-    ("/api/admin/server-params", {"defaultDomain": ["a"]}),
-    ("/api/admin/server-params", ["a"]),
-    ("/api/admin/server-params/domains", {"a": 1}),
-    ("/api/admin/server-params/defaultDomain", ["a"]),
-    ("/api/admin/server-params/" + "k" * 129, ["a"]),
-])
-def test_known_params_are_checked(client, auth_headers, path, body):
-    res = client.put(path, json=body, headers=auth_headers["alice"])
-    assert res.status_code == 400
-    assert res.get_json()["error"] == "Request data is not correct."
-    assert client.get("/api/admin/server-params/domains",
-                      headers=auth_headers["alice"]).get_json() == ["default"]
+def test_known_params_are_checked(client, auth_headers):
+    for path, body in [
+        ("/api/admin/server-params", {"domains": "default"}),
+        ("/api/admin/server-params", {"defaultDomain": ["a"]}),
+        ("/api/admin/server-params", ["a"]),
+        ("/api/admin/server-params/domains", {"a": 1}),
+        ("/api/admin/server-params/defaultDomain", ["a"]),
+        ("/api/admin/server-params/" + "k" * 129, ["a"]),
+    ]:
+        res = client.put(path, json=body, headers=auth_headers["alice"])
+        assert res.status_code == 400, (path, body)
+        assert res.get_json()["error"] == "Request data is not correct."
+    assert client.get("/api/admin/server-params", headers=auth_headers["alice"]).get_json() == {
+        "domains": ["default"]}
 
 
 def test_wrong_content_type(client, auth_headers):
