@@ -2,8 +2,6 @@
 import re
 from datetime import timedelta
 
-import pytest
-
 from auth import digest
 from models import OnetimeUrl, User, db
 from tests.factories import make_user

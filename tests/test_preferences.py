@@ -1,6 +1,4 @@
 """The caller's preferences: /api/preferences."""
-import pytest
-
 from accounts import DEFAULT_PREFERENCES
 from models import User, db
 

@@ -1,5 +1,4 @@
 """Server parameters: /api/admin/server-params."""
-import pytest
 
 MANAGE_SERVER = "You do not have sufficient privilege to access this resource.manageServer"
 
