@@ -542,7 +542,7 @@ def copy_outputs(out_dir, target_dir, job_log=None, read_only=True):
 def execute(plugin, series, work_dir, job_log, job_id, docker="docker"):
     """Prepare in/, run the plug-in, validate out/results.json; return (results, out_dir)."""
     in_dir, out_dir = os.path.join(work_dir, "in"), os.path.join(work_dir, "out")
-    for folder in (in_dir, out_dir, os.path.join(work_dir, "dicom")):
+    for folder in (in_dir, out_dir):  # (no dicom/: our input is read from the storage)
         os.makedirs(folder, exist_ok=True)
     started = time.monotonic()
     prepare_input(series, in_dir, job_log)

@@ -8,7 +8,7 @@ selects a misbehaviour for the bad-input tests:
 ok, gzip, no_finished, error_event, timeout, http500, no_request_id, drop, tar_traversal,
 tar_absolute, tar_symlink, malformed, invalid_results, result404, slow_result
 """
-import email.parser
+import email
 import email.policy
 import io
 import json
@@ -34,6 +34,19 @@ def voxel_mean(mhd_text, raw):
     if voxels.size != dims[0] * dims[1] * dims[2]:
         raise ValueError("raw size does not match DimSize")
     return float(voxels.mean()), dims
+
+
+def parse_multipart(content_type, body):
+    """``{filename: bytes}`` of the parts named ``files`` of a multipart/form-data body."""
+    boundary = content_type.split("boundary=", 1)[1].strip('"').encode()
+    files = {}
+    for part in body.split(b"--" + boundary)[1:-1]:
+        head, _, data = part[2:].partition(b"\r\n\r\n")
+        disposition = email.message_from_bytes(head + b"\r\n\r\n",
+                                               policy=email.policy.HTTP)
+        if disposition.get_param("name", header="content-disposition") == "files":
+            files[disposition.get_filename()] = data[:-2]  # the CRLF before the boundary
+    return files
 
 
 def results_tar(files, gzip=False, extra=()):
@@ -83,11 +96,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers["Content-Length"])
         body = self.rfile.read(length)
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body)
-        files = {part.get_filename(): part.get_payload(decode=True)
-                 for part in message.iter_parts() if part.get_param("name", header=
-                                                                   "content-disposition") == "files"}
+        files = parse_multipart(self.headers["Content-Type"], body)
         plugin.received.append({"files": files, "headers": dict(self.headers)})
         if mode == "timeout":
             time.sleep(plugin.delay)
