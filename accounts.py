@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from flask import current_app
 
+import plugin_definitions
 from auth import check_password, digest, find_user, issue_login_token
 from errors import ApiError, not_found
 from models import (MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project, ServerParam,
@@ -188,7 +189,8 @@ def _by_id(model, key_column, ids):
 def privilege_document(privileges):
     """The computed privilege object of API.md 2.3, with full project and plug-in documents.
 
-    Projects or plug-ins that no longer exist are skipped (quirk 30).
+    Projects or plug-ins that no longer exist are skipped (quirk 30). Remote plug-in secrets
+    are left out, as in every answer to non-administrators.
     """
     projects = _by_id(Project, Project.project_id, list(privileges.project_roles))
     plugins = _by_id(PluginDefinition, PluginDefinition.plugin_id, list(privileges.plugin_roles))
@@ -199,7 +201,7 @@ def privilege_document(privileges):
             {"projectId": pid, "roles": list(roles), "project": projects[pid].to_json()}
             for pid, roles in privileges.project_roles.items() if pid in projects],
         "accessiblePlugins": [
-            {"pluginId": pid, "roles": list(roles), "plugin": plugins[pid].to_json()}
+            {"pluginId": pid, "roles": list(roles), "plugin": plugin_definitions.public_json(plugins[pid])}
             for pid, roles in privileges.plugin_roles.items() if pid in plugins],
     }
 

@@ -10,10 +10,11 @@ import logging
 from sqlalchemy.exc import IntegrityError
 
 import accounts
+import plugin_definitions
 from auth import hash_password
 from errors import ApiError, not_found
-from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, Project, Series,
-                    ServerParam, User, db, new_ulid)
+from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, PluginDefinition, Project,
+                    Series, ServerParam, User, db, new_ulid)
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,8 @@ STORED_MY_LIST = {  # the header of API.md 4.9
                    "editors": {"type": "array", "items": MY_LIST_EDITOR},
                    "createdAt": {"type": "string"}}}
 
-# target -> (model, key column, stored document, schema); CIRCUS's collection names.
+# target -> (model, key column, stored document, schema or validating function);
+# CIRCUS's collection names.
 RECORD_CHECKS = {
     "groups": (Group, Group.group_id, lambda g: _without_dates(g.to_json()),
                {"allOf": [{"$ref": "group-create.yaml"}, {"required": ["groupId"]}]}),
@@ -370,6 +372,8 @@ RECORD_CHECKS = {
                STORED_SERIES),
     "clinicalCases": (ClinicalCase, ClinicalCase.case_id, _stored_case, STORED_CASE),
     "myLists": (MyList, MyList.my_list_id, lambda m: m.to_json(), STORED_MY_LIST),
+    "pluginDefinitions": (PluginDefinition, PluginDefinition.plugin_id,
+                          plugin_definitions.document, plugin_definitions.validate_definition),
 }
 CHECK_BATCH = 500
 
@@ -399,12 +403,14 @@ def check_records(targets=None, progress=None):
         count = 0
         rows = db.session.execute(db.select(model).order_by(key)
                                   .execution_options(yield_per=CHECK_BATCH)).scalars()
+        check = schema if callable(schema) else (lambda doc, schema=schema: validate(doc, schema))
         for row in rows:
             try:
-                validate(to_doc(row), schema)
+                check(to_doc(row))
             except ApiError as error:
-                raise InvalidRecord(target, getattr(row, key.key),
-                                    error.extra.get("validationErrors", [])) from None
+                errors = error.extra.get("validationErrors") or [
+                    {"dataPath": "", "message": error.message}]
+                raise InvalidRecord(target, getattr(row, key.key), errors) from None
             count += 1
         counts[target] = count
         if progress:

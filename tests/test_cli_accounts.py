@@ -4,8 +4,10 @@ from datetime import timedelta
 
 import pytest
 
+from admin_records import RECORD_CHECKS
 from auth import check_password, issue_login_token
-from models import Group, Project, Series, ServerParam, Token, User, db, utcnow
+from models import (Group, PluginDefinition, Project, Series, ServerParam, Token, User, db,
+                    utcnow)
 from tests.factories import make_series
 
 
@@ -147,13 +149,18 @@ def test_create_group_refuses_unknown_privilege(runner):
 def test_db_check_clean_database(app, runner, tokens):
     with app.app_context():
         make_series("1.2.3.4")
+        db.session.add(PluginDefinition(
+            plugin_id="a" * 64, type="CAD", plugin_name="p", version="1.0.0", description="",
+            run_configuration={"timeout": 900, "gpus": ""}, display_strategy=[],
+            icon={"glyph": "calc", "color": "#ffffff", "backgroundColor": "#008800"}))
         db.session.commit()
     result = runner.invoke(args=["db-check"])
     assert result.exit_code == 0, result.output
     assert "Validating: groups" in result.output
     assert "Validating: users" in result.output
     assert "  Validated: 4 items." in result.output  # groups and users
-    assert "  Validated: 1 item." in result.output  # projects, serverParams, series
+    assert "  Validated: 1 item." in result.output  # projects, serverParams, series, plug-ins
+    assert "Validating: pluginDefinitions" in result.output
 
 
 def test_db_check_target(runner):
@@ -171,6 +178,9 @@ def test_db_check_target(runner):
     ("serverParams", lambda: db.session.add(ServerParam(key="domains2", value=1)) or setattr(
         db.session.get(ServerParam, "domains"), "value", "default"), ".domains"),
     ("series", lambda: setattr(db.session.get(Series, "1.2.3.4"), "images", "1-x"), ".images"),
+    ("pluginDefinitions", lambda: db.session.add(PluginDefinition(
+        plugin_id="a" * 64, type="CAD", plugin_name="p", version="one", description="",
+        run_configuration={}, icon={}, display_strategy=[])), ".version"),
 ])
 def test_db_check_reports_first_invalid(app, runner, target, corrupt, where):
     with app.app_context():
@@ -182,4 +192,5 @@ def test_db_check_reports_first_invalid(app, runner, target, corrupt, where):
     assert f"There was a validation error in {target}" in result.output
     assert where in result.output
     # stops at the first invalid collection
-    assert "Validating: myLists" not in result.output
+    later = list(RECORD_CHECKS)[list(RECORD_CHECKS).index(target) + 1:]
+    assert not [name for name in later if f"Validating: {name}" in result.output]

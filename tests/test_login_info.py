@@ -147,3 +147,23 @@ def test_my_lists_and_shared_lists(app, client, auth_headers, tokens):
     doc = client.get("/api/login-info/full", headers=auth_headers["bob"]).get_json()
     assert [s["sharedMyList"]["myListId"] for s in doc["sharedMyLists"]] == ["01private"]
     assert [m["myListId"] for m in doc["myLists"]] == ["01byuser"]
+
+
+def test_remote_plugin_secret_is_not_shown(app):
+    remote_id = "rmt-" + "b" * 64
+    with app.app_context():
+        db.session.add(PluginDefinition(
+            plugin_id=remote_id, type="CAD+remote", plugin_name="remote", version="1.0.0",
+            description="", icon={"glyph": "calc", "color": "#ffffff",
+                                  "backgroundColor": "#008800"}, display_strategy=[],
+            run_configuration={"adapter": "x", "parameters": {
+                "endpoint": "https://cad.example.com", "authentication": "s3cret"}}))
+        group = make_group("remote users", read_plugin=[remote_id])
+        make_user("carol@example.com", "carol", groups=[group.group_id])
+        token = make_token("carol@example.com")
+    res = app.test_client().get("/api/login-info/full",
+                                headers={"Authorization": f"Bearer {token}"})
+    [plugin] = res.get_json()["accessiblePlugins"]
+    assert plugin["plugin"]["runConfiguration"] == {
+        "adapter": "x", "parameters": {"endpoint": "https://cad.example.com"}}
+    assert b"s3cret" not in res.data
