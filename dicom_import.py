@@ -50,6 +50,7 @@ SMALL_ENTRY_BYTES = 16 * 1024 * 1024  # entries up to this size are parsed from 
 BATCH_MAX_FILES = 2000  # plain files per batch (archives are one batch each)
 BATCH_MAX_BYTES = 1024 ** 3
 COPY_CHUNK = 1024 * 1024
+FSYNC_EACH_MAX = 16  # batches up to this many files fsync each file instead of syncfs
 IN_CHUNK = 500  # bound of SQL IN lists
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 TZ_RE = re.compile(r"^([+-])(\d\d)(\d\d)$")
@@ -554,9 +555,10 @@ _SYNCFS = _syncfs_function()
 
 
 def make_durable(folder, paths):
-    """Flush the files of a batch to disk: one syncfs of the file system of ``folder``,
-    or an fsync per file where syncfs does not exist."""
-    if _SYNCFS is not None and paths:
+    """Flush the files of a batch to disk: one syncfs of the file system of ``folder`` for
+    a large batch (or where fsync per file is all there is), else one fsync per file (a
+    syncfs also flushes everyone else's writes)."""
+    if _SYNCFS is not None and len(paths) > FSYNC_EACH_MAX:
         fd = os.open(folder, os.O_RDONLY)
         try:
             if _SYNCFS(fd) == 0:
@@ -590,8 +592,10 @@ class ImportBatch:
     def __init__(self, domain, utc_offset=None):
         self.domain = domain
         self.utc_offset = default_offset() if utc_offset is None else utc_offset
-        self.dir = storage.dicom_staging_dir(new_ulid())
-        os.makedirs(self.dir)
+        # One shared staging folder; this batch's files carry its own prefix.
+        self.dir = storage.dicom_staging_dir("batches")
+        os.makedirs(self.dir, exist_ok=True)
+        self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
         self.records = {}  # seriesUid -> series values of its first instance
         self.bytes = 0
@@ -608,7 +612,7 @@ class ImportBatch:
 
     def _staged_name(self):
         self._counter += 1
-        return os.path.join(self.dir, f"{self._counter:08d}")
+        return os.path.join(self.dir, f"{self.prefix}-{self._counter:08d}")
 
     def _keep(self, record, path, size):
         key = (record.series["series_uid"], record.instance_number)
@@ -682,8 +686,10 @@ class ImportBatch:
         return self._keep(record, staged, size)
 
     def discard(self):
-        """Remove whatever is still staged."""
-        storage.remove_tree(self.dir)
+        """Remove whatever this batch still has in the staging folder."""
+        for name in os.listdir(self.dir):
+            if name.startswith(self.prefix):
+                _unlink_quietly(os.path.join(self.dir, name))
         self.staged = {}
 
     def commit(self):
@@ -760,17 +766,21 @@ class ImportBatch:
             series.updated_at = now
         db.session.flush()
         folders = set()
+        created = False
         for (uid, number), staged in sorted(self.staged.items()):
             target = storage.instance_path(uid, number)
             folder = os.path.dirname(target)
             if folder not in folders:
-                os.makedirs(folder, exist_ok=True)
+                if not os.path.isdir(folder):
+                    os.makedirs(folder, exist_ok=True)
+                    created = True
                 folders.add(folder)
             os.replace(staged, target)
             placed.append((target, (uid, number) in new_keys))
         for folder in folders:
             storage.fsync_dir(folder)
-        storage.fsync_dir(os.path.dirname(next(iter(folders))))
+        if created:
+            storage.fsync_dir(storage.root("dicom"))
         db.session.commit()
         return new_keys
 
