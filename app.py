@@ -92,7 +92,9 @@ def create_app(config=None):
     app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
     os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
-    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+    if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        # A database server may drop idle connections; a SQLite file never does.
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
     app.config["MAX_CONTENT_LENGTH"] = None  # uploads are streamed; each route sets its limit
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
