@@ -120,7 +120,8 @@ def test_create_user_refuses_last_login(client, auth_headers, extra):
 
 
 def test_create_user_bad_body(app, client, auth_headers):
-    changes = [{"userEmail": "not-an-email"}, {"userEmail": "a@b@c"}, {"password": None},
+    changes = [{"userEmail": "not-an-email"}, {"userEmail": "a@b@c"},
+               {"userEmail": "dave@example.com\n"}, {"password": None},
                {"password": ""}, {"groups": ["admin"]}, {"myLists": []},
                {"preferences": {"theme": "pink"}}, {"isAdmin": True}]
     for change in changes:
