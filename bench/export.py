@@ -185,6 +185,13 @@ def vm_value(pid, key):
     return 0
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_cp(src, dst, sync=False):
     start = time.perf_counter()
     subprocess.run(["cp", src, dst], check=True)
@@ -233,8 +240,9 @@ def main():
         os.sync()
 
         from models import Task, db
-        rates, delays, cp_rates, cp_sync_rates, sizes = [], [], [], [], []
+        rates, delays, cp_rates, cp_sync_rates, sizes, cpus = [], [], [], [], [], []
         for run in range(args.runs):
+            cpu_before = cpu_seconds(worker.pid)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             conn.request("POST", "/api/cases/export-mhd", body=json.dumps({"caseIds": [case_id]}),
                          headers={"Authorization": f"Bearer {token}",
@@ -266,6 +274,7 @@ def main():
                                if kind == "finish" and data["taskId"] == task_id), None)
                 time.sleep(0.005)
             elapsed = ended - claimed_at
+            cpus.append(cpu_seconds(worker.pid) - cpu_before)
             rates.append(raw_bytes / elapsed / 1e6)
             delays.append((finish - ended) * 1000 if finish else float("nan"))
             with app.app_context():
@@ -275,8 +284,8 @@ def main():
             cp_sync_rates.append(raw_bytes / timed_cp(source, source + ".copy", sync=True) / 1e6)
             print(f"run {run + 1}: export {elapsed:.2f} s = {rates[-1]:.0f} MB/s raw; "
                   f"cp {cp_rates[-1]:.0f} MB/s, cp+sync {cp_sync_rates[-1]:.0f} MB/s; "
-                  f"SSE finish delay {delays[-1]:.0f} ms; archive {sizes[-1] / 1e6:.0f} MB",
-                  flush=True)
+                  f"SSE finish delay {delays[-1]:.0f} ms; archive {sizes[-1] / 1e6:.0f} MB; "
+                  f"worker CPU {cpus[-1]:.2f} s", flush=True)
         peak = vm_value(worker.pid, "VmHWM")
         rate, cp_rate = statistics.median(rates), statistics.median(cp_rates)
         print(f"\nraw voxels per export: {raw_bytes / 1e6:.0f} MB (volume {volume_bytes / 1e6:.0f} MB "
@@ -284,6 +293,9 @@ def main():
         print(f"export median {rate:.0f} MB/s vs cp {cp_rate:.0f} MB/s: ratio {rate / cp_rate:.2f} "
               f"(goal >= 0.5); vs cp+sync {statistics.median(cp_sync_rates):.0f} MB/s: ratio "
               f"{rate / statistics.median(cp_sync_rates):.2f}")
+        cpu = statistics.median(cpus)
+        print(f"worker CPU time per export {cpu:.2f} s = {raw_bytes / cpu / 1e6:.0f} MB raw per "
+              f"CPU-second (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         print(f"worker peak RSS {peak / 1e6:.0f} MB (idle {rss_idle / 1e6:.0f} MB) = "
               f"{peak / volume_bytes:.2f}x one volume (goal < 2.5)")
         print(f"SSE finish delay after endedAt: median {statistics.median(delays):.0f} ms, "
