@@ -218,8 +218,10 @@ class Series(Timestamps, db.Model):
     parameters: Mapped[dict] = mapped_column(JSON, default=dict)
     domain: Mapped[str] = mapped_column(String(128), index=True)
 
+    # (modality, seriesDate, domain) covers the common filtered search and its COUNT
+    # without reading rows (the domain condition is always there).
     __table_args__ = (Index("ix_series_domain_created", "domain", "created_at"),
-                      Index("ix_series_modality_date", "modality", "series_date"))
+                      Index("ix_series_modality_date", "modality", "series_date", "domain"))
 
     def set_patient_info(self, info):
         """Store patientInfo and its indexed copies together."""
