@@ -111,6 +111,7 @@ def create_group(body):
     _set_group_fields(group, body)
     db.session.add(group)
     db.session.commit()
+    log.info("Group %s (%s) created", group.group_id, group.group_name)
     return group.group_id
 
 
@@ -182,6 +183,7 @@ def create_user(body):
         groups=list(body["groups"]),
         preferences={**accounts.default_preferences(), **body.get("preferences", {})}))
     _commit_user()
+    log.info("User %s created", email)
     return email
 
 
@@ -203,6 +205,7 @@ def update_user(user_email, body):
         if wire in body:
             setattr(user, attr, body[wire])
     _commit_user()
+    log.info("User %s updated: %s", user_email, ", ".join(sorted(body)))
 
 
 # --- projects ---------------------------------------------------------------------------
