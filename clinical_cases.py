@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 MAX_TAG_LENGTH = 32
 MAX_BULK_CASES = 1000
 MAX_BULK_TAGS = 10
-PATIENT_FIELDS = {"patientId": Series.patient_id, "patientName": Series.patient_name,
-                  "age": Series.patient_age, "sex": Series.patient_sex}
 
 
 class RevisionConflict(ApiError):
@@ -78,7 +76,7 @@ def case_document(case):
 
 
 def _summary(case, patient_info=None):
-    """A search item from a case row (an entity or a row of SUMMARY_COLUMNS)."""
+    """A search item from a case entity or a row of ``readable_cases``."""
     doc = {"caseId": case.case_id, "projectId": case.project_id, "tags": list(case.tags),
            "latestRevision": case.latest_revision, "domains": list(case.domains)}
     if patient_info is not None:
@@ -300,11 +298,22 @@ def append_revision(case_id, user_email, revision, if_match=None):
 
 # --- tags --------------------------------------------------------------------------------
 
+def _lock_cases(case_ids):
+    """Lock case rows for a read-modify-write (a row lock on PostgreSQL, the write lock on
+    SQLite) with a no-op UPDATE; return how many of them exist."""
+    return db.session.execute(
+        sa.update(ClinicalCase).where(ClinicalCase.case_id.in_(case_ids))
+        .values(revision_count=ClinicalCase.revision_count,
+                updated_at=ClinicalCase.updated_at)  # keeps onupdate from firing
+        .execution_options(synchronize_session=False)).rowcount
+
+
 def put_tags(case, tags):
     """Replace the tags of a case; bumps updatedAt."""
     check_tag_lengths(tags)
     case.tags = list(tags)
     case.updated_at = utcnow()
+    db.session.flush()  # the case row first: concurrent writers queue on it
     _set_tags(case.case_id, tags)
     db.session.commit()
 
@@ -319,12 +328,15 @@ def bulk_tags(privileges, operation, tags, case_ids):
         raise ApiError(400, "You must specify at least one tag.")
     check_tag_lengths(tags, "The specified tag is too long.")
     ids = list(dict.fromkeys(case_ids))
+    # Locked before they are read, so that concurrent additions cannot lose each other.
+    if _lock_cases(ids) != len(ids):
+        db.session.rollback()
+        raise ApiError(404, "Some case does not exist")
     rows = db.session.execute(db.select(ClinicalCase.case_id, ClinicalCase.project_id,
                                         ClinicalCase.tags, ClinicalCase.updated_at)
                               .where(ClinicalCase.case_id.in_(ids))).all()
-    if len(rows) != len(ids):
-        raise ApiError(404, "Some case does not exist")
     if any(not privileges.has_project_role(r.project_id, "write") for r in rows):
+        db.session.rollback()
         raise ApiError(401, "You do not have write access to some of the specified cases.")
     updates = []
     for row in rows:

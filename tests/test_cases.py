@@ -495,3 +495,27 @@ def test_patient_info_masked_per_project_when_roles_differ(app, client, auth_hea
     assert "patientInfo" not in items[hidden]
     body = search(client, mixed, filter={"patientInfo.patientName": "Anzu"}).get_json()
     assert [i["caseId"] for i in body["items"]] == [shown]
+
+
+def test_concurrent_bulk_additions_lose_no_tag(app, auth_headers, default_project, series):
+    import threading
+    client = app.test_client()
+    case_id = create_case(client, auth_headers["bob"], default_project, tags=["base"])
+    barrier, statuses = threading.Barrier(6), []
+
+    def add(tag):
+        own = app.test_client()
+        barrier.wait()
+        res = own.patch("/api/cases/tags", headers=auth_headers["bob"], json={
+            "operation": "add", "tags": [tag], "caseIds": [case_id]})
+        statuses.append(res.status_code)
+
+    threads = [threading.Thread(target=add, args=(f"t{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [204] * 6
+    tags, mirror, _ = tags_of(app, case_id)
+    assert sorted(tags) == ["base"] + [f"t{i}" for i in range(6)]
+    assert mirror == set(tags)
