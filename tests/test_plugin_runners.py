@@ -70,7 +70,7 @@ def statuses(env, ids):
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_jobs_run_concurrently_up_to_the_configured_number(env, concurrency):
     env.app.config["PLUGIN_JOB_CONCURRENCY"] = concurrency
-    env.server.run_delay = 0.4
+    env.server.run_delay = 0.25
     ids = queue_jobs(env, 6)
     with env.app.app_context():
         worker.run_pending()
