@@ -597,7 +597,9 @@ class ImportBatch:
         os.makedirs(self.dir, exist_ok=True)
         self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
-        self.records = {}  # seriesUid -> series values of its first instance
+        # seriesUid -> key of its first instance; its record is read again at commit, so a
+        # batch of thousands of series does not hold thousands of records in memory.
+        self.first_key = {}
         self.bytes = 0
         self._counter = 0
 
@@ -620,7 +622,7 @@ class ImportBatch:
         if previous is not None:
             os.unlink(previous)
         self.staged[key] = path
-        self.records.setdefault(key[0], record.series)
+        self.first_key.setdefault(key[0], key)
         self.bytes += size
         return record
 
@@ -738,33 +740,44 @@ class ImportBatch:
                 found[series.series_uid] = series
         return found
 
+    def _series_values(self, uid):
+        """The series record of ``uid``, read again from its first staged instance."""
+        with open(self.staged[self.first_key[uid]], "rb") as fh:
+            dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
+        return dict(extract_record(dataset, self.utc_offset).series)
+
     def _upsert(self, by_series, placed):
-        uids = sorted(by_series)
-        existing = self._lock_rows(uids)
         new_keys = set()
         now = utcnow()
-        for uid in uids:
-            numbers = by_series[uid]
-            series = existing.get(uid)
-            if series is None:
-                values = dict(self.records[uid])
-                patient_info = values.pop("patient_info")
-                series = Series(**values, images=images_string(numbers), domain=self.domain,
-                                storage_id=0, created_at=now, updated_at=now)
-                series.set_patient_info(patient_info)
-                db.session.add(series)
-                new_keys.update((uid, n) for n in numbers)
-                continue
-            if series.domain != self.domain:
-                raise DomainConflictError(
-                    f"The series {uid} already exists in another domain; its instances "
-                    f"cannot be imported into the domain \"{self.domain}\".")
-            ranges = parse_ranges(series.images)
-            new_keys.update((uid, n) for n in numbers
-                            if not any(a <= n <= b for a, b in ranges))
-            series.images = merge_images(series.images, numbers)
-            series.updated_at = now
-        db.session.flush()
+        for chunk in _chunks(sorted(by_series)):
+            existing = self._lock_rows(chunk)
+            touched = []
+            for uid in chunk:
+                numbers = by_series[uid]
+                series = existing.get(uid)
+                if series is None:
+                    values = self._series_values(uid)
+                    patient_info = values.pop("patient_info")
+                    series = Series(**values, images=images_string(numbers), domain=self.domain,
+                                    storage_id=0, created_at=now, updated_at=now)
+                    series.set_patient_info(patient_info)
+                    db.session.add(series)
+                    new_keys.update((uid, n) for n in numbers)
+                    touched.append(series)
+                    continue
+                if series.domain != self.domain:
+                    raise DomainConflictError(
+                        f"The series {uid} already exists in another domain; its instances "
+                        f"cannot be imported into the domain \"{self.domain}\".")
+                ranges = parse_ranges(series.images)
+                new_keys.update((uid, n) for n in numbers
+                                if not any(a <= n <= b for a, b in ranges))
+                series.images = merge_images(series.images, numbers)
+                series.updated_at = now
+                touched.append(series)
+            db.session.flush()
+            for series in touched:  # written; no need to keep them in memory
+                db.session.expunge(series)
         folders = set()
         created = False
         for (uid, number), staged in sorted(self.staged.items()):
