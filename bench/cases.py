@@ -19,6 +19,7 @@ Usage (from the project root)::
 
     .venv/bin/python bench/cases.py                 # SQLite, 1,000 and 100,000 cases
     .venv/bin/python bench/cases.py --pg            # also PostgreSQL (throwaway server)
+    .venv/bin/python bench/cases.py --pg --pg-random-page-cost 1.1   # SSD planner costs
     .venv/bin/python bench/cases.py --sizes 1000 --seconds 3
 
 Both servers run as ``gunicorn -w 2`` on loopback; the load generator is this script
@@ -211,8 +212,9 @@ def generate(data_dir, database_url, n_cases):
             with db.engine.begin() as conn:
                 conn.execute(sa.text("ANALYZE"))
         else:
+            # As autovacuum would have done on a live database: statistics and visibility map.
             with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(sa.text("ANALYZE"))
+                conn.execute(sa.text("VACUUM ANALYZE"))
         db.session.remove()
         db.engine.dispose()
     return token, first_readable
@@ -223,14 +225,15 @@ def size_database(database_url, size):
     if not database_url:
         return None
     import sqlalchemy as sa
-    base, _, _name = database_url.rpartition("/")
+    address, _, query = database_url.partition("?")
+    base, _, _name = address.rpartition("/")
     name = f"bench_{size}"
     engine = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
-    return f"{base}/{name}"
+    return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
 def case_filter():
@@ -315,7 +318,7 @@ def bench_backend(label, work, database_url, sizes, seconds, clients, rounds, fl
     targets, servers = {}, []
     try:
         for size in sizes:
-            data_dir = os.path.join(work, f"{label}-{size}")
+            data_dir = os.path.join(work, f"{label.split()[0]}-{size}")
             started = time.time()
             url = size_database(database_url, size)
             token, case_id = generate(data_dir, url, size)
@@ -397,6 +400,9 @@ def main():
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pg", action="store_true", help="also run on a throwaway PostgreSQL")
+    parser.add_argument("--pg-random-page-cost", type=float, default=None,
+                        help="planner setting for the app's connections (e.g. 1.1 for SSD or "
+                             "cached data; PostgreSQL's default is 4)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -414,8 +420,13 @@ def main():
             exports = dict(line.split(" ", 1)[1].split("=", 1) for line in out.splitlines()
                            if line.startswith("export "))
             pg_dir = exports["PG_THROWAWAY_DIR"]
-            bench_backend("postgresql", work, exports["DATABASE_URL"], sizes, args.seconds,
-                          args.clients, args.rounds, floor_port, log)
+            url = exports["DATABASE_URL"]
+            label = "postgresql"
+            if args.pg_random_page_cost is not None:
+                url += f"?options=-c%20random_page_cost%3D{args.pg_random_page_cost}"
+                label += f" random_page_cost={args.pg_random_page_cost}"
+            bench_backend(label, work, url, sizes, args.seconds, args.clients, args.rounds,
+                          floor_port, log)
     finally:
         stop(floor)
         if pg_dir:
