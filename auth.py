@@ -112,8 +112,10 @@ def find_user(email_or_login_id):
 _TOKEN_OWNER = (db.select(Token.access_token_expires_at, User)
                 .join(User, User.user_email == Token.user_email)
                 .where(Token.access_token_hash == db.bindparam("digest")))
-_GROUPS_BY_ID = db.select(*Group.__table__.columns).where(
-    Group.group_id.in_(db.bindparam("ids", expanding=True)))
+_GROUPS_BY_ID = db.select(
+    Group.group_id, Group.group_name, Group.privileges, Group.domains,
+    *(getattr(Group, attr) for attr in (*PROJECT_ROLES.values(), *PLUGIN_ROLES.values()))
+).where(Group.group_id.in_(db.bindparam("ids", expanding=True)))
 
 
 @dataclass
