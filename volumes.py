@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,20 +135,28 @@ def _pixel_format(ds, where):
 def decode_slice(number, data, where=None):
     """Decode one DICOM file (bytes) into a ``Slice``; VolumeError when impossible."""
     where = where or f"image #{number}"
-    try:
-        ds = pydicom.dcmread(BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise VolumeError(f"The file of {where} is not readable DICOM ({exc}).") from None
+    ds, pixel_span = _read_header(data, where)
     if int(ds.get("NumberOfFrames") or 1) > 1:
         raise UnsupportedImageError(f"Multi-frame images are not supported ({where}).")
-    if "PixelData" not in ds:
+    if pixel_span is None and "PixelData" not in ds:
         raise UnsupportedImageError(f"The file of {where} has no pixel data.")
     pixel_format = _pixel_format(ds, where)
     rows, columns = ds.get("Rows"), ds.get("Columns")
     try:
-        array = _native_pixels(ds, pixel_format, rows, columns)
+        array = None
+        if pixel_span is not None:
+            start, length = pixel_span
+            array = _native_pixels(ds, memoryview(data)[start:start + length], pixel_format,
+                                   rows, columns)
+            if array is None:  # pydicom's general path needs the pixel data element
+                ds = _read_full(data, where)
+        elif "PixelData" in ds:
+            array = _native_pixels(ds, ds.get_item(0x7FE00010).value, pixel_format, rows,
+                                   columns)
         if array is None:
             array = ds.pixel_array
+    except VolumeError:
+        raise
     except Exception as exc:  # pydicom raises many kinds for undecodable data
         syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
         log.info("Cannot decode %s (%s): %s", where, syntax, exc)
@@ -166,16 +175,62 @@ def decode_slice(number, data, where=None):
                  slice_location=js_parse_float(_text(ds, 0x00201041)))
 
 
-def _native_pixels(ds, pixel_format, rows, columns):
-    """Uncompressed little-endian monochrome pixels read straight from the element (pydicom's
-    general path costs more than the rest of the decoding); None when not applicable."""
+_READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError)
+
+
+def _read_full(data, where):
+    try:
+        return pydicom.dcmread(BytesIO(data), force=True)
+    except _READ_ERRORS as exc:
+        raise VolumeError(f"The file of {where} is not readable DICOM ({exc}).") from None
+
+
+def _read_header(data, where):
+    """The dataset of a file, and ``(offset, length)`` of its pixel data value in ``data``
+    when that is native little-endian pixel data right where pydicom stopped (else None,
+    and the dataset is read whole). pydicom reading the pixel element costs about twice
+    as much as the rest of the header, and the voxels are taken from ``data`` anyway."""
+    fp = BytesIO(data)
+    try:
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+    except _READ_ERRORS:
+        return _read_full(data, where), None  # the full read gives the same error message
+    span = _pixel_span(ds, data, fp.tell())
+    return (ds, span) if span is not None else (_read_full(data, where), None)
+
+
+def _pixel_span(ds, data, pos):
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    if syntax not in NATIVE_LITTLE_ENDIAN or len(data) < pos + 12:
+        return None
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if not little or implicit is None:
+        return None
+    if data[pos:pos + 4] != b"\xe0\x7f\x10\x00":  # (7FE0,0010) Pixel Data
+        return None
+    if implicit:
+        start, (length,) = pos + 8, struct.unpack_from("<I", data, pos + 4)
+    elif data[pos + 4:pos + 8] in (b"OB\0\0", b"OW\0\0"):
+        start, (length,) = pos + 12, struct.unpack_from("<I", data, pos + 8)
+    else:
+        return None
+    if length == 0xFFFFFFFF or start + length > len(data):
+        return None  # encapsulated or truncated: pydicom decides
+    return start, length
+
+
+def _native_pixels(ds, raw, pixel_format, rows, columns):
+    """Uncompressed little-endian monochrome pixels read straight from the element's bytes
+    (pydicom's general path costs more than the rest of the decoding); None when not
+    applicable."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
     if syntax not in NATIVE_LITTLE_ENDIAN or pixel_format == "rgba8" or not rows or not columns:
         return None
-    raw = ds.get_item(0x7FE00010).value
     dtype = PIXEL_FORMATS[pixel_format][1]
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) < rows * columns * dtype.itemsize:
+    if not isinstance(raw, (bytes, bytearray, memoryview)) \
+            or len(raw) < rows * columns * dtype.itemsize:
         return None
     array = np.frombuffer(raw, dtype=dtype, count=rows * columns).reshape(rows, columns)
     bits = dtype.itemsize * 8
@@ -192,8 +247,17 @@ def _native_pixels(ds, pixel_format, rows, columns):
 
 def _to_hounsfield(pixels, slope, intercept):
     """Stored values * slope + intercept, truncated toward zero and clipped to int16."""
+    if slope == 1 and intercept == int(intercept) and abs(intercept) < 1 << 15 \
+            and pixels.dtype.itemsize <= 2:
+        low, high = int(pixels.min()), int(pixels.max())
+        if -32768 <= low and high <= 32767 and -32768 <= low + intercept \
+                and high + intercept <= 32767:
+            # the usual case: exact in 16 bits, one pass and no 32-bit temporaries
+            hu = np.empty(pixels.shape, dtype="<i2")
+            np.add(pixels, np.int16(intercept), out=hu, casting="unsafe")
+            return hu
     if slope == 1 and intercept == int(intercept) and abs(intercept) < 1 << 20:
-        hu = pixels.astype(np.int32)  # the usual case, in integers (several times faster)
+        hu = pixels.astype(np.int32)  # integers are several times faster than floats
         hu += int(intercept)
     else:
         hu = np.trunc(pixels.astype(np.float64) * slope + intercept)
