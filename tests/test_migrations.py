@@ -19,7 +19,7 @@ DRIFT = ("models.py and migrations/versions disagree: add a revision with "
 
 
 @pytest.fixture
-def app(tmp_path, scratch_database):  # noqa: F811
+def empty_app(tmp_path, scratch_database):  # noqa: F811
     """An app on a database of its own: empty, no tables, no version."""
     app = create_app({"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
                       "DATABASE_URL": scratch_database,
@@ -48,56 +48,56 @@ def insert_baseline_user(email):
             created_at=now, updated_at=now))
 
 
-def test_revisions_build_exactly_the_models_schema(app):
-    with app.app_context():
+def test_revisions_build_exactly_the_models_schema(empty_app):
+    with empty_app.app_context():
         flask_migrate.upgrade()
         assert dbmigrate.current_revision() == HEAD
         assert dbmigrate.schema_differences() == [], DRIFT
 
 
-def test_init_db_creates_the_newest_schema_and_is_idempotent(app):
-    assert "Schema: created" in run(app, "init-db")
-    second = run(app, "init-db")
+def test_init_db_creates_the_newest_schema_and_is_idempotent(empty_app):
+    assert "Schema: created" in run(empty_app, "init-db")
+    second = run(empty_app, "init-db")
     assert "Schema: current" in second and "Nothing to do" in second
-    with app.app_context():
+    with empty_app.app_context():
         assert dbmigrate.current_revision() == HEAD
         assert dbmigrate.schema_differences() == []
         assert db.session.get(User, "circus@circus.example.com") is not None
 
 
 @pytest.mark.parametrize("command", ["migrate", "init-db"])
-def test_upgrade_of_an_older_database_keeps_its_rows(app, command):
+def test_upgrade_of_an_older_database_keeps_its_rows(empty_app, command):
     assert BASELINE != HEAD, "the test needs a revision after the baseline"
-    with app.app_context():
+    with empty_app.app_context():
         flask_migrate.upgrade(revision=BASELINE)
         insert_baseline_user("old@example.com")
         assert dbmigrate.schema_differences() != []  # the older schema really is older
-    assert f"Schema: upgraded from {BASELINE}" in run(app, command)
-    with app.app_context():
+    assert f"Schema: upgraded from {BASELINE}" in run(empty_app, command)
+    with empty_app.app_context():
         assert dbmigrate.current_revision() == HEAD
         assert dbmigrate.schema_differences() == [], DRIFT
         user = db.session.get(User, "old@example.com")
         assert (user.login_id, user.description, user.groups, user.preferences) == (
             "old", "made before the upgrade", [1], {"theme": "mode_black"})
         assert user.last_login_time == datetime(2024, 5, 6, 7, 8, 9)
-    assert "Schema: current" in run(app, "migrate")
+    assert "Schema: current" in run(empty_app, "migrate")
 
 
-def test_migrate_stamps_tables_made_before_migrations_existed(app):
-    with app.app_context():
+def test_migrate_stamps_tables_made_before_migrations_existed(empty_app):
+    with empty_app.app_context():
         db.create_all()
         assert dbmigrate.current_revision() is None
-    assert "Schema: stamped" in run(app, "migrate")
-    with app.app_context():
+    assert "Schema: stamped" in run(empty_app, "migrate")
+    with empty_app.app_context():
         assert dbmigrate.current_revision() == HEAD
 
 
-def test_migrate_refuses_unversioned_tables_that_differ_from_the_models(app):
-    with app.app_context():
+def test_migrate_refuses_unversioned_tables_that_differ_from_the_models(empty_app):
+    with empty_app.app_context():
         db.create_all()
         db.metadata.sorted_tables[-1].drop(db.engine)  # a table nothing refers to
-    result = app.test_cli_runner().invoke(args=["migrate"])
+    result = empty_app.test_cli_runner().invoke(args=["migrate"])
     assert result.exit_code != 0
     assert "no schema version" in result.output and "db stamp" in result.output
-    with app.app_context():
+    with empty_app.app_context():
         assert dbmigrate.current_revision() is None
