@@ -65,7 +65,10 @@ def _prepare():
         before = current_revision()
         flask_migrate.upgrade()
         after = current_revision()
-        return "current" if before == after else f"upgraded from {before}"
+        if before == after:
+            return "current"
+        log.info("Schema upgraded from revision %s to %s.", before, after)
+        return f"upgraded from {before}"
     if not tables & set(db.metadata.tables):
         db.create_all()
         flask_migrate.stamp()
