@@ -4,9 +4,9 @@ import re
 
 from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.formparser import MultiPartParser
 
 import dicom_import
+import multipart_spool
 import series_access
 import storage
 import tasks
@@ -80,7 +80,9 @@ def _spool_upload(folder, prefix=""):
     limit = current_app.config["UPLOAD_FILE_SIZE_MAX_BYTES"]
     opened = []
 
-    def stream_factory(total_content_length, content_type, filename, content_length=None):
+    def on_file(name):
+        if name != FIELD_NAME:
+            raise ApiError(400, f'Uploaded files must use the field name "{FIELD_NAME}".')
         spooled = _LimitedFile(os.path.join(folder, f"{prefix}{len(opened) + 1:06d}"), limit)
         opened.append(spooled)
         return spooled
@@ -88,22 +90,19 @@ def _spool_upload(folder, prefix=""):
     boundary = request.mimetype_params.get("boundary", "").encode("ascii", "replace")
     if not boundary:
         raise ApiError(400, "The multipart body could not be parsed.")
-    # 1 MiB reads: werkzeug's default 64 KiB halves the throughput of large uploads.
-    parser = MultiPartParser(stream_factory, max_form_memory_size=4 * UPLOAD_BUFFER,
-                             buffer_size=UPLOAD_BUFFER,
-                             max_form_parts=current_app.config["ARCHIVE_MAX_ENTRIES"])
     try:
-        _form, files = parser.parse(request.stream, boundary, request.content_length)
-    except RequestEntityTooLarge:
+        # 1 MiB reads: werkzeug's default 64 KiB halves the throughput of large uploads.
+        multipart_spool.parse(request.stream, boundary, on_file, chunk=UPLOAD_BUFFER,
+                              field_max=4 * UPLOAD_BUFFER,
+                              max_parts=current_app.config["ARCHIVE_MAX_ENTRIES"])
+    except (RequestEntityTooLarge, multipart_spool.MultipartTooLarge):
         raise ApiError(413, "request entity too large") from None
-    except ValueError:
+    except multipart_spool.MultipartError:
         raise ApiError(400, "The multipart body could not be parsed.") from None
     finally:
         for spooled in opened:
             spooled.close()
-    if any(name != FIELD_NAME for name in files.keys()):
-        raise ApiError(400, f'Uploaded files must use the field name "{FIELD_NAME}".')
-    return [storage_file.stream.path for storage_file in files.getlist(FIELD_NAME)]
+    return [spooled.path for spooled in opened]
 
 
 def _check_upload_domain(domain):
