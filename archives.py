@@ -1,7 +1,7 @@
 """Streaming tar.gz and zip writers for the export downloads.
 
 Entries are written as streams of known size (``add(name, size, chunks)``), so a volume
-never has to sit in memory. Deflate runs on a small thread pool in independent 1 MiB
+never has to sit in memory; chunks may be numpy arrays, which are compressed in place. Deflate runs on a small thread pool in independent 1 MiB
 blocks, each ended by a sync flush (as pigz does): the blocks concatenate into one valid
 deflate stream, and the compression of one block overlaps the decoding of the next slices.
 ISA-L (``isal``) compresses several times faster than zlib here; zlib is the fallback.
@@ -31,10 +31,19 @@ THREADS = max(1, min(2, os.cpu_count() or 1))
 FORMATS = {"tgz": "application/x-tgz", "zip": "application/zip"}
 
 
-def _deflate_block(data, final):
+def _deflate_block(pieces, final):
+    # The pieces are compressed where they lie (slices of the volume, not a joined copy).
     compressor = _deflate_module.compressobj(LEVEL, zlib.DEFLATED, -15)
-    out = compressor.compress(data)
-    return out + compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+    out = [compressor.compress(piece) for piece in pieces]
+    out.append(compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
+    return b"".join(out)
+
+
+def byte_view(chunk):
+    """A chunk (bytes or any C-contiguous buffer such as a numpy array) as a flat byte
+    memoryview, without copying it."""
+    view = memoryview(chunk)
+    return view if view.format in ("B", "b", "c") and view.ndim == 1 else view.cast("B")
 
 
 class _Deflater:
@@ -51,18 +60,21 @@ class _Deflater:
         self.compressed = 0
 
     def write(self, data):
-        if not data:
+        """Add ``data`` (a byte view or bytes) to the stream. It is compressed later on a
+        thread, so the caller must not change it afterwards."""
+        size = len(data)
+        if not size:
             return
         self.crc = _crc32(data, self.crc)
-        self.size += len(data)
+        self.size += size
         self.pieces.append(data)
-        self.buffered += len(data)
+        self.buffered += size
         if self.buffered >= BLOCK:  # blocks of 1 MiB or a little more
-            self._submit(b"".join(self.pieces), False)
+            self._submit(self.pieces, False)
             self.pieces, self.buffered = [], 0
 
-    def _submit(self, block, final):
-        self.pending.append(self.pool.submit(_deflate_block, block, final))
+    def _submit(self, pieces, final):
+        self.pending.append(self.pool.submit(_deflate_block, pieces, final))
         while len(self.pending) > 2 * THREADS:
             self._write_one()
 
@@ -72,14 +84,18 @@ class _Deflater:
         self.compressed += len(data)
 
     def finish(self):
-        self._submit(b"".join(self.pieces), True)
+        self._submit(self.pieces, True)
         self.pieces, self.buffered = [], 0
         while self.pending:
             self._write_one()
 
 
 class Archive:
-    """Common interface: ``add``/``add_bytes`` entries, then ``close``."""
+    """Common interface: ``add``/``add_bytes`` entries, then ``close``.
+
+    The chunks given to ``add`` may be bytes or numpy arrays (any C-contiguous buffer);
+    they are compressed without being copied, so they must not change once yielded.
+    """
 
     def __init__(self, fileobj):
         self.fileobj = fileobj
@@ -112,6 +128,7 @@ class EntrySizeError(ValueError):
 def _copy(chunks, size, write, name):
     written = 0
     for chunk in chunks:
+        chunk = byte_view(chunk)
         written += len(chunk)
         if written > size:
             raise EntrySizeError(f"{name}: more data than the declared {size} bytes")

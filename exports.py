@@ -135,7 +135,7 @@ def add_plugin_volume(archive, series_uid, pvd, index):
         def chunks():
             for slice_ in reader:
                 dumps.append(volumes.dicom_tags(slice_, series_uid))
-                yield slice_.pixels.tobytes()
+                yield slice_.pixels  # compressed in place, not copied
         archive.add(f"{index}.raw", reader.total_bytes, chunks())
     text = tag_dump.to_json(tag_dump.common_and_unique(dumps))
     archive.add_bytes(f"{index}.json", text.encode("utf-8"))
@@ -210,7 +210,7 @@ def _label_slices(labels, dimension, combined):
         plane = np.zeros((rows, columns), dtype=np.uint8)
         for label in labels:
             label.paint(plane, z, label.index + 1 if combined else None)
-        yield plane.tobytes()
+        yield plane
 
 
 def _revision(case, revision_index):
@@ -248,7 +248,7 @@ def _add_case_volume(archive, case_id, vol_id, entry, label_pack_type, line_endi
         images, delta = series_access.parse_images(series.images), 1
     base = f"{case_id}/vol{vol_id:03d}"
     with volumes.VolumeReader(uid, images) as reader:
-        archive.add(f"{base}.raw", reader.total_bytes, (s.pixels.tobytes() for s in reader))
+        archive.add(f"{base}.raw", reader.total_bytes, (s.pixels for s in reader))
         dimension, spacing = reader.dimension, reader.spacing(reader.export_pitch(delta))
         header = volumes.mhd_header(reader.pixel_format, dimension, spacing,
                                     f"vol{vol_id:03d}.raw", line_ending)

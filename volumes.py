@@ -503,7 +503,7 @@ def write_plugin_input(series_uid, pvd, out_dir, index, private_tags=()):
         with VolumeReader(series_uid, pvd_images(pvd), keep_bytes=True) as reader:
             with storage.atomic_file(names["raw"], fsync=False) as fh:
                 for slice_ in reader:
-                    fh.write(slice_.pixels.tobytes())
+                    fh.write(memoryview(slice_.pixels).cast("B"))  # no copy
                     dumps.append(_dump(slice_, series_uid, private_tags))
             header = mhd_header(reader.pixel_format, reader.dimension,
                                 reader.spacing(reader.plugin_pitch()), f"{index}.raw")
