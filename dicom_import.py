@@ -6,11 +6,14 @@ a chunk, or one whole archive) so that the durability work is paid once per batc
 
 1. each instance is read (header only, no pixel codecs needed) and written to a staging
    folder on the DICOM root's file system;
-2. the staged files are made durable with one ``syncfs`` (or one fsync per file where
-   ``syncfs`` is unavailable);
+2. a large batch makes its staged files durable with one ``syncfs`` before it takes
+   any lock (a small batch only syncs, before their rename, the files that replace
+   instances the database already knows);
 3. one transaction locks the affected series rows, refuses series of another domain,
-   renames the staged files into place, merges the ``images`` strings and commits;
-   if anything fails, files that were new are removed again.
+   renames the staged files into place, makes the renames (and a small batch's new
+   files) durable with one ``syncfs`` (or fsync of each file and folder where ``syncfs``
+   is unavailable), merges the ``images`` strings and commits; if anything fails, files
+   that were new are removed again.
 
 So a row never points at a missing or half-written file and a failed batch leaves
 nothing behind (quirk 33 fixed). Archives (zip, tar.gz) are untrusted: entries with
@@ -50,7 +53,7 @@ SMALL_ENTRY_BYTES = 16 * 1024 * 1024  # entries up to this size are parsed from 
 BATCH_MAX_FILES = 2000  # plain files per batch (archives are one batch each)
 BATCH_MAX_BYTES = 1024 ** 3
 COPY_CHUNK = 1024 * 1024
-FSYNC_EACH_MAX = 16  # batches up to this many files fsync each file instead of syncfs
+SYNC_BEFORE_LOCK_MIN = 17  # batches from this many files sync their data before locking
 IN_CHUNK = 500  # bound of SQL IN lists
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 TZ_RE = re.compile(r"^([+-])(\d\d)(\d\d)$")
@@ -554,23 +557,46 @@ def _syncfs_function():
 _SYNCFS = _syncfs_function()
 
 
+def _syncfs(folder):
+    """One syncfs of the file system holding ``folder``; False where it is unavailable or
+    fails (the caller then fsyncs each file, which reports the error)."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        return _SYNCFS(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_durable(folder, paths):
-    """Flush the files of a batch to disk: one syncfs of the file system of ``folder`` for
-    a large batch (or where fsync per file is all there is), else one fsync per file (a
-    syncfs also flushes everyone else's writes)."""
-    if _SYNCFS is not None and len(paths) > FSYNC_EACH_MAX:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            if _SYNCFS(fd) == 0:
-                return
-        finally:
-            os.close(fd)
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Flush the files of a batch to disk: one syncfs of the file system of ``folder``, or
+    one fsync per file where syncfs is unavailable."""
+    if not _syncfs(folder):
+        for path in paths:
+            _fsync(path)
+
+
+def make_placed_durable(files, folders, root_changed):
+    """After renames into ``folders``: make the renames and the not yet synced ``files``
+    durable, with one syncfs (data and metadata of the whole file system), else with an
+    fsync of each file, each folder and, when a folder was created, the DICOM root."""
+    if folders and _syncfs(next(iter(folders))):
+        return
+    for path in files:
+        _fsync(path)
+    for folder in folders:
+        storage.fsync_dir(folder)
+    if root_changed:
+        storage.fsync_dir(storage.root("dicom"))
 
 
 # --- a batch ----------------------------------------------------------------------------
@@ -705,13 +731,17 @@ class ImportBatch:
         """
         if not self.staged:
             return BatchResult()
-        make_durable(self.dir, list(self.staged.values()))
+        # A large batch flushes its data before it locks anything (the flush takes long);
+        # a small one leaves it to the single sync after its renames.
+        synced = len(self.staged) >= SYNC_BEFORE_LOCK_MIN
+        if synced:
+            make_durable(self.dir, list(self.staged.values()))
         by_series = {}
         for (uid, number) in self.staged:
             by_series.setdefault(uid, []).append(number)
         placed = []
         try:
-            new_files = self._upsert(by_series, placed)
+            new_files = self._upsert(by_series, placed, synced)
         except BaseException:
             db.session.rollback()
             self._remove_new(placed)
@@ -746,7 +776,7 @@ class ImportBatch:
             dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
         return dict(extract_record(dataset, self.utc_offset).series)
 
-    def _upsert(self, by_series, placed):
+    def _upsert(self, by_series, placed, synced):
         new_keys = set()
         now = utcnow()
         for chunk in _chunks(sorted(by_series)):
@@ -780,6 +810,7 @@ class ImportBatch:
                 db.session.expunge(series)
         folders = set()
         created = False
+        unsynced = []
         for (uid, number), staged in sorted(self.staged.items()):
             target = storage.instance_path(uid, number)
             folder = os.path.dirname(target)
@@ -788,12 +819,17 @@ class ImportBatch:
                     os.makedirs(folder, exist_ok=True)
                     created = True
                 folders.add(folder)
+            is_new = (uid, number) in new_keys
+            if not synced:
+                if not is_new:
+                    # It replaces a file a row points at: its data must be durable first.
+                    _fsync(staged)
+                else:
+                    unsynced.append(target)
             os.replace(staged, target)
-            placed.append((target, (uid, number) in new_keys))
-        for folder in folders:
-            storage.fsync_dir(folder)
-        if created:
-            storage.fsync_dir(storage.root("dicom"))
+            placed.append((target, is_new))
+        # Before the commit: no row ever points at a file that is not durable.
+        make_placed_durable(unsynced, folders, created)
         db.session.commit()
         return new_keys
 

@@ -226,7 +226,17 @@ def test_batch_stores_files_and_one_series_row(ctx, dicom_dir):
     assert not [f for f in data_files(ctx) if "/.staging/" in f]
 
 
-def test_reimport_is_idempotent_and_batches_merge(ctx, dicom_dir):
+@pytest.fixture(params=["syncfs", "fsync"])
+def each_sync_path(request, monkeypatch):
+    """Run a test with syncfs and with the fsync-per-file-and-folder fallback; batches of
+    two files and more also take the sync-before-lock path."""
+    if request.param == "fsync":
+        monkeypatch.setattr(di, "_SYNCFS", None)
+        monkeypatch.setattr(di, "SYNC_BEFORE_LOCK_MIN", 2)
+    return request.param
+
+
+def test_reimport_is_idempotent_and_batches_merge(ctx, dicom_dir, each_sync_path):
     paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
     _import(paths[:3])
     _import(paths[5:7])
@@ -251,7 +261,7 @@ def test_other_domain_is_refused_and_leaves_nothing(ctx, dicom_dir):
     assert data_files(ctx) == before
 
 
-def test_failed_commit_removes_new_files(ctx, dicom_dir):
+def test_failed_commit_removes_new_files(ctx, dicom_dir, each_sync_path):
     """Quirk 33: a database failure after the files were moved leaves no orphan file."""
     paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
     _import(paths[:2])
