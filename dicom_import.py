@@ -55,6 +55,7 @@ BATCH_MAX_BYTES = 1024 ** 3
 COPY_CHUNK = 1024 * 1024
 SYNC_BEFORE_LOCK_MIN = 17  # batches from this many files sync their data before locking
 IN_CHUNK = 500  # bound of SQL IN lists
+RECORDS_KEPT = 64  # series records a batch keeps in memory; later ones are read again
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 TZ_RE = re.compile(r"^([+-])(\d\d)(\d\d)$")
 AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
@@ -623,9 +624,10 @@ class ImportBatch:
         os.makedirs(self.dir, exist_ok=True)
         self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
-        # seriesUid -> key of its first instance; its record is read again at commit, so a
-        # batch of thousands of series does not hold thousands of records in memory.
+        # seriesUid -> key of its first instance; beyond RECORDS_KEPT series its record is
+        # read again at commit, so a batch of thousands of series stays small in memory.
         self.first_key = {}
+        self.first_record = {}  # seriesUid -> record of first_key (the first few series)
         self.bytes = 0
         self._counter = 0
 
@@ -648,7 +650,10 @@ class ImportBatch:
         if previous is not None:
             os.unlink(previous)
         self.staged[key] = path
-        self.first_key.setdefault(key[0], key)
+        first = self.first_key.setdefault(key[0], key)
+        if first == key and (key[0] in self.first_record
+                             or len(self.first_record) < RECORDS_KEPT):
+            self.first_record[key[0]] = record.series
         self.bytes += size
         return record
 
@@ -719,6 +724,7 @@ class ImportBatch:
             if name.startswith(self.prefix):
                 _unlink_quietly(os.path.join(self.dir, name))
         self.staged = {}
+        self.first_record = {}
 
     def commit(self):
         """Make the staged files durable, move them into place and upsert the series rows
@@ -749,6 +755,7 @@ class ImportBatch:
         log.info("Imported %d instances into %d series (%s)", len(self.staged),
                  len(by_series), self.domain)
         self.staged = {}
+        self.first_record = {}
         return BatchResult(instances=sum(len(v) for v in by_series.values()),
                            series_uids=set(by_series), new_instances=len(new_files))
 
@@ -771,7 +778,9 @@ class ImportBatch:
         return found
 
     def _series_values(self, uid):
-        """The series record of ``uid``, read again from its first staged instance."""
+        """The series record of ``uid``: kept, or read again from its first staged instance."""
+        if uid in self.first_record:
+            return dict(self.first_record[uid])
         with open(self.staged[self.first_key[uid]], "rb") as fh:
             dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
         return dict(extract_record(dataset, self.utc_offset).series)
