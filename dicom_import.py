@@ -760,7 +760,13 @@ class ImportBatch:
                            series_uids=set(by_series), new_instances=len(new_files))
 
     def _lock_rows(self, uids):
-        """The existing series rows of ``uids``, locked until the transaction ends."""
+        """``{uid: (domain, images)}`` of the existing series of ``uids``, their rows locked
+        until the transaction ends."""
+        if db.engine.dialect.update_returning:
+            # One statement: a no-op UPDATE takes the locks (SQLite's database lock, row
+            # locks elsewhere) and RETURNING reads the two columns the merge needs.
+            return {uid: (domain, images) for uid, domain, images in db.session.execute(
+                _LOCK_SERIES, {"uids": list(uids)})}
         found = {}
         if db.engine.dialect.name == "sqlite":
             # A write first takes SQLite's database lock, so the rows read next cannot
@@ -774,7 +780,7 @@ class ImportBatch:
             if db.engine.dialect.name != "sqlite":
                 query = query.with_for_update()
             for series in db.session.execute(query).scalars():
-                found[series.series_uid] = series
+                found[series.series_uid] = (series.domain, series.images)
         return found
 
     def _series_values(self, uid):
@@ -791,10 +797,11 @@ class ImportBatch:
         for chunk in _chunks(sorted(by_series)):
             existing = self._lock_rows(chunk)
             touched = []
+            updates = []
             for uid in chunk:
                 numbers = by_series[uid]
-                series = existing.get(uid)
-                if series is None:
+                row = existing.get(uid)
+                if row is None:
                     values = self._series_values(uid)
                     patient_info = values.pop("patient_info")
                     series = Series(**values, images=images_string(numbers), domain=self.domain,
@@ -804,16 +811,18 @@ class ImportBatch:
                     new_keys.update((uid, n) for n in numbers)
                     touched.append(series)
                     continue
-                if series.domain != self.domain:
+                domain, images = row
+                if domain != self.domain:
                     raise DomainConflictError(
                         f"The series {uid} already exists in another domain; its instances "
                         f"cannot be imported into the domain \"{self.domain}\".")
-                ranges = parse_ranges(series.images)
+                ranges = parse_ranges(images)
                 new_keys.update((uid, n) for n in numbers
                                 if not any(a <= n <= b for a, b in ranges))
-                series.images = merge_images(series.images, numbers)
-                series.updated_at = now
-                touched.append(series)
+                updates.append({"uid": uid, "images": merge_images(images, numbers),
+                                "now": now})
+            if updates:
+                db.session.execute(_UPDATE_IMAGES, updates)
             db.session.flush()
             for series in touched:  # written; no need to keep them in memory
                 db.session.expunge(series)
@@ -848,6 +857,14 @@ class ImportBatch:
         for target, is_new in placed:
             if is_new:
                 _unlink_quietly(target)
+
+
+_SERIES = Series.__table__
+_LOCK_SERIES = (_SERIES.update().where(_SERIES.c.series_uid.in_(sa.bindparam("uids", expanding=True)))
+                .values(images=_SERIES.c.images, updated_at=_SERIES.c.updated_at)
+                .returning(_SERIES.c.series_uid, _SERIES.c.domain, _SERIES.c.images))
+_UPDATE_IMAGES = (_SERIES.update().where(_SERIES.c.series_uid == sa.bindparam("uid"))
+                  .values(images=sa.bindparam("images"), updated_at=sa.bindparam("now")))
 
 
 def _chunks(items, size=IN_CHUNK):
