@@ -40,6 +40,9 @@ SORT_FIELDS = {**SEARCH_FIELDS, "updatedAt": Series.updated_at, "domain": Series
                "manufacturer": Series.manufacturer, "modelName": Series.model_name}
 
 
+_DOMAINS = db.select(ServerParam.value).where(ServerParam.key == "domains")
+
+
 # --- multipart spooling -------------------------------------------------------------------
 
 class _LimitedFile:
@@ -107,8 +110,8 @@ def _spool_upload(folder, prefix=""):
 
 def _check_upload_domain(domain):
     """400 for a domain the server does not know, 403 for one the caller lacks."""
-    param = db.session.get(ServerParam, "domains")
-    known = param.value if param is not None and isinstance(param.value, list) else []
+    value = db.session.execute(_DOMAINS).scalar()
+    known = value if isinstance(value, list) else []
     if domain not in known:
         raise ApiError(400, f'The domain "{domain}" does not exist.')
     if not g.privileges.has_domain(domain):
