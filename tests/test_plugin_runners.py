@@ -1,15 +1,11 @@
-"""plugin_runners: the worker source (concurrency, stopped manager, crash recovery), input
-preparation, result recording, archive and SSE handling, and the plug-in CLI commands."""
-import io
+"""plugin_worker and plugin_runners: the worker source (concurrency, stopped manager, crash
+recovery), input preparation, and the plug-in CLI commands."""
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
-import tarfile
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +15,7 @@ import sqlalchemy as sa
 
 import plugin_jobs
 import plugin_runners
+import plugin_worker
 import storage
 import worker
 from models import PluginDefinition, PluginJob, db, utcnow
@@ -82,10 +79,10 @@ def test_stopped_manager_finishes_the_current_job_and_takes_no_new_one(env):
     env.server.run_delay = 0.3
     first, second = queue_jobs(env, 2)
     with env.app.app_context():
-        assert plugin_runners.run_plugin_jobs("w1") is True       # takes the first job
+        assert plugin_worker.run_plugin_jobs("w1") is True       # takes the first job
         assert statuses(env, [first, second]) == ["processing", "in_queue"]
         plugin_jobs.set_manager_status("stopped")
-        while plugin_runners.run_plugin_jobs("w1"):
+        while plugin_worker.run_plugin_jobs("w1"):
             pass
     assert statuses(env, [first, second]) == ["finished", "in_queue"]
     with env.app.app_context():
@@ -118,17 +115,17 @@ def test_jobs_of_a_crashed_worker_are_failed_on_restart(env):
     _processing(env, beating, "other-host:3", old)      # long job, fresh heartbeat
     _processing(env, own, "me:1", now)                  # this worker before its restart
     with env.app.app_context():
-        plugin_runners.beat("other-host:3")
-        failed = plugin_runners.recover_interrupted_jobs("me:1")
+        plugin_worker.beat("other-host:3")
+        failed = plugin_worker.recover_interrupted_jobs("me:1")
     assert sorted(failed) == sorted([dead, stale, own])
     assert statuses(env, [dead, fresh, stale, beating, own]) == [
         "failed", "processing", "failed", "processing", "failed"]
     with env.app.app_context():
         job = db.session.get(PluginJob, dead)
-        assert job.error_message == plugin_runners.INTERRUPTED and job.queue_state is None
+        assert job.error_message == plugin_worker.INTERRUPTED and job.queue_state is None
     assert not (env.data / "work" / dead).exists() and (env.data / "work" / fresh).exists()
     log = (env.data / "plugin-results" / dead / "plugin-log.txt").read_text()
-    assert plugin_runners.INTERRUPTED in log
+    assert plugin_worker.INTERRUPTED in log
 
 
 def test_worker_start_sweeps_interrupted_jobs(env):
@@ -177,125 +174,6 @@ def test_prepare_input_with_a_missing_file(env, tmp_path):
                                              str(tmp_path / "in"), job_log)
     assert env.series_uid in str(caught.value)
     assert not list((tmp_path / "in").glob("0.*"))
-
-
-# --- results --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("content, reason", [
-    (b'{"results": ', "Plug-in validation failed: Expecting value"),
-    (b'{"results": {"x": NaN}}', "Plug-in validation failed: NaN is not valid JSON"),
-    (b'\xff\xfe{}', "Plug-in validation failed: 'utf-8' codec can't decode"),
-    (b'[1, 2]', "Plug-in validation failed: results.json [1, 2] is not of type 'object'"),
-    (b'{"results": {"lesionCandidates": [{"volumeId": 0, "location": [1, 2, 3]}]}}',
-     "Plug-in validation failed: results/lesionCandidates/0 'confidence' is a required property"),
-    (b'{"metadata": {"displayOptions": [{"volumeId": 0, "window": {"level": 1}}]}}',
-     "Plug-in validation failed: metadata/displayOptions/0/window 'width' is a required"),
-])
-def test_read_results_rejects(tmp_path, content, reason):
-    (tmp_path / "results.json").write_bytes(content)
-    with pytest.raises(plugin_runners.PluginRunError) as caught:
-        plugin_runners.read_results(str(tmp_path))
-    assert str(caught.value).startswith(reason)
-
-
-def test_read_results_accepts_any_extra_content(tmp_path):
-    doc = {"results": {"lesionCandidates": [{"volumeId": 0, "location": [1, 2.5, 3],
-                                             "confidence": "high", "rank": 1}], "other": [1]},
-           "metadata": {"displayOptions": [{"volumeId": 0, "crop": {"origin": [0, 0, 0],
-                                                                     "size": [1, 1, 1]}}]},
-           "free": "form"}
-    (tmp_path / "results.json").write_text(json.dumps(doc))
-    assert plugin_runners.read_results(str(tmp_path)) == doc
-
-
-def test_results_json_must_appear_within_two_seconds(tmp_path):
-    started = time.monotonic()
-    with pytest.raises(plugin_runners.PluginRunError) as caught:
-        plugin_runners.wait_for_results(str(tmp_path))
-    assert str(caught.value) == "Timeout: File out/results.json did not appear within 2000ms"
-    assert 1.9 < time.monotonic() - started < 3
-    threading.Timer(0.3, lambda: (tmp_path / "results.json").write_text("{}")).start()
-    assert plugin_runners.wait_for_results(str(tmp_path)).endswith("results.json")
-
-
-def test_copy_outputs_skips_links(tmp_path):
-    out, target = tmp_path / "out", tmp_path / "target"
-    (out / "a" / "b").mkdir(parents=True)
-    (out / "a" / "b" / "deep.txt").write_text("deep")
-    (out / "results.json").write_text("{}")
-    (out / "passwd").symlink_to("/etc/passwd")
-    (out / "linkdir").symlink_to("/etc")
-    plugin_runners.copy_outputs(str(out), str(target))
-    found = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
-    assert found == ["a", "a/b", "a/b/deep.txt", "results.json"]
-    assert (target / "a" / "b" / "deep.txt").stat().st_mode & 0o777 == 0o444
-
-
-# --- archives, SSE, multipart ---------------------------------------------------------------
-
-def _tar(path, entries, mode="w"):
-    with tarfile.open(path, mode) as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-
-
-def _file(name, data=b"x"):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    return info, data
-
-
-def test_extract_tar_accepts_relative_files_and_folders(tmp_path):
-    folder = tarfile.TarInfo("./sub")
-    folder.type = tarfile.DIRTYPE
-    _tar(tmp_path / "a.tgz", [(folder, None), _file("./sub/x.txt", b"x"),
-                              _file("results.json", b"{}")], mode="w:gz")
-    plugin_runners.extract_tar(str(tmp_path / "a.tgz"), str(tmp_path / "out"))
-    assert (tmp_path / "out" / "sub" / "x.txt").read_bytes() == b"x"
-    assert (tmp_path / "out" / "results.json").read_bytes() == b"{}"
-
-
-@pytest.mark.parametrize("kind", ["hardlink", "device", "fifo", "backslash", "dotdot"])
-def test_extract_tar_refuses_unsafe_entries(tmp_path, kind):
-    entries = [_file("results.json", b"{}")]
-    if kind in ("hardlink", "device", "fifo"):
-        info = tarfile.TarInfo("odd")
-        info.type = {"hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE,
-                     "fifo": tarfile.FIFOTYPE}[kind]
-        info.linkname = "/etc/passwd"
-        entries.append((info, None))
-    else:
-        entries.append(_file("..\\evil" if kind == "backslash" else "sub/../../evil"))
-    _tar(tmp_path / "a.tar", entries)
-    with pytest.raises(plugin_runners.UnsafeArchiveError) as caught:
-        plugin_runners.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
-    assert "Unsafe entry in the result archive" in str(caught.value)
-    assert not (tmp_path / "out" / "results.json").exists()   # nothing written at all
-    assert not list(tmp_path.rglob("evil"))
-
-
-def test_extract_tar_of_garbage(tmp_path):
-    (tmp_path / "a.tar").write_bytes(b"not a tar at all" * 100)
-    with pytest.raises(plugin_runners.PluginRunError) as caught:
-        plugin_runners.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
-    assert str(caught.value).startswith("Remote CAD failed: The result archive cannot be read")
-
-
-def test_sse_events():
-    stream = [b"event: log\r\ndata: \"one\"\r\n\r\n: comment\n", b"event: lo", b"g\ndata: line 1\n",
-              b"data: line 2\n\nevent: finished\ndata: null\n\nevent: error\ndata:\"tail\""]
-    assert list(plugin_runners.sse_events(stream)) == [
-        ("log", "one"), ("log", "line 1\nline 2"), ("finished", None), ("error", "tail")]
-
-
-def test_multipart_body_length_is_exact(tmp_path):
-    (tmp_path / "0.raw").write_bytes(os.urandom(3000))
-    (tmp_path / "0.mhd").write_text("ObjectType = Image\n")
-    body = plugin_runners.MultipartBody([str(tmp_path / "0.mhd"), str(tmp_path / "0.raw")])
-    data = b"".join(body)
-    assert len(data) == len(body)
-    assert data.count(b'name="files"; filename="0.raw"') == 1
-    assert data.endswith(f"--{body.boundary}--\r\n".encode())
 
 
 # --- CLI --------------------------------------------------------------------------------------

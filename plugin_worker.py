@@ -1,0 +1,197 @@
+"""The plug-in job source of the worker: claiming jobs into a pool of threads, heartbeats,
+and failing the jobs of workers that stopped (API.md 5.2).
+
+Each worker process runs up to PLUGIN_JOB_CONCURRENCY jobs at once. While it holds jobs it
+keeps a heartbeat row (SystemState ``plugin_worker:<hash>``) fresh, so that other workers
+can tell a long job from the job of a dead worker.
+"""
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from datetime import timedelta
+
+import sqlalchemy as sa
+from flask import current_app
+
+import plugin_jobs
+import storage
+import worker
+from models import PluginJob, SystemState, db, iso, parse_iso, utcnow
+from plugin_job_log import LOG_NAME, JobLog
+from plugin_runners import remove_work_dir, run_job
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 15
+STALE_AFTER = timedelta(seconds=120)  # a worker without heartbeat for this long has died
+SWEEP_SECONDS = 60
+INTERRUPTED = "The job was interrupted because the worker running it stopped."
+
+
+def _heartbeat_key(worker_id):
+    return "plugin_worker:" + hashlib.sha1(worker_id.encode("utf-8")).hexdigest()
+
+
+def beat(worker_id):
+    """Record that ``worker_id`` is alive (a SystemState row per worker)."""
+    key, value = _heartbeat_key(worker_id), {"workerId": worker_id, "heartbeatAt": iso(utcnow())}
+    with db.engine.begin() as conn:
+        updated = conn.execute(sa.update(SystemState).where(SystemState.key == key)
+                               .values(value=value)).rowcount
+        if not updated:
+            conn.execute(sa.insert(SystemState).values(key=key, value=value))
+
+
+def _heartbeat_at(worker_id):
+    with db.engine.connect() as conn:
+        value = conn.execute(sa.select(SystemState.value).where(
+            SystemState.key == _heartbeat_key(worker_id))).scalar()
+    try:
+        return parse_iso(value["heartbeatAt"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _dead_local_worker(worker_id):
+    """Whether ``host:pid`` names a process of this host that no longer exists."""
+    host, _, pid = worker_id.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def recover_interrupted_jobs(worker_id, running=()):
+    """Fail jobs left ``processing`` by a worker that stopped: this worker's own claims it
+    is not running (a restart), workers of this host whose process is gone, and workers
+    anywhere whose heartbeat is older than STALE_AFTER. Return the failed job IDs."""
+    now = utcnow()
+    failed = []
+    rows = db.session.execute(db.select(PluginJob.job_id, PluginJob.claimed_by,
+                                        PluginJob.started_at).where(
+        PluginJob.queue_state == "processing")).all()
+    db.session.rollback()
+    for job_id, claimed_by, started_at in rows:
+        if job_id in running:
+            continue
+        claimed_by = claimed_by or ""
+        if claimed_by == worker_id or _dead_local_worker(claimed_by):
+            interrupted = True
+        else:
+            seen = [d for d in (_heartbeat_at(claimed_by), started_at) if d is not None]
+            interrupted = not seen or max(seen) < now - STALE_AFTER
+        if interrupted and plugin_jobs.fail_job(job_id, INTERRUPTED):
+            failed.append(job_id)
+            log.warning("Job %s (worker %s) was interrupted; marked failed.", job_id, claimed_by)
+            try:
+                with JobLog(os.path.join(storage.results_dir(job_id), LOG_NAME)) as job_log:
+                    job_log.line(INTERRUPTED)
+            except OSError:
+                pass
+            remove_work_dir(storage.work_dir(job_id))
+    return failed
+
+
+class JobPool:
+    """The plug-in jobs one worker process runs at once (PLUGIN_JOB_CONCURRENCY threads)."""
+
+    def __init__(self, app, worker_id):
+        self.app = app
+        self.worker_id = worker_id
+        self.size = max(1, int(app.config.get("PLUGIN_JOB_CONCURRENCY", 1)))
+        self.executor = ThreadPoolExecutor(self.size, thread_name_prefix="plugin-job")
+        self.futures = {}
+        self.last_sweep = 0.0
+        self._stop_beating = None
+
+    def sweep(self, force=False):
+        if force or time.monotonic() - self.last_sweep > SWEEP_SECONDS:
+            self.last_sweep = time.monotonic()
+            recover_interrupted_jobs(self.worker_id, running=set(self.futures.values()))
+
+    def reap(self):
+        done = [f for f in self.futures if f.done()]
+        for future in done:
+            job_id = self.futures.pop(future)
+            if future.exception() is not None:
+                log.error("Job %s crashed its thread: %s", job_id, future.exception())
+        if not self.futures:
+            self._heartbeats(False)
+        return len(done)
+
+    def _run(self, job_id):
+        with self.app.app_context():
+            try:
+                run_job(job_id)
+            finally:
+                db.session.remove()
+
+    def submit(self, job_id):
+        self._heartbeats(True)
+        self.futures[self.executor.submit(self._run, job_id)] = job_id
+
+    def _heartbeats(self, on):
+        """Keep this worker's heartbeat fresh while it holds jobs."""
+        if on and self._stop_beating is None:
+            stop = self._stop_beating = threading.Event()
+            app, wid = self.app, self.worker_id
+
+            def loop():
+                with app.app_context():
+                    while not stop.wait(HEARTBEAT_SECONDS):
+                        try:
+                            beat(wid)
+                        except Exception:  # a missed beat is retried
+                            log.exception("Heartbeat of %s failed", wid)
+            threading.Thread(target=loop, daemon=True, name="plugin-heartbeat").start()
+        elif not on and self._stop_beating is not None:
+            self._stop_beating.set()
+            self._stop_beating = None
+
+    def wait(self, timeout):
+        wait(list(self.futures), timeout=timeout, return_when=FIRST_COMPLETED)
+
+
+_POOLS = weakref.WeakKeyDictionary()
+
+
+def job_pool(app, worker_id):
+    """The pool of this app in this process (created on first use, after a recovery sweep)."""
+    pool = _POOLS.get(app)
+    if pool is None or pool.worker_id != worker_id:
+        pool = _POOLS[app] = JobPool(app, worker_id)
+        beat(worker_id)
+        pool.sweep(force=True)
+    return pool
+
+
+@worker.source
+def run_plugin_jobs(worker_id):
+    """Worker source: fill free job slots from the queue; wait a poll interval for running
+    jobs. Returns whether anything was taken, finished or is still running."""
+    app = current_app._get_current_object()
+    pool = job_pool(app, worker_id)
+    pool.sweep()
+    progressed = pool.reap() > 0
+    while len(pool.futures) < pool.size:
+        job_id = plugin_jobs.claim_next_job(worker_id)
+        if job_id is None:
+            break
+        pool.submit(job_id)
+        progressed = True
+    if progressed:
+        return True
+    if pool.futures:
+        pool.wait(app.config["WORKER_POLL_INTERVAL"])
+        return True
+    return False
