@@ -180,20 +180,30 @@ class VoxelLabel:
             raise ExportError(f"The voxel data of label #{index} of {where} is shorter than "
                               "its size.")
 
+    def _window(self, z, rows, columns):
+        """The part of plane ``z`` (rows, columns) this label covers, or None."""
+        w, h, d = self.size
+        ox, oy, oz = self.origin
+        if not 0 <= z - oz < d or w == 0 or h == 0:
+            return None
+        x0, x1 = max(ox, 0), min(ox + w, columns)
+        y0, y1 = max(oy, 0), min(oy + h, rows)
+        return None if x0 >= x1 or y0 >= y1 else (x0, x1, y0, y1)
+
+    def touches(self, z, rows, columns):
+        """Whether ``paint`` would change anything in plane ``z``."""
+        return self._window(z, rows, columns) is not None
+
     def paint(self, plane, z, value=None):
         """Write this label's plane at volume depth ``z`` into ``plane`` (rows, columns):
         its bits (0/1) when ``value`` is None, else ``value`` where a bit is set."""
-        w, h, d = self.size
+        window = self._window(z, *plane.shape)
+        if window is None:
+            return
+        x0, x1, y0, y1 = window
+        w, h, _d = self.size
         ox, oy, oz = self.origin
-        local_z = z - oz
-        if not 0 <= local_z < d or w == 0 or h == 0:
-            return
-        rows, columns = plane.shape
-        x0, x1 = max(ox, 0), min(ox + w, columns)
-        y0, y1 = max(oy, 0), min(oy + h, rows)
-        if x0 >= x1 or y0 >= y1:
-            return
-        start = local_z * w * h
+        start = (z - oz) * w * h
         raw = self.bits[start // 8:(start + w * h + 7) // 8 + 1]
         bits = np.unpackbits(raw)[start % 8:start % 8 + w * h].reshape(h, w)
         box = bits[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
@@ -206,9 +216,17 @@ class VoxelLabel:
 
 def _label_slices(labels, dimension, combined):
     columns, rows, depth = dimension
+    # Planes no label reaches (most of them) all share one zero plane, never written to:
+    # the archive writer compresses what it is given later, so it must not change.
+    empty = np.zeros((rows, columns), dtype=np.uint8)
+    empty.flags.writeable = False
     for z in range(depth):
+        touching = [label for label in labels if label.touches(z, rows, columns)]
+        if not touching:
+            yield empty
+            continue
         plane = np.zeros((rows, columns), dtype=np.uint8)
-        for label in labels:
+        for label in touching:
             label.paint(plane, z, label.index + 1 if combined else None)
         yield plane
 
