@@ -12,12 +12,13 @@ import sqlalchemy as sa
 from flask import g
 
 import plugin_definitions
+import queue_claims
 import series_access
 import storage
 from auth import require_job_domains, require_plugin_role
 from errors import ApiError, not_found
-from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series, SystemState, db,
-                    iso, new_ulid, parse_iso, utcnow)
+from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
+                    SystemState, db, iso, new_ulid, parse_iso, utcnow)
 from search import ArrayField
 from validation import validate
 
@@ -513,17 +514,10 @@ def claim_next_job(worker_id):
     db.session.rollback()  # end the read transaction before the claim's own one
     candidate = (sa.select(PluginJob.job_id).where(PluginJob.queue_state == "wait")
                  .order_by(*QUEUE_ORDER).limit(1))
-    if db.engine.dialect.name == "postgresql":
-        candidate = candidate.with_for_update(skip_locked=True)
-    with db.engine.begin() as conn:
-        job_id = conn.execute(candidate).scalar()
-        if job_id is None:
-            return None
-        claimed = conn.execute(sa.update(PluginJob).where(
-            PluginJob.job_id == job_id, PluginJob.queue_state == "wait").values(
-            queue_state="processing", status="processing", started_at=utcnow(),
-            claimed_by=worker_id, updated_at=PluginJob.updated_at)).rowcount
-    return job_id if claimed == 1 else None
+    return queue_claims.claim_first(candidate, lambda job_id: sa.update(PluginJob).where(
+        PluginJob.job_id == job_id, PluginJob.queue_state == "wait").values(
+        queue_state="processing", status="processing", started_at=utcnow(),
+        claimed_by=worker_id, updated_at=PluginJob.updated_at))
 
 
 def _end(job_id, **values):

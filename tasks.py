@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+import queue_claims
 import storage
 from models import Task, db, utcnow
 
@@ -101,16 +102,9 @@ def claim_next(worker_id):
     """
     candidate = sa.select(Task.task_id).where(
         Task.status == "processing", Task.claimed_by.is_(None)).order_by(Task.created_at).limit(1)
-    if db.engine.dialect.name == "postgresql":
-        candidate = candidate.with_for_update(skip_locked=True)
-    with db.engine.begin() as conn:
-        task_id = conn.execute(candidate).scalar()
-        if task_id is None:
-            return None
-        claimed = conn.execute(sa.update(Task).where(
-            Task.task_id == task_id, Task.claimed_by.is_(None)).values(
-            claimed_by=worker_id, heartbeat_at=utcnow())).rowcount
-    return task_id if claimed == 1 else None
+    return queue_claims.claim_first(candidate, lambda task_id: sa.update(Task).where(
+        Task.task_id == task_id, Task.claimed_by.is_(None)).values(
+        claimed_by=worker_id, heartbeat_at=utcnow()))
 
 
 def run_task(task_id):
