@@ -103,6 +103,11 @@ def _stringify_un(raw, tag):
 
 # --- the element walker -------------------------------------------------------------------
 
+# (tag, 32-bit length, 16-bit length) readers per byte order, compiled once
+_STRUCTS = {p: (struct.Struct(p + "HH"), struct.Struct(p + "I"), struct.Struct(p + "H"))
+            for p in "<>"}
+
+
 class _Reader:
     """Walks the elements of one (sub-)dataset in a byte buffer."""
 
@@ -110,6 +115,7 @@ class _Reader:
         self.data = data
         self.prefix = "<" if little_endian else ">"
         self.explicit = explicit
+        self._tag, self._u32, self._u16 = _STRUCTS[self.prefix]
 
     def _unpack(self, fmt, pos):
         try:
@@ -120,17 +126,19 @@ class _Reader:
     def header(self, pos, explicit=None):
         """(tag, vr or None, length, value offset) of the element at ``pos``."""
         explicit = self.explicit if explicit is None else explicit
-        group, elem = self._unpack("HH", pos)
-        tag = (group << 16) | elem
-        if tag in (ITEM, ITEM_END, SEQUENCE_END) or not explicit:
-            (length,) = self._unpack("I", pos + 4)
-            return tag, None, length, pos + 8
-        vr = self.data[pos + 4:pos + 6]
-        if vr in LONG_LENGTH_VRS:
-            (length,) = self._unpack("I", pos + 8)
-            return tag, vr.decode("ascii"), length, pos + 12
-        (length,) = self._unpack("H", pos + 6)
-        return tag, vr.decode("ascii", errors="replace"), length, pos + 8
+        data = self.data
+        try:
+            group, elem = self._tag.unpack_from(data, pos)
+            tag = (group << 16) | elem
+            if tag in (ITEM, ITEM_END, SEQUENCE_END) or not explicit:
+                return tag, None, self._u32.unpack_from(data, pos + 4)[0], pos + 8
+            vr = data[pos + 4:pos + 6]
+            if vr in LONG_LENGTH_VRS:
+                return tag, vr.decode("ascii"), self._u32.unpack_from(data, pos + 8)[0], pos + 12
+            return (tag, vr.decode("ascii", errors="replace"),
+                    self._u16.unpack_from(data, pos + 6)[0], pos + 8)
+        except struct.error:
+            raise TagDumpError("The DICOM file is truncated.") from None
 
     def skip_items(self, pos, explicit):
         """The offset just after a sequence of items ended by a sequence delimiter."""
@@ -209,10 +217,9 @@ class _Dumper:
         return out
 
     def value(self, tag, vr, offset, length, explicit):
-        data = self.reader.data
-        raw = data[offset:offset + length]
         if vr in OMITTED_VRS:
-            return None
+            return None  # before any slicing: the pixel data is one of these
+        data = self.reader.data
         if vr == "SQ":
             nested = []
             for item_start, item_length in self.reader.items(offset, length, explicit):
@@ -230,10 +237,14 @@ class _Dumper:
             numbers = list(struct.unpack_from(self.reader.prefix + fmt * count, data, offset))
             return numbers[0] if count == 1 else numbers
         if vr == "UN":
-            return _stringify_un(raw, tag)
+            return _stringify_un(data[offset:offset + length], tag)
         if vr in TEXT_VRS:
-            return self.decode(raw, vr)
-        return _js_string(raw)
+            return self.decode(data[offset:offset + length], vr)
+        # _js_string without copying what follows the first NUL (implicit VR pixel data)
+        end = data.find(b"\x00", offset, offset + length)
+        if end >= 0:
+            return data[offset:end].decode("latin_1").strip(JS_WHITESPACE)
+        return _js_string(data[offset:offset + length])
 
 
 def _split_meta(data):
