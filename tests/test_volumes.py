@@ -342,3 +342,37 @@ def test_signed_pixels_with_fewer_bits_stored_are_sign_extended(ctx, dicom_dir, 
     uid = store_series([tmp_path / "s12.dcm"])
     volume, _ = volumes.load_volume(uid, [1])
     assert np.array_equal(volume[0], values)
+
+
+RAW_HEADER_VARIANTS = {
+    "as stored": {},
+    "MONOCHROME1": {"PhotometricInterpretation": "MONOCHROME1"},
+    "CT with slope": {"Modality": "CT", "RescaleSlope": "2", "RescaleIntercept": "-1000"},
+    "one frame": {"NumberOfFrames": "1"},
+    "12 bits stored": {"BitsStored": 12, "HighBit": 11},
+    "no slice location": {"SliceLocation": None},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(RAW_HEADER_VARIANTS))
+@pytest.mark.parametrize("sample", ["head-first/head-first001.dcm", "misc/MR-phantom-LE.dcm",
+                                    "misc/CT-MONO2-16-brain.dcm", "misc/MR-MONO2-16-head.dcm"])
+def test_raw_header_decodes_as_pydicom(dicom_dir, tmp_path, sample, variant):
+    """Native files are decoded from a raw walk of their header; a twin without the
+    Part 10 preamble goes through pydicom and must give the very same slice."""
+    path = modified(tmp_path, dicom_dir / sample, "a.dcm", **RAW_HEADER_VARIANTS[variant])
+    data = path.read_bytes()
+    ds = pydicom.dcmread(path)
+    ds.preamble = None
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=False)
+    twin = (tmp_path / "b.dcm").read_bytes()
+    assert volumes._RawHeader.parse(data) is not None
+    assert volumes._RawHeader.parse(twin) is None
+    fast, slow = volumes.decode_slice(1, data), volumes.decode_slice(1, twin)
+    assert fast.pixels.dtype == slow.pixels.dtype
+    assert np.array_equal(fast.pixels, slow.pixels)
+    for field in ("pixel_format", "columns", "rows", "modality", "pixel_spacing",
+                  "spacing_between_slices"):
+        assert getattr(fast, field) == getattr(slow, field), field
+    assert fast.slice_location == slow.slice_location or \
+        math.isnan(fast.slice_location) and math.isnan(slow.slice_location)
