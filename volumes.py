@@ -6,6 +6,8 @@ MONOCHROME1 is inverted so that larger means brighter; RGB becomes ``rgba8`` (al
 CT is rescaled with Rescale Slope/Intercept to ``int16`` Hounsfield units. Compressed
 transfer syntaxes are decoded by pydicom with the pylibjpeg plug-ins (JPEG lossless, JPEG
 2000, RLE), so a JPEG-lossless file gives the same voxels as its uncompressed twin.
+Uncompressed little-endian files (nearly all) skip pydicom: their header is walked over
+the mapped file (``_RawHeader``) and the voxels are a view of the file's pixel data.
 
 Volumes are read one slice at a time (``VolumeReader``, with a small read-ahead on a
 thread) so that writers stream them and memory stays bounded; ``load_volume`` assembles a
