@@ -374,14 +374,19 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     order = compile_sort(request.args.get("sort"), sort_fields or fields, default_sort,
                          sort_error)
     limit, page = paging(unlimited_allowed)
-    counted = query.order_by(None)
-    if count_cap is not None:
-        counted = counted.limit(count_cap)  # count no further than the cap
-    count_query = sa.select(sa.func.count()).select_from(counted.subquery())
-    total = db.session.execute(count_query).scalar_one()
     offset = min(limit * (page - 1), MAX_OFFSET)
     rows = db.session.execute(query.order_by(*order).limit(limit).offset(offset))
     rows = rows.scalars().all() if len(query.column_descriptions) == 1 else rows.all()
+    if len(rows) < limit and (rows or offset == 0):
+        total = offset + len(rows)  # a short page is the last one: no COUNT needed
+    else:
+        counted = query.order_by(None)
+        if count_cap is not None:
+            counted = counted.limit(count_cap)  # count no further than the cap
+        count_query = sa.select(sa.func.count()).select_from(counted.subquery())
+        total = db.session.execute(count_query).scalar_one()
+    if count_cap is not None:
+        total = min(total, count_cap)
     if getattr(serialize, "many", False):
         items = serialize(rows)
     else:
