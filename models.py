@@ -82,12 +82,17 @@ class User(Timestamps, db.Model):
     preferences: Mapped[dict] = mapped_column(JSON, default=dict)
 
     def to_json(self):
-        """The user document without the password."""
+        """The user document without the password (also works on a row of PUBLIC_COLUMNS)."""
         return {"userEmail": self.user_email, "loginId": self.login_id,
                 "description": self.description, "loginEnabled": self.login_enabled,
                 "lastLoginTime": iso(self.last_login_time), "lastLoginIp": self.last_login_ip,
                 "groups": list(self.groups or []), "preferences": dict(self.preferences or {}),
-                **self.timestamps()}
+                "createdAt": iso(self.created_at), "updatedAt": iso(self.updated_at)}
+
+    @classmethod
+    def public_columns(cls):
+        """Every column but the password: lists select these rows instead of whole objects."""
+        return [column for column in cls.__table__.columns if column.key != "password"]
 
 
 GROUP_ARRAY_FIELDS = {

@@ -14,8 +14,9 @@ bp.before_request(lambda: require_global("manageServer"))
 @bp.get("")
 def list_users():
     """Search users (filter ignored; passwords never returned)."""
-    return search(db.select(User), fields={}, sort_fields=admin_records.USER_SORT,
-                  serialize=User.to_json, default_sort={"createdAt": -1},
+    return search(db.select(*User.public_columns()), fields={},
+                  sort_fields=admin_records.USER_SORT, serialize=User.to_json,
+                  default_sort={"createdAt": -1},
                   filter_allowed=False)
 
 
