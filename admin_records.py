@@ -14,7 +14,7 @@ import plugin_definitions
 from auth import hash_password
 from errors import ApiError, not_found
 from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, PluginDefinition, Project,
-                    Series, ServerParam, User, db, new_ulid)
+                    Series, ServerParam, User, db, new_ulid, get_or_404)
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,7 @@ class DuplicateUser(ApiError):
 
 def get_user(user_email):
     """The user with that e-mail, else 404 "The requested user was not found."."""
-    user = db.session.get(User, user_email)
-    if user is None:
-        raise not_found("user")
-    return user
+    return get_or_404(User, user_email, "user")
 
 
 def _refuse_last_login(body):
@@ -220,10 +217,7 @@ PROJECT_FIELDS = {
 
 def get_project(project_id):
     """The project with that ID, else 404 "The requested project was not found."."""
-    project = db.session.get(Project, project_id)
-    if project is None:
-        raise not_found("project")
-    return project
+    return get_or_404(Project, project_id, "project")
 
 
 def create_project(body):

@@ -20,7 +20,7 @@ import my_lists
 import series_access
 from errors import ApiError, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
-                    Series, db, iso, new_ulid, utcnow)
+                    Series, db, iso, new_ulid, utcnow, get_or_404)
 from search import ArrayField
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ class RevisionConflict(ApiError):
 
 def get_case(case_id):
     """The case, else 404 ``The requested clinicalCase was not found.``"""
-    case = db.session.get(ClinicalCase, case_id) if isinstance(case_id, str) else None
-    if case is None:
-        raise not_found("clinicalCase")
-    return case
+    return get_or_404(ClinicalCase, case_id, "clinicalCase")
 
 
 def require_case_role(case_id, privileges, *roles):

@@ -38,7 +38,6 @@ import sqlalchemy as sa
 from flask import current_app
 from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
 import storage

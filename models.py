@@ -14,6 +14,8 @@ from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from errors import not_found
+
 
 class Base(DeclarativeBase):
     pass
@@ -50,6 +52,15 @@ def parse_iso(text):
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc).replace(tzinfo=None)
     return value
+
+
+def get_or_404(model, key, schema):
+    """The row of ``model`` with primary key ``key``, else ApiError 404 as CIRCUS words it
+    (``The requested <schema> was not found.``)."""
+    row = db.session.get(model, key) if isinstance(key, (str, int)) else None
+    if row is None:
+        raise not_found(schema)
+    return row
 
 
 def random_hex(nbytes=20):

@@ -11,8 +11,8 @@ import json
 import logging
 import re
 
-from errors import ApiError, not_found
-from models import PluginDefinition, db
+from errors import ApiError
+from models import PluginDefinition, db, get_or_404
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ def remote_plugin_id(adapter, plugin_name, version):
 
 def get_plugin(plugin_id):
     """The definition with this ID, else ApiError 404 as CIRCUS words it."""
-    plugin = db.session.get(PluginDefinition, plugin_id) if isinstance(plugin_id, str) else None
-    if plugin is None:
-        raise not_found("plugin/remotePlugin")
-    return plugin
+    return get_or_404(PluginDefinition, plugin_id, "plugin/remotePlugin")
 
 
 def document(plugin):

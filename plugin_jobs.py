@@ -16,9 +16,9 @@ import queue_claims
 import series_access
 import storage
 from auth import require_job_domains, require_plugin_role
-from errors import ApiError, not_found
+from errors import ApiError
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
-                    SystemState, db, iso, new_ulid, parse_iso, utcnow)
+                    SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404)
 from search import ArrayField
 from validation import validate
 
@@ -209,10 +209,7 @@ def register_job(user_email, privileges, body):
 
 def get_job(job_id):
     """The job, else ApiError 404 ``The requested pluginJob was not found.``"""
-    job = db.session.get(PluginJob, job_id) if isinstance(job_id, str) else None
-    if job is None:
-        raise not_found("pluginJob")
-    return job
+    return get_or_404(PluginJob, job_id, "pluginJob")
 
 
 def series_domains(job_id):

@@ -11,7 +11,6 @@ when any element matches (MongoDB semantics) through an indexed EXISTS.
 """
 import json
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 

@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 
 import storage
 from errors import ApiError, not_found
-from models import CaseSeries, PluginJobSeries, Series, db, new_ulid
+from models import CaseSeries, PluginJobSeries, Series, db, new_ulid, get_or_404
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,7 @@ def check_pvd_range(series, pvd):
 
 def get_series(series_uid):
     """The series row, or ApiError 404 ``The requested series was not found.``"""
-    series = db.session.get(Series, series_uid) if isinstance(series_uid, str) else None
-    if series is None:
-        raise not_found("series")
-    return series
+    return get_or_404(Series, series_uid, "series")
 
 
 # --- orientation ------------------------------------------------------------------------

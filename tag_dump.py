@@ -11,7 +11,6 @@ so this module walks the bytes itself.
 ``JSON.stringify(value, null, 2)``, numbers included.
 """
 import base64
-import codecs
 import logging
 import math
 import struct

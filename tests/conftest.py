@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app import create_app
 from cli import create_initial_data
-from models import Project, User, db
+from models import Project, db
 from tests.factories import make_group, make_token, make_user
 
 ROOT = Path(__file__).resolve().parents[1]
