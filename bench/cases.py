@@ -79,9 +79,14 @@ def wait_for(port, path, timeout=30):
     raise RuntimeError(f"server on port {port} did not start")
 
 
+GUNICORN_CONFIG = os.devnull  # same settings for both apps: plain sync workers (see --served)
+
+
 def gunicorn(app_spec, cwd, env, port, log):
-    cmd = [os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}",
-           app_spec]
+    # An explicit -c for both apps: otherwise ours would read ./gunicorn.conf.py and the
+    # floor (started in ../shared/bench) would not, and the two would not be comparable.
+    cmd = [os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-c", GUNICORN_CONFIG, "-w", "2",
+           "-b", f"127.0.0.1:{port}", app_spec]
     return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=log,
                             start_new_session=True)
 
@@ -404,7 +409,13 @@ def main():
                         help="planner setting for the app's connections (e.g. 1.1 for SSD or "
                              "cached data; PostgreSQL's default is 4)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--served", action="store_true",
+                        help="run both apps with the served gunicorn.conf.py (gthread) "
+                             "instead of plain sync workers")
     args = parser.parse_args()
+    global GUNICORN_CONFIG
+    if args.served:
+        GUNICORN_CONFIG = os.path.join(ROOT, "gunicorn.conf.py")
     sizes = [int(s) for s in args.sizes.split(",")]
     work = tempfile.mkdtemp(prefix="bench-cases-")
     log = open(os.path.join(work, "servers.log"), "w")
