@@ -14,7 +14,7 @@ import plugin_definitions
 from auth import hash_password
 from errors import ApiError, not_found
 from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, PluginDefinition, Project,
-                    Series, ServerParam, User, db, new_ulid, get_or_404)
+                    Series, ServerParam, User, db, new_ulid, get_or_404, put_value)
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -264,11 +264,7 @@ def put_server_params(values):
     """Upsert each key of ``values`` (checked against schemas/server-params.yaml)."""
     validate(values, "server-params")
     for key, value in values.items():
-        row = db.session.get(ServerParam, key)
-        if row is None:
-            db.session.add(ServerParam(key=key, value=value))
-        else:
-            row.value = value
+        put_value(ServerParam, key, value)
     db.session.commit()
 
 

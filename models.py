@@ -63,6 +63,15 @@ def get_or_404(model, key, schema):
     return row
 
 
+def put_value(model, key, value):
+    """Insert or update one row of a key/value table (ServerParam, SystemState)."""
+    row = db.session.get(model, key)
+    if row is None:
+        db.session.add(model(key=key, value=value))
+    else:
+        row.value = value
+
+
 def random_hex(nbytes=20):
     """A random lowercase hex string (40 characters by default, as CIRCUS tokens)."""
     return secrets.token_hex(nbytes)

@@ -18,7 +18,7 @@ import storage
 from auth import require_job_domains, require_plugin_role
 from errors import ApiError
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
-                    SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404)
+                    SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404, put_value)
 from search import ArrayField
 from validation import validate
 
@@ -488,11 +488,7 @@ def set_manager_status(status):
     one (queued jobs stay queued)."""
     if status not in MANAGER_STATES:
         raise ApiError(400, "Bad Request")
-    state = db.session.get(SystemState, MANAGER_KEY)
-    if state is None:
-        db.session.add(SystemState(key=MANAGER_KEY, value=status))
-    else:
-        state.value = status
+    put_value(SystemState, MANAGER_KEY, status)
     db.session.commit()
     log.info("Plug-in job manager switched to %s.", status)
     return status
