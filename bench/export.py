@@ -39,42 +39,16 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.synthetic_ct import write_ct_series  # noqa: E402
 
 SERIES_UID = "1.2.826.0.1.3680043.10.999.300"
 SIZE = 512
 
 
 def generate_ct(folder, slices):
-    """A synthetic CT: air around an elliptic body of soft tissue with noise (int16)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(7)
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    body = ((x - 256) / 200.0) ** 2 + ((y - 256) / 150.0) ** 2 <= 1
-    study = generate_uid("1.2.826.0.1.3680043.10.999.")
-    paths = []
-    for i in range(slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, SERIES_UID
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Bench^CT", "BENCH1"
-        ds.Rows = ds.Columns = SIZE
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [0.7, 0.7], 1.0, 1.0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.InstanceNumber, ds.SliceLocation = i + 1, float(i)
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, float(i)], [1, 0, 0, 0, 1, 0]
-        pixels = np.where(body, 1064, 24) + rng.normal(0, 12, (SIZE, SIZE))
-        ds.PixelData = pixels.astype("<i2").tobytes()
-        path = os.path.join(folder, f"ct{i:04d}.dcm")
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """The synthetic CT of this bench (Spacing Between Slices 1.0, head-first)."""
+    return write_ct_series(folder, slices, SERIES_UID, lambda i: f"ct{i:04d}.dcm", spacing=1.0,
+                           seed=7, patient_id="BENCH1")
 
 
 def setup(data_dir, dicom_paths):

@@ -33,10 +33,10 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.synthetic_ct import write_ct_series  # noqa: E402
 SHARED_DICOM = os.path.join(os.path.dirname(ROOT), "shared", "dicom", "head-first")
 CT_UID = "1.2.826.0.1.3680043.10.999.306"
 
@@ -199,31 +199,9 @@ def queue_capacity(app, jobs, threads):
 
 
 def generate_ct(folder, slices):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(3)
-    y, x = np.mgrid[0:512, 0:512]
-    body = ((x - 256) / 210.0) ** 2 + ((y - 256) / 160.0) ** 2 <= 1
-    study = generate_uid("1.2.826.0.1.3680043.10.999.")
-    for i in range(slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, CT_UID
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Bench^CT", "BENCH6"
-        ds.Rows = ds.Columns = 512
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.InstanceNumber, ds.SliceLocation = i + 1, float(i)
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, -float(i)], [1, 0, 0, 0, 1, 0]
-        pixels = np.where(body, 1064, 24) + rng.normal(0, 12, (512, 512))
-        ds.PixelData = pixels.astype("<i2").tobytes()
-        ds.save_as(os.path.join(folder, f"{i + 1:08d}.dcm"), enforce_file_format=True)
+    """The synthetic CT of this bench, written as stored instances (foot-first z order)."""
+    write_ct_series(folder, slices, CT_UID, lambda i: f"{i + 1:08d}.dcm", z_step=-1.0, seed=3,
+                    patient_id="BENCH6")
 
 
 def input_preparation(app, scratch, slices):
