@@ -20,7 +20,6 @@ Usage (from the project root)::
 import argparse
 import http.client
 import json
-import multiprocessing
 import os
 import shutil
 import socket
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import time
 import urllib.parse
+
+from loadgen import run_clients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "bench")
@@ -155,15 +156,7 @@ def client(port, path, headers, seconds, queue):
 
 def load(server, path, seconds, clients):
     """(requests/s, p50 ms) of ``path`` from ``clients`` keep-alive client processes."""
-    queue = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=client, args=(server.port, path, server.headers,
-                                                          seconds, queue))
-             for _ in range(clients)]
-    for proc in procs:
-        proc.start()
-    results = [queue.get(timeout=seconds + 60) for _ in procs]
-    for proc in procs:
-        proc.join()
+    results = run_clients(client, (server.port, path, server.headers, seconds), clients, seconds)
     latencies = [lat for lats in results for lat in lats]
     return len(latencies) / seconds, statistics.median(latencies) * 1000
 

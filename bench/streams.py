@@ -15,7 +15,6 @@ Usage (from the project root)::
 """
 import argparse
 import http.client
-import multiprocessing
 import os
 import shutil
 import socket
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from loadgen import run_clients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,14 +82,7 @@ def client(port, token, seconds, queue):
 
 
 def load(port, token, seconds, clients):
-    queue = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=client, args=(port, token, seconds, queue))
-             for _ in range(clients)]
-    for proc in procs:
-        proc.start()
-    results = [queue.get(timeout=seconds + 60) for _ in procs]
-    for proc in procs:
-        proc.join()
+    results = run_clients(client, (port, token, seconds), clients, seconds)
     total = sum(c for c, _ in results)
     latencies = sorted(lat for _, lats in results for lat in lats)
     return (total / seconds, latencies[len(latencies) // 2] * 1000,
