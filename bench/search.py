@@ -1,8 +1,8 @@
 """Series search benchmark: GET /api/series beside the floor app, same run, same machine.
 
-The floor (``../shared/bench/floor_app.py``, gunicorn -w 2 sync) is the fastest a Flask +
-Flask-SQLAlchemy + SQLite app answers here; ours runs with the served configuration
-(gunicorn.conf.py, 2 workers) on loopback. Both databases get N synthetic series.
+The floor (``../shared/bench/floor_app.py``) is the fastest a Flask + Flask-SQLAlchemy +
+SQLite app answers here. Both apps run on loopback with the same gunicorn settings (sync -w 2,
+or gunicorn.conf.py with --served). Both databases get N synthetic series.
 
 Figures:
   list-N        GET /api/series?limit=20 with a token, requests/s from C keep-alive client
@@ -122,8 +122,14 @@ def start_ours(perf, n):
     with open(os.path.join(data, "token")) as fh:
         token = fh.read().strip()
     port = free_port()
-    return Server([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "app:create_app()"],
+    return Server([sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "-w", "2",
+                   "-b", f"127.0.0.1:{port}", "app:create_app()"],
                   ROOT, env, port, "/api/series?limit=1", {"Authorization": f"Bearer {token}"})
+
+
+# Both apps get the same settings: plain sync workers, or with --served the served
+# gunicorn.conf.py (ours would otherwise read it from its working directory, the floor not).
+GUNICORN_CONFIG = os.devnull
 
 
 def start_floor(perf, n):
@@ -134,8 +140,8 @@ def start_floor(perf, n):
         subprocess.run([sys.executable, os.path.join(SHARED, "floor_app.py"), "init", str(n)],
                        cwd=SHARED, env=env, check=True)
     port = free_port()
-    return Server([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
-                   "floor_app:app"], SHARED, env, port, "/api/series",
+    return Server([sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "-w", "2",
+                   "-b", f"127.0.0.1:{port}", "floor_app:app"], SHARED, env, port, "/api/series",
                   {"Authorization": "Bearer secret"})
 
 
@@ -173,7 +179,12 @@ def main():
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--big", type=int, default=100000, help="size for the p50 ratio (0: skip)")
+    parser.add_argument("--served", action="store_true",
+                        help="both apps with gunicorn.conf.py instead of plain sync workers")
     args = parser.parse_args()
+    global GUNICORN_CONFIG
+    if args.served:
+        GUNICORN_CONFIG = os.path.join(ROOT, "gunicorn.conf.py")
     os.makedirs(args.perf, exist_ok=True)
     print(f"search benchmark, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
     p50 = {}
