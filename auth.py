@@ -15,7 +15,7 @@ from flask import current_app, g, request
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import ApiError
-from models import Group, Token, User, db, random_hex, utcnow
+from models import GROUPS_STAMP, Group, SystemState, Token, User, db, random_hex, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,16 @@ def find_user(email_or_login_id):
 
 # The two queries of every authenticated request, built once: building a statement costs
 # more than running it on an indexed column. Groups come back as plain rows, not entities.
-_TOKEN_OWNER = (db.select(Token.access_token_expires_at, User)
+_GROUPS_STAMP = (db.select(SystemState.value).where(SystemState.key == GROUPS_STAMP)
+                 .scalar_subquery())
+_TOKEN_OWNER = (db.select(Token.access_token_expires_at, User, _GROUPS_STAMP)
                 .join(User, User.user_email == Token.user_email)
                 .where(Token.access_token_hash == db.bindparam("digest")))
+_USER_BY_EMAIL = (db.select(User, _GROUPS_STAMP)
+                  .where(User.user_email == db.bindparam("email")))
+# Privileges per group-ID list, computed under one groupsStamp (see cached_privileges).
+_CACHE_KEY = "circus.privileges"
+_CACHE_SIZE = 1024
 _GROUPS_BY_ID = db.select(
     Group.group_id, Group.group_name, Group.privileges, Group.domains,
     *(getattr(Group, attr) for attr in (*PROJECT_ROLES.values(), *PLUGIN_ROLES.values()))
@@ -189,6 +196,27 @@ def compute_privileges(user):
     return privileges
 
 
+def cached_privileges(user, stamp):
+    """``compute_privileges(user)``, reused while the groups are unchanged.
+
+    ``stamp`` is the ``groupsStamp`` read in the same query as the user: every change to a
+    group writes a new one in its own transaction (models.py), so an entry is only ever
+    reused for the very group rows it was computed from, on every host. Without a stamp
+    (a database whose groups were never written through the ORM) nothing is cached.
+    The returned object is shared between requests: treat it as read-only.
+    """
+    if stamp is None:
+        return compute_privileges(user)
+    cache = current_app.extensions.get(_CACHE_KEY)
+    if cache is None or cache[0] != stamp or len(cache[1]) >= _CACHE_SIZE:
+        cache = current_app.extensions[_CACHE_KEY] = (stamp, {})
+    key = tuple(user.groups or ())
+    privileges = cache[1].get(key)
+    if privileges is None:
+        privileges = cache[1][key] = compute_privileges(user)
+    return privileges
+
+
 # --- the request hook -------------------------------------------------------------------
 
 def _bearer_token():
@@ -205,14 +233,14 @@ def _bearer_token():
 
 
 def authenticate_token(token):
-    """The user owning a valid, unexpired token, else ApiError 401."""
+    """(user, groupsStamp) of a valid, unexpired token, else ApiError 401: one query."""
     row = db.session.execute(_TOKEN_OWNER, {"digest": digest(token)}).first()
     if row is None:
         raise ApiError(401, "Invalid token: access token is invalid")
-    expires_at, user = row
+    expires_at, user, stamp = row
     if expires_at < utcnow():
         raise ApiError(401, "Invalid token: access token has expired")
-    return user
+    return user, stamp
 
 
 def authenticate_request():
@@ -225,13 +253,14 @@ def authenticate_request():
         return
     fixed = current_app.config.get("FIX_USER")
     if fixed:
-        user = db.session.get(User, fixed)
-        if user is None:
+        row = db.session.execute(_USER_BY_EMAIL, {"email": fixed}).first()
+        if row is None:
             raise ApiError(401, "Invalid token: access token is invalid")
+        user, stamp = row
     else:
-        user = authenticate_token(_bearer_token())
+        user, stamp = authenticate_token(_bearer_token())
     g.user = user
-    g.privileges = compute_privileges(user)
+    g.privileges = cached_privileges(user, stamp)
 
 
 # --- checks used by views ---------------------------------------------------------------

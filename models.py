@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
-                        String, Text, UniqueConstraint)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+                        String, Text, UniqueConstraint, event)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from errors import not_found
 
@@ -191,6 +191,23 @@ class SystemState(db.Model):
     __tablename__ = "system_state"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[object] = mapped_column(JSON)
+
+
+GROUPS_STAMP = "groupsStamp"
+
+
+@event.listens_for(Session, "before_flush")
+def _renew_groups_stamp(session, _context, _instances):
+    """Any change to a group renews the ``groupsStamp`` state in the same transaction, so
+    that privileges cached under the old stamp (auth.py) are never used again."""
+    changed = (session.new, session.dirty, session.deleted)
+    if not any(isinstance(obj, Group) for objects in changed for obj in objects):
+        return
+    row = session.get(SystemState, GROUPS_STAMP)
+    if row is None:
+        session.add(SystemState(key=GROUPS_STAMP, value=new_ulid()))
+    else:
+        row.value = new_ulid()
 
 
 # --- projects and cases ---------------------------------------------------------------

@@ -11,6 +11,8 @@ when any element matches (MongoDB semantics) through an indexed EXISTS.
 """
 import json
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -350,7 +352,7 @@ def paging(unlimited_allowed=False):
 
 def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
            filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
-           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON."):
+           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON.", memo=None):
     """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
 
     Parameters
@@ -366,24 +368,40 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
         CIRCUS's default sort, e.g. ``{"createdAt": -1}``.
     sort_fields : dict, optional
         Sortable key -> column; defaults to ``fields``.
+    memo : hashable, optional
+        A key that alone determines ``query``, ``fields`` and ``sort_fields`` (the
+        endpoint's name and every privilege the query depends on). Requests with the same
+        key and query string then reuse the statements built for the first one (see
+        ``_Statements``). Leave it out wherever the query depends on anything else.
     """
-    if filter_allowed:
-        query = query.where(compile_filter(request.args.get("filter"), fields, parse_error,
-                                           patient_info_allowed))
-    order = compile_sort(request.args.get("sort"), sort_fields or fields, default_sort,
-                         sort_error)
+    if patient_info_allowed is None and filter_allowed:
+        patient_info_allowed = g.privileges.has_global("personalInfoView")
     limit, page = paging(unlimited_allowed)
     offset = min(limit * (page - 1), MAX_OFFSET)
-    rows = db.session.execute(query.order_by(*order).limit(limit).offset(offset))
-    rows = rows.scalars().all() if len(query.column_descriptions) == 1 else rows.all()
+    args = (request.args.get("filter") if filter_allowed else None, request.args.get("sort"),
+            limit, offset, count_cap, patient_info_allowed)
+
+    def build():
+        selected = query
+        if filter_allowed:
+            selected = query.where(compile_filter(args[0], fields, parse_error,
+                                                  patient_info_allowed))
+        order = compile_sort(args[1], sort_fields or fields, default_sort, sort_error)
+        return _Statements(selected, order, limit, offset, count_cap)
+
+    if memo is None:
+        statements = build()
+    else:
+        memos = current_app.extensions.get(_MEMO_KEY)
+        if memos is None:
+            memos = current_app.extensions.setdefault(_MEMO_KEY, _Memo(MEMO_SIZE))
+        statements = memos.get((memo, args), build)
+    result = db.session.execute(statements.page)
+    rows = result.scalars().all() if len(result.keys()) == 1 else result.all()
     if len(rows) < limit and (rows or offset == 0):
         total = offset + len(rows)  # a short page is the last one: no COUNT needed
     else:
-        counted = query.order_by(None)
-        if count_cap is not None:
-            counted = counted.limit(count_cap)  # count no further than the cap
-        count_query = sa.select(sa.func.count()).select_from(counted.subquery())
-        total = db.session.execute(count_query).scalar_one()
+        total = db.session.execute(statements.count()).scalar_one()
     if count_cap is not None:
         total = min(total, count_cap)
     if getattr(serialize, "many", False):
@@ -391,6 +409,55 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     else:
         items = [serialize(row) for row in rows]
     return jsonify({"items": items, "totalItems": total, "page": page})
+
+
+class _Statements:
+    """The page and COUNT statements of one search.
+
+    Building them and computing SQLAlchemy's cache key of a new statement costs more than
+    running it on an index; a statement object remembers its key, so reusing the objects
+    (``_Memo``, one per app) leaves only the execution.
+    """
+
+    def __init__(self, query, order, limit, offset, count_cap):
+        self.query = query
+        self.page = query.order_by(*order).limit(limit).offset(offset)
+        self.count_cap = count_cap
+        self._count = None
+
+    def count(self):
+        if self._count is None:
+            counted = self.query.order_by(None)
+            if self.count_cap is not None:
+                counted = counted.limit(self.count_cap)  # count no further than the cap
+            self._count = sa.select(sa.func.count()).select_from(counted.subquery())
+        return self._count
+
+
+class _Memo:
+    """A small thread-safe LRU mapping of search keys to their ``_Statements``."""
+
+    def __init__(self, size):
+        self.size = size
+        self.entries = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, build):
+        with self.lock:
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+                return found
+        found = build()  # outside the lock; may raise ApiError for a bad filter
+        with self.lock:
+            self.entries[key] = found
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return found
+
+
+_MEMO_KEY = "circus.search_statements"  # one _Memo per app: filters depend on its config
+MEMO_SIZE = 256
 
 
 def batch(function):

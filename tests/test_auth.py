@@ -141,3 +141,52 @@ def test_schema_errors_have_validation_errors(client, auth_headers):
     body = res.get_json()
     assert body["error"] == "Request data is not correct."
     assert body["validationErrors"][0]["keyword"] == "additionalProperties"
+
+
+# --- privileges cached per groupsStamp --------------------------------------------------
+
+def _groups_stamp(app):
+    from models import GROUPS_STAMP, SystemState
+    with app.app_context():
+        row = db.session.get(SystemState, GROUPS_STAMP)
+        return row and row.value
+
+
+def test_revoking_a_privilege_applies_at_once(app, client, auth_headers):
+    """Privileges are reused between requests only while no group changed."""
+    url = "/api/admin/groups"
+    assert client.get(url, headers=auth_headers["alice"]).status_code == 200
+    assert client.get(url, headers=auth_headers["alice"]).status_code == 200  # cached now
+    before = _groups_stamp(app)
+    res = client.patch("/api/admin/groups/3", json={"privileges": ["createProject"]},
+                       headers=auth_headers["alice"])
+    assert res.status_code == 204
+    assert _groups_stamp(app) != before
+    assert client.get(url, headers=auth_headers["alice"]).status_code == 401
+
+
+def test_group_changed_outside_the_api_applies_at_once(app, client, auth_headers):
+    """A script or CLI command changing a group through the models renews the stamp too."""
+    from models import Group
+    assert client.get("/api/series", headers=auth_headers["bob"]).status_code == 200
+    res = client.get("/api/login-info/full", headers=auth_headers["bob"])
+    assert res.get_json()["domains"] == ["default"]
+    with app.app_context():
+        group = db.session.get(Group, 4)
+        group.domains = ["default", "other"]
+        db.session.commit()
+    res = client.get("/api/login-info/full", headers=auth_headers["bob"])
+    assert res.get_json()["domains"] == ["default", "other"]
+    with app.app_context():
+        db.session.delete(db.session.get(Group, 4))
+        db.session.commit()
+    res = client.get("/api/login-info/full", headers=auth_headers["bob"])
+    assert res.get_json()["domains"] == []
+
+
+def test_users_sharing_groups_share_nothing_else(client, auth_headers):
+    """The cache is keyed by the group list: a user without groups gets no privilege."""
+    assert client.get("/api/admin/groups", headers=auth_headers["alice"]).status_code == 200
+    assert client.get("/api/admin/groups", headers=auth_headers["guest"]).status_code == 401
+    res = client.get("/api/login-info/full", headers=auth_headers["guest"])
+    assert res.get_json()["domains"] == [] and res.get_json()["globalPrivileges"] == []

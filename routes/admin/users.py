@@ -17,7 +17,7 @@ def list_users():
     return search(db.select(*User.public_columns()), fields={},
                   sort_fields=admin_records.USER_SORT, serialize=User.to_json,
                   default_sort={"createdAt": -1},
-                  filter_allowed=False)
+                  filter_allowed=False, memo="admin/users")
 
 
 @bp.get("/<user_email>")
