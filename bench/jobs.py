@@ -92,6 +92,13 @@ def start_worker(data_dir, poll, concurrency):
                             stderr=open(os.path.join(data_dir, f"worker-{concurrency}.log"), "a"))
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(process):
     process.terminate()
     try:
@@ -134,20 +141,26 @@ def switch(app, status):
         plugin_jobs.set_manager_status(status)
 
 
-def throughput(app, client, headers, plugin_id, series_uid, data_dir, jobs, poll, concurrency):
+def throughput(app, client, headers, plugin_id, series_uid, data_dir, jobs, poll, concurrency,
+               server):
+    """(jobs/s, failed jobs, CPU ms per job of the worker, the plug-in server and this
+    bench process while the jobs ran)."""
     switch(app, "stopped")
     ids = [post_job(client, headers, plugin_id, series_uid) for _ in range(jobs)]
     worker = start_worker(data_dir, poll, concurrency)
     time.sleep(2)  # worker started and idle
+    pids = (worker.pid, server.pid, os.getpid())
+    before = [cpu_seconds(pid) for pid in pids]
     switch(app, "running")
     try:
         rows = wait_done(app, ids)
+        cpu = [(cpu_seconds(pid) - b) * 1000 / jobs for pid, b in zip(pids, before)]
     finally:
         stop(worker)
     failed = [r for r in rows.values() if r[0] != "finished"]
     first = min(r[2] for r in rows.values())
     last = max(r[3] for r in rows.values() if r[3] is not None)
-    return jobs / (last - first).total_seconds(), len(failed)
+    return jobs / (last - first).total_seconds(), len(failed), cpu
 
 
 def latency(app, client, headers, plugin_id, series_uid, data_dir, samples, poll):
@@ -250,12 +263,19 @@ def main():
               f"remote plug-in on {endpoint}")
         rates = {}
         for concurrency in (1, 4):
-            rate, failed = throughput(app, client, headers, plugin_id, series_uid, data_dir,
-                                      args.jobs, args.poll, concurrency)
-            rates[concurrency] = rate
+            rate, failed, cpu = throughput(app, client, headers, plugin_id, series_uid,
+                                           data_dir, args.jobs, args.poll, concurrency, server)
+            rates[concurrency] = rate, sum(cpu)
             print(f"throughput, concurrency {concurrency}: {rate:.1f} jobs/s "
-                  f"({args.jobs} jobs, {failed} failed)")
-        print(f"  ratio 4/1: {rates[4] / rates[1]:.2f}x (goal >= 3x)")
+                  f"({args.jobs} jobs, {failed} failed; {1000 / rate:.1f} ms wall per job; "
+                  f"CPU ms per job: worker {cpu[0]:.1f}, plug-in server {cpu[1]:.1f}, "
+                  f"bench {cpu[2]:.1f})")
+        # On n cores no concurrency runs jobs faster than n / (CPU per job): concurrency
+        # only fills the time a single job leaves the cores idle.
+        cores = os.cpu_count()
+        ceiling = cores * 1000 / rates[1][1] / rates[1][0]
+        print(f"  ratio 4/1: {rates[4][0] / rates[1][0]:.2f}x (goal >= 3x; CPU-bound ceiling "
+              f"on {cores} cores = {cores} x wall/CPU at concurrency 1 = {ceiling:.2f}x)")
         capacity = {n: queue_capacity(app, args.jobs, n) for n in (1, 4)}
         print(f"queue alone (claim + finish, no work): {capacity[1]:.0f} jobs/s with 1 "
               f"claimer, {capacity[4]:.0f} jobs/s with 4")
