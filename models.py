@@ -274,13 +274,15 @@ class Series(Timestamps, db.Model):
         self.patient_sex = self.patient_info.get("sex")
 
     def to_json(self, with_patient_info=True):
+        """The series document (also works on a row of its table's columns)."""
         doc = {"seriesUid": self.series_uid, "studyUid": self.study_uid,
                "width": self.width, "height": self.height, "images": self.images,
                "seriesDate": iso(self.series_date), "modality": self.modality,
                "seriesDescription": self.series_description, "bodyPart": self.body_part,
                "stationName": self.station_name, "modelName": self.model_name,
                "manufacturer": self.manufacturer, "storageId": self.storage_id,
-               "parameters": self.parameters, "domain": self.domain, **self.timestamps()}
+               "parameters": self.parameters, "domain": self.domain,
+               "createdAt": iso(self.created_at), "updatedAt": iso(self.updated_at)}
         if with_patient_info:
             doc["patientInfo"] = self.patient_info or {}
         return doc

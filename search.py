@@ -357,8 +357,9 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
 
     Parameters
     ----------
-    query : Select
-        The candidate rows, already restricted to what the caller may see.
+    query : Select or callable
+        The candidate rows, already restricted to what the caller may see; or a function
+        returning them, called only when ``memo`` finds no statements.
     fields : dict
         Filter key -> column expression or ArrayField (the endpoint's allow-list).
     serialize : callable
@@ -382,10 +383,10 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
             limit, offset, count_cap, patient_info_allowed)
 
     def build():
-        selected = query
+        selected = query() if callable(query) else query
         if filter_allowed:
-            selected = query.where(compile_filter(args[0], fields, parse_error,
-                                                  patient_info_allowed))
+            selected = selected.where(compile_filter(args[0], fields, parse_error,
+                                                     patient_info_allowed))
         order = compile_sort(args[1], sort_fields or fields, default_sort, sort_error)
         return _Statements(selected, order, limit, offset, count_cap)
 

@@ -309,6 +309,27 @@ def test_search_with_patient_filter_needs_the_privilege(client, other_domain, se
     assert res.json == {"error": "You cannot search using patient information."}
 
 
+def test_repeated_searches_follow_each_callers_privileges(app, client, auth_headers, searchable):
+    """The statements of a search are reused between requests (search.py memo), but never
+    across callers whose domains or personalInfoView differ, nor after a group change."""
+    with app.app_context():
+        group = make_group("readers", domains=["default"])
+        make_user("dave@example.com", "dave", groups=[group.group_id])
+        db.session.commit()
+        group_id = group.group_id
+        dave = {"Authorization": f"Bearer {make_token('dave@example.com')}"}
+    flt = {"patientInfo.patientId": "A1"}
+    assert uids(search(client, auth_headers["bob"], filter=flt)) == ["1.2.9.1"]
+    res = search(client, dave, filter=flt)
+    assert res.status_code == 400
+    assert res.json == {"error": "You cannot search using patient information."}
+    assert search(client, dave).json["totalItems"] == 3
+    res = client.patch(f"/api/admin/groups/{group_id}", json={"domains": ["other"]},
+                       headers=auth_headers["alice"])
+    assert res.status_code == 204
+    assert uids(search(client, dave)) == ["1.2.9.9"]
+
+
 @pytest.mark.parametrize("flt", [{"domain": "other"}, {"parameters.KVP": 120}, {"modality": None}])
 def test_search_bad_filters(client, auth_headers, searchable, flt):
     res = search(client, auth_headers["alice"], filter=flt)
