@@ -4,8 +4,10 @@ One DICOM instance becomes a file ``dicom/<seriesUid>/<8-digit instance>.dcm`` a
 into its series row (API.md 3.2.1). Instances are imported in *batches* (all plain files of
 a chunk, or one whole archive) so that the durability work is paid once per batch:
 
-1. each instance is read (header only, no pixel codecs needed) and written to a staging
-   folder on the DICOM root's file system;
+1. each instance is checked (dicom_header's walk over its header, or pydicom's parse for
+   an unusual file; no pixel codecs needed) and written to a staging folder on the DICOM
+   root's file system; only the first instance of a *new* series is parsed whole, at
+   commit, for the series record;
 2. a large batch makes its staged files durable with one ``syncfs`` before it takes
    any lock (a small batch only syncs, before their rename, the files that replace
    instances the database already knows);
@@ -40,6 +42,7 @@ from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID
 
+import dicom_header
 import storage
 import tasks
 from models import Series, db, new_ulid, utcnow
@@ -54,7 +57,6 @@ BATCH_MAX_BYTES = 1024 ** 3
 COPY_CHUNK = 1024 * 1024
 SYNC_BEFORE_LOCK_MIN = 17  # batches from this many files sync their data before locking
 IN_CHUNK = 500  # bound of SQL IN lists
-RECORDS_KEPT = 64  # series records a batch keeps in memory; later ones are read again
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 TZ_RE = re.compile(r"^([+-])(\d\d)(\d\d)$")
 AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
@@ -231,8 +233,8 @@ def _ascii(raw):
 class Decoder:
     """Decodes the text of one data set with its Specific Character Set."""
 
-    def __init__(self, dataset):
-        raw = _ascii(_raw_bytes(dataset, 0x00080005))
+    def __init__(self, raw_charset):
+        raw = _ascii(raw_charset)
         self.encodings = None
         if raw:
             names = [name.strip() for name in raw.split("\\")]
@@ -337,7 +339,7 @@ def _parameter_value(dataset, elem, vr, decoder, little, pixel_representation):
 
 def extract_parameters(dataset, decoder=None):
     """The ``parameters`` object of an instance (3.2.1)."""
-    decoder = decoder or Decoder(dataset)
+    decoder = decoder or Decoder(_raw_bytes(dataset, 0x00080005))
     syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
     little = UID(syntax).is_little_endian if UID(syntax).is_transfer_syntax else True
     params = {"TransferSyntaxUID": syntax or None,
@@ -432,8 +434,6 @@ def _patient_info(dataset, decoder, reference):
     raw_name = _raw_bytes(dataset, 0x00100010)
     birth = _ascii(_raw_bytes(dataset, 0x00100030))
     sex = _ascii(_raw_bytes(dataset, 0x00100040))
-    if sex and sex not in ("F", "M", "O"):
-        raise InvalidInstanceError(f"Patient's Sex must be F, M or O, not {sex!r}.")
     info = {
         "patientId": decoder.text(_raw_bytes(dataset, 0x00100020)),
         # Not trimmed (quirk 34, compat): the padding space stays, as in existing data.
@@ -447,8 +447,7 @@ def _patient_info(dataset, decoder, reference):
     return {k: v for k, v in info.items() if v is not None}
 
 
-def _uint16(dataset, tag, little):
-    raw = _raw_bytes(dataset, tag)
+def _uint16(raw, little):
     if raw is None or len(raw) < 2:
         return None
     return struct.unpack("<H" if little else ">H", raw[:2])[0]
@@ -456,15 +455,33 @@ def _uint16(dataset, tag, little):
 
 # --- the record -------------------------------------------------------------------------
 
-@dataclass
 class InstanceRecord:
-    """What the importer extracts from one instance: its number and its series' record."""
-    instance_number: int
-    series: dict  # Series column values (patient_info included)
+    """What the importer extracts from one instance: its number, its series UID and its
+    series' record (Series column values, patient_info included).
+
+    ``series`` may be given as a loader: it is then read on first use (an import reads the
+    whole header only for the first instance of a new series).
+    """
+
+    __slots__ = ("instance_number", "series_uid", "_series", "_load")
+
+    def __init__(self, instance_number, series_uid, series=None, load=None):
+        self.instance_number = instance_number
+        self.series_uid = series_uid
+        self._series = series
+        self._load = load
+
+    @property
+    def series(self):
+        if self._series is None:
+            self._series = self._load()
+        return self._series
 
 
-def extract_record(dataset, default_offset=0):
-    """Build the instance record of 3.2.1 from a parsed header.
+def check_instance(raw, little):
+    """Check what every instance needs and return ``(instance number, series UID)``.
+
+    ``raw(tag)`` gives the undecoded bytes of a top-level element (or None).
 
     Raises
     ------
@@ -473,30 +490,50 @@ def extract_record(dataset, default_offset=0):
         set``, ``Series UID of this DICOM file is invalid.``, then the checks of a new
         series document (study UID, Rows, Columns, Modality, sex).
     """
-    decoder = Decoder(dataset)
-    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
-    little = UID(syntax).is_little_endian if UID(syntax).is_transfer_syntax else True
-    number_text = _ascii(_raw_bytes(dataset, 0x00200013)) or ""
+    Decoder(raw(0x00080005))
+    number_text = _ascii(raw(0x00200013)) or ""
     match = INT_RE.match(number_text)
     if match is None:
         raise InvalidInstanceError("Instance number not set")
     number = int(match.group(0))
     if number < 0 or number > 99999999:
         raise InvalidInstanceError(f"Instance number {number} is out of range.")
-    series_uid = _ascii(_raw_bytes(dataset, 0x0020000E)) or ""
+    series_uid = _ascii(raw(0x0020000E)) or ""
     if not UID_RE.match(series_uid) or len(series_uid) > 64:
         raise InvalidInstanceError("Series UID of this DICOM file is invalid.")
-    study_uid = _ascii(_raw_bytes(dataset, 0x0020000D)) or ""
+    study_uid = _ascii(raw(0x0020000D)) or ""
     if not UID_RE.match(study_uid) or len(study_uid) > 64:
         raise InvalidInstanceError("Study UID of this DICOM file is invalid.")
-    width, height = _uint16(dataset, 0x00280011, little), _uint16(dataset, 0x00280010, little)
-    if width is None or height is None:
+    if _uint16(raw(0x00280011), little) is None or _uint16(raw(0x00280010), little) is None:
         raise InvalidInstanceError("Rows or Columns of this DICOM file is not set.")
-    modality = _ascii(_raw_bytes(dataset, 0x00080060))
+    modality = _ascii(raw(0x00080060))
     if not modality:
         raise InvalidInstanceError("Modality of this DICOM file is not set.")
     if len(modality) > 10:
         raise InvalidInstanceError("Modality of this DICOM file is too long.")
+    sex = _ascii(raw(0x00100040))
+    if sex and sex not in ("F", "M", "O"):
+        raise InvalidInstanceError(f"Patient's Sex must be F, M or O, not {sex!r}.")
+    return number, series_uid
+
+
+def _syntax_of(dataset):
+    """(transfer syntax UID text, little endian?) of a parsed file."""
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+    return syntax, UID(syntax).is_little_endian if UID(syntax).is_transfer_syntax else True
+
+
+def extract_record(dataset, default_offset=0):
+    """Build the instance record of 3.2.1 from a parsed header.
+
+    Raises
+    ------
+    InvalidInstanceError
+        As ``check_instance``.
+    """
+    _syntax, little = _syntax_of(dataset)
+    number, series_uid = check_instance(lambda tag: _raw_bytes(dataset, tag), little)
+    decoder = Decoder(_raw_bytes(dataset, 0x00080005))
     offset = utc_offset_minutes(dataset, default_offset)
     study_local = local_datetime(_ascii(_raw_bytes(dataset, 0x00080020)),
                                  _ascii(_raw_bytes(dataset, 0x00080030)))
@@ -504,9 +541,11 @@ def extract_record(dataset, default_offset=0):
                                   _ascii(_raw_bytes(dataset, 0x00080031)))
     chosen = series_local or study_local
     series = {
-        "series_uid": series_uid, "study_uid": study_uid, "width": width, "height": height,
+        "series_uid": series_uid, "study_uid": _ascii(_raw_bytes(dataset, 0x0020000D)),
+        "width": _uint16(_raw_bytes(dataset, 0x00280011), little),
+        "height": _uint16(_raw_bytes(dataset, 0x00280010), little),
         "series_date": chosen - timedelta(minutes=offset) if chosen else None,
-        "modality": modality,
+        "modality": _ascii(_raw_bytes(dataset, 0x00080060)),
         "series_description": decoder.text(_raw_bytes(dataset, 0x0008103E)) or "",
         "body_part": decoder.text(_raw_bytes(dataset, 0x00180015)) or "",
         "station_name": decoder.text(_raw_bytes(dataset, 0x00081010)) or "",
@@ -515,7 +554,7 @@ def extract_record(dataset, default_offset=0):
         "patient_info": _patient_info(dataset, decoder, study_local or series_local),
         "parameters": extract_parameters(dataset, decoder),
     }
-    return InstanceRecord(number, series)
+    return InstanceRecord(number, series_uid, series)
 
 
 def record_json(record):
@@ -535,11 +574,35 @@ def default_offset():
     return int(current_app.config.get("DICOM_DEFAULT_UTC_OFFSET", 0))
 
 
-def read_record(path):
-    """Parse one DICOM file and extract its record (dump-dicom, refresh)."""
+def read_record(path, utc_offset=None):
+    """Parse one DICOM file and extract its record (dump-dicom, refresh, new series)."""
     with open(path, "rb") as fh:
         dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
-    return extract_record(dataset, default_offset())
+    return extract_record(dataset, default_offset() if utc_offset is None else utc_offset)
+
+
+def read_keys(fh, size):
+    """Check one instance and return ``(instance number, series UID)``, reading only what
+    that needs: dicom_header's walk, or pydicom's parse (read_dataset, with its errors)
+    whenever the walk leaves the file to it or its pixel data check fails.
+
+    Raises
+    ------
+    NotDicomError, BrokenDicomError, InvalidInstanceError
+    """
+    start = fh.tell()
+    header = dicom_header.scan(fh, size)
+    if header is not None:
+        fh.seek(start + header.pixel_offset)
+        try:
+            _check_pixel_data(fh, start + size, UID(header.syntax))
+        except BrokenDicomError:
+            pass  # pydicom's path below gives the verdict
+        else:
+            return check_instance(header.raw, header.little)
+    fh.seek(start)
+    dataset = read_dataset(fh, size)
+    return check_instance(lambda tag: _raw_bytes(dataset, tag), _syntax_of(dataset)[1])
 
 
 # --- durability -------------------------------------------------------------------------
@@ -626,10 +689,10 @@ class ImportBatch:
         os.makedirs(self.dir, exist_ok=True)
         self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
-        # seriesUid -> key of its first instance; beyond RECORDS_KEPT series its record is
-        # read again at commit, so a batch of thousands of series stays small in memory.
+        # seriesUid -> key of its first instance, whose whole header is parsed at commit
+        # if the series is new (so a batch stays small in memory and an instance of a
+        # known series is never parsed by pydicom).
         self.first_key = {}
-        self.first_record = {}  # seriesUid -> record of first_key (the first few series)
         self.bytes = 0
         self._counter = 0
 
@@ -646,18 +709,17 @@ class ImportBatch:
         self._counter += 1
         return os.path.join(self.dir, f"{self.prefix}-{self._counter:08d}")
 
-    def _keep(self, record, path, size):
-        key = (record.series["series_uid"], record.instance_number)
+    def _keep(self, keys, path, size):
+        number, uid = keys
+        key = (uid, number)
         previous = self.staged.get(key)
         if previous is not None:
             os.unlink(previous)
         self.staged[key] = path
-        first = self.first_key.setdefault(key[0], key)
-        if first == key and (key[0] in self.first_record
-                             or len(self.first_record) < RECORDS_KEPT):
-            self.first_record[key[0]] = record.series
+        self.first_key.setdefault(uid, key)
         self.bytes += size
-        return record
+        offset = self.utc_offset
+        return InstanceRecord(number, uid, load=lambda: read_record(path, offset).series)
 
     def add_bytes(self, data, move_from=None):
         """Stage one instance given as bytes; return its InstanceRecord.
@@ -665,8 +727,7 @@ class ImportBatch:
         ``move_from`` names a file holding the same bytes that may be taken over (a spool
         file): it is renamed into the staging folder instead of writing a copy.
         """
-        dataset = read_dataset(io.BytesIO(data), len(data))
-        record = extract_record(dataset, self.utc_offset)
+        keys = read_keys(io.BytesIO(data), len(data))
         path = self._staged_name()
         try:
             if move_from is None:
@@ -675,7 +736,7 @@ class ImportBatch:
         except OSError:
             with open(path, "wb") as fh:
                 fh.write(data)
-        return self._keep(record, path, len(data))
+        return self._keep(keys, path, len(data))
 
     def add_stream(self, stream, size):
         """Stage one instance read from a stream of known size (an archive entry)."""
@@ -714,11 +775,12 @@ class ImportBatch:
             raise
 
     def add_staged(self, staged):
+        """Stage a file already in the staging folder (named by ``_staged_name`` or with
+        this batch's prefix)."""
         with open(staged, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            dataset = read_dataset(fh, size)
-        record = extract_record(dataset, self.utc_offset)
-        return self._keep(record, staged, size)
+            keys = read_keys(fh, size)
+        return self._keep(keys, staged, size)
 
     def discard(self):
         """Remove whatever this batch still has in the staging folder."""
@@ -726,7 +788,7 @@ class ImportBatch:
             if name.startswith(self.prefix):
                 _unlink_quietly(os.path.join(self.dir, name))
         self.staged = {}
-        self.first_record = {}
+        self.first_key = {}
 
     def commit(self):
         """Make the staged files durable, move them into place and upsert the series rows
@@ -757,7 +819,7 @@ class ImportBatch:
         log.info("Imported %d instances into %d series (%s)", len(self.staged),
                  len(by_series), self.domain)
         self.staged = {}
-        self.first_record = {}
+        self.first_key = {}
         return BatchResult(instances=sum(len(v) for v in by_series.values()),
                            series_uids=set(by_series), new_instances=len(new_files))
 
@@ -786,12 +848,12 @@ class ImportBatch:
         return found
 
     def _series_values(self, uid):
-        """The series record of ``uid``: kept, or read again from its first staged instance."""
-        if uid in self.first_record:
-            return dict(self.first_record[uid])
-        with open(self.staged[self.first_key[uid]], "rb") as fh:
-            dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
-        return dict(extract_record(dataset, self.utc_offset).series)
+        """The series record of a new series, from the whole header of its first staged
+        instance."""
+        record = read_record(self.staged[self.first_key[uid]], self.utc_offset)
+        if record.series_uid != uid:  # the walk and pydicom disagree: trust neither
+            raise BrokenDicomError("The DICOM file cannot be parsed consistently.")
+        return dict(record.series)
 
     def _upsert(self, by_series, placed, synced):
         new_keys = set()
