@@ -438,6 +438,13 @@ def _summary_columns(viewable, show_personal_info):
             patient_info.label("patient_info"))
 
 
+def search_key(privileges, show_personal_info):
+    """Every input of a caller's case search statements (``readable_cases`` and
+    ``search_fields``): equal keys give equal statements, so they may be reused."""
+    return (_viewable(privileges), bool(show_personal_info),
+            tuple(privileges.projects_with("read")))
+
+
 def readable_cases(privileges, show_personal_info):
     """Rows of the cases whose project grants the caller ``read``, each with the
     ``patient_info`` the caller may see (2.6) or NULL.
@@ -445,8 +452,15 @@ def readable_cases(privileges, show_personal_info):
     ``show_personal_info`` is the caller's global privilege and preference together; the
     project must also grant ``read`` and ``viewPersonalInfo``.
     """
-    return sa.select(*_summary_columns(_viewable(privileges), bool(show_personal_info))).where(
-        _CASES.project_id.in_(privileges.projects_with("read")))
+    return readable_cases_of(search_key(privileges, show_personal_info))
+
+
+def readable_cases_of(key):
+    """``readable_cases`` from a ``search_key``; one bound parameter per project, so a
+    reused statement runs without re-rendering an expanding IN."""
+    viewable, show_personal_info, readable = key
+    return sa.select(*_summary_columns(viewable, show_personal_info)).where(
+        _CASES.project_id.in_([sa.bindparam(None, pid) for pid in readable]))
 
 
 def in_list(query, my_list_id):

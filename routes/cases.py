@@ -10,14 +10,15 @@ from validation import expects
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
 
 
-def _search(query, extra_sort=None):
+def _search(query, extra_sort=None, memo=None):
     fields = clinical_cases.search_fields(g.privileges)
     default = {"createdAt": -1}
     sort_fields = fields
     if extra_sort:
         sort_fields = {**fields, **extra_sort}
         default = {next(iter(extra_sort)): -1}
-    return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields)
+    return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields,
+                  memo=memo)
 
 
 def _readable():
@@ -27,7 +28,8 @@ def _readable():
 @bp.get("")
 def list_cases():
     """Search the cases of the projects the caller can read."""
-    return _search(_readable())
+    key = clinical_cases.search_key(g.privileges, can_view_personal_info())
+    return _search(lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
 
 
 @bp.get("/list/<my_list_id>")
