@@ -92,11 +92,45 @@ def start_worker(data_dir, poll, concurrency):
                             stderr=open(os.path.join(data_dir, f"worker-{concurrency}.log"), "a"))
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid, descendants=False):
+    """User + system CPU seconds a process (and its living descendants: the worker's job
+    processes) has used so far (Linux /proc)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree = {pid}
+    grown = descendants  # (a child's PID may be lower than its parent's: repeat until stable)
+    while grown:
+        grown = False
+        for other, (parent, _) in stats.items():
+            if parent in tree and other not in tree:
+                tree.add(other)
+                grown = True
+    ticks = sum(stats[p][1] for p in tree if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(app, worker, timeout=120):
+    """Wait until the worker has its job pool (its heartbeat row appears then)."""
+    import socket
+
+    from models import SystemState, db
+    from plugin_worker import _heartbeat_key
+    key = _heartbeat_key(f"{socket.gethostname()}:{worker.pid}")
+    deadline = time.monotonic() + timeout
+    with app.app_context():
+        while db.session.get(SystemState, key) is None:
+            db.session.rollback()
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("The worker did not start.")
+            time.sleep(0.1)
+        db.session.rollback()
 
 
 def stop(process):
@@ -148,13 +182,16 @@ def throughput(app, client, headers, plugin_id, series_uid, data_dir, jobs, poll
     switch(app, "stopped")
     ids = [post_job(client, headers, plugin_id, series_uid) for _ in range(jobs)]
     worker = start_worker(data_dir, poll, concurrency)
-    time.sleep(2)  # worker started and idle
+    wait_ready(app, worker)
+    time.sleep(1)  # worker idle
     pids = (worker.pid, server.pid, os.getpid())
-    before = [cpu_seconds(pid) for pid in pids]
+    trees = (True, False, False)
+    before = [cpu_seconds(pid, tree) for pid, tree in zip(pids, trees)]
     switch(app, "running")
     try:
         rows = wait_done(app, ids)
-        cpu = [(cpu_seconds(pid) - b) * 1000 / jobs for pid, b in zip(pids, before)]
+        cpu = [(cpu_seconds(pid, tree) - b) * 1000 / jobs
+               for pid, tree, b in zip(pids, trees, before)]
     finally:
         stop(worker)
     failed = [r for r in rows.values() if r[0] != "finished"]
