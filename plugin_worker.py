@@ -1,18 +1,27 @@
-"""The plug-in job source of the worker: claiming jobs into a pool of threads, heartbeats,
-and failing the jobs of workers that stopped (API.md 5.2).
+"""The plug-in job source of the worker: claiming jobs into a pool, heartbeats, and failing
+the jobs of workers that stopped (API.md 5.2).
 
-Each worker process runs up to PLUGIN_JOB_CONCURRENCY jobs at once. While it holds jobs it
-keeps a heartbeat row (SystemState ``plugin_worker:<hash>``) fresh, so that other workers
-can tell a long job from the job of a dead worker.
+Each worker process runs up to PLUGIN_JOB_CONCURRENCY jobs at once. The worker claims them
+(so the queue order and the exactly-once claim stay in one place); with a concurrency of 1
+the job runs in a thread of the worker, with more each job runs in one of that many job
+processes (a job is mostly Python work that holds the GIL: threads of one process would
+share one core). While it holds jobs the worker keeps a heartbeat row (SystemState
+``plugin_worker:<hash>``) fresh, so that other workers can tell a long job from the job of
+a dead worker.
 """
 import hashlib
 import logging
+import multiprocessing
 import os
+import pickle
+import select
+import signal
 import socket
 import threading
 import time
 import weakref
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -90,29 +99,120 @@ def recover_interrupted_jobs(worker_id, running=()):
         else:
             seen = [d for d in (_heartbeat_at(claimed_by), started_at) if d is not None]
             interrupted = not seen or max(seen) < now - STALE_AFTER
-        if interrupted and plugin_jobs.fail_job(job_id, INTERRUPTED):
+        if interrupted and _interrupted(job_id):
             failed.append(job_id)
             log.warning("Job %s (worker %s) was interrupted; marked failed.", job_id, claimed_by)
-            try:
-                with JobLog(os.path.join(storage.results_dir(job_id), LOG_NAME)) as job_log:
-                    job_log.line(INTERRUPTED)
-            except OSError:
-                pass
-            remove_work_dir(storage.work_dir(job_id))
     return failed
 
 
+def _interrupted(job_id):
+    """Fail a job whose runner stopped before ending it; return whether it was failed."""
+    if not plugin_jobs.fail_job(job_id, INTERRUPTED):
+        return False
+    try:
+        with JobLog(os.path.join(storage.results_dir(job_id), LOG_NAME)) as job_log:
+            job_log.line(INTERRUPTED)
+    except OSError:
+        pass
+    remove_work_dir(storage.work_dir(job_id))
+    return True
+
+
+# --- job processes ----------------------------------------------------------------------------
+
+_JOB_PROCESS = {}  # in a job process: its app
+JOB_PROCESS_START_SECONDS = 120
+WORKER_WATCH_SECONDS = 1.0
+
+
+def _app_settings(app):
+    """The settings a job process rebuilds the worker's app from (the picklable ones)."""
+    settings = {}
+    for key, value in app.config.items():
+        try:
+            pickle.dumps(value)
+        except Exception:  # not needed by a job: skipped
+            continue
+        settings[key] = value
+    return settings
+
+
+def _end_with_worker(worker_pid):
+    """End this job process at once when the worker process ends, as the job threads of a
+    killed worker would (its jobs are failed by the next worker's recovery sweep)."""
+    def watch():
+        try:
+            with open(os.pidfd_open(worker_pid), "rb", buffering=0) as pidfd:
+                select.select([pidfd], [], [])  # readable once the process has ended
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+            while True:
+                try:
+                    os.kill(worker_pid, 0)
+                except ProcessLookupError:
+                    break
+                except OSError:
+                    pass
+                time.sleep(WORKER_WATCH_SECONDS)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="worker-watch").start()
+
+
+def _job_process_start(worker_pid, settings):
+    """Initializer of a job process: signals are the worker's business (a SIGTERM or ^C
+    lets the current jobs finish), then the app is built once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _end_with_worker(worker_pid)
+    from app import create_app
+    _JOB_PROCESS["app"] = create_app(settings)
+
+
+def _job_process_ready():
+    return os.getpid()
+
+
+def _job_process_run(job_id):
+    with _JOB_PROCESS["app"].app_context():
+        try:
+            run_job(job_id)
+        finally:
+            db.session.remove()
+
+
+def _job_processes(app, size):
+    """``size`` job processes, forked from a server that has imported the app once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["app", "plugin_runners"])
+    executor = ProcessPoolExecutor(size, mp_context=context, initializer=_job_process_start,
+                                   initargs=(os.getpid(), _app_settings(app)))
+    # Started now, and ready before the worker claims a job for them.
+    ready = [executor.submit(_job_process_ready) for _ in range(size)]
+    for future in ready:
+        try:
+            future.result(timeout=JOB_PROCESS_START_SECONDS)
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+    return executor
+
+
 class JobPool:
-    """The plug-in jobs one worker process runs at once (PLUGIN_JOB_CONCURRENCY threads)."""
+    """The plug-in jobs one worker process runs at once (PLUGIN_JOB_CONCURRENCY): in a
+    thread when it is 1, else in as many job processes."""
 
     def __init__(self, app, worker_id):
         self.app = app
         self.worker_id = worker_id
         self.size = max(1, int(app.config.get("PLUGIN_JOB_CONCURRENCY", 1)))
-        self.executor = ThreadPoolExecutor(self.size, thread_name_prefix="plugin-job")
+        self.executor = self._executor()
         self.futures = {}
         self.last_sweep = 0.0
         self._stop_beating = None
+
+    def _executor(self):
+        if self.size == 1:
+            return ThreadPoolExecutor(1, thread_name_prefix="plugin-job")
+        return _job_processes(self.app, self.size)
 
     def sweep(self, force=False):
         if force or time.monotonic() - self.last_sweep > SWEEP_SECONDS:
@@ -123,8 +223,12 @@ class JobPool:
         done = [f for f in self.futures if f.done()]
         for future in done:
             job_id = self.futures.pop(future)
-            if future.exception() is not None:
-                log.error("Job %s crashed its thread: %s", job_id, future.exception())
+            if future.exception() is not None:  # run_job ends its jobs: its runner died
+                log.error("Job %s crashed its runner: %r", job_id, future.exception())
+                try:
+                    _interrupted(job_id)
+                except Exception:  # the sweep fails it later
+                    log.exception("Job %s could not be marked failed", job_id)
         if not self.futures:
             self._heartbeats(False)
         return len(done)
@@ -138,7 +242,13 @@ class JobPool:
 
     def submit(self, job_id):
         self._heartbeats(True)
-        self.futures[self.executor.submit(self._run, job_id)] = job_id
+        run = self._run if self.size == 1 else _job_process_run
+        try:
+            future = self.executor.submit(run, job_id)
+        except BrokenProcessPool:  # a job process died (its jobs were failed): new ones
+            self.executor = self._executor()
+            future = self.executor.submit(run, job_id)
+        self.futures[future] = job_id
 
     def _heartbeats(self, on):
         """Keep this worker's heartbeat fresh while it holds jobs."""

@@ -2,10 +2,12 @@
 recovery), input preparation, and the plug-in CLI commands."""
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,6 +75,32 @@ def test_jobs_run_concurrently_up_to_the_configured_number(env, concurrency):
         worker.run_pending()
     assert statuses(env, ids) == ["finished"] * 6
     assert env.server.max_active == concurrency      # never more, and really that many
+
+
+def test_a_job_process_that_dies_fails_its_jobs_and_is_replaced(env):
+    env.app.config["PLUGIN_JOB_CONCURRENCY"] = 2
+    env.server.run_delay = 1.0
+    first, second, third = queue_jobs(env, 3)
+    with env.app.app_context():
+        assert plugin_worker.run_plugin_jobs("w1") is True       # two jobs, two processes
+        pool = plugin_worker.job_pool(env.app, "w1")
+        assert sorted(pool.futures.values()) == sorted([first, second])
+        deadline = time.monotonic() + 30
+        while env.server.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.getpid() not in pool.executor._processes       # jobs run elsewhere
+        os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
+        while plugin_worker.run_plugin_jobs("w1"):
+            pass
+    # The pool of a dead process is broken as a whole: both its jobs end failed, at once,
+    # and the next job runs in new processes.
+    assert statuses(env, [first, second, third]) == ["failed", "failed", "finished"]
+    with env.app.app_context():
+        job = db.session.get(PluginJob, first)
+        assert job.error_message == plugin_worker.INTERRUPTED and job.queue_state is None
+    assert plugin_worker.INTERRUPTED in (
+        env.data / "plugin-results" / second / "plugin-log.txt").read_text()
+    assert not (env.data / "work" / first).exists()
 
 
 def test_stopped_manager_finishes_the_current_job_and_takes_no_new_one(env):
