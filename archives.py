@@ -19,24 +19,36 @@ try:
     from isal import isal_zlib as _deflate_module
     LEVEL = 1  # ISA-L levels are 0-3
     _crc32 = _deflate_module.crc32  # several times faster than zlib's
+    _crc32_combine = _deflate_module.crc32_combine
 except ImportError:  # pragma: no cover - isal is in requirements.txt
     _deflate_module = zlib
     LEVEL = 1
     _crc32 = zlib.crc32
+    _crc32_combine = None
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20
 THREADS = max(1, min(2, os.cpu_count() or 1))
+IN_FLIGHT = 2 * THREADS  # blocks submitted and not yet written
 FORMATS = {"tgz": "application/x-tgz", "zip": "application/zip"}
 
 
 def _deflate_block(pieces, final):
-    # The pieces are compressed where they lie (slices of the volume, not a joined copy).
+    """Deflate ``pieces`` (compressed where they lie, not joined) as one sync-flushed run
+    of the stream; returns ``(deflated bytes, CRC-32 of the pieces or None, size)``.
+
+    The CRC is computed here, on the pool's thread, when the blocks' CRCs can be combined
+    (ISA-L), which keeps the thread that feeds the archive free to read the next slices."""
     compressor = _deflate_module.compressobj(LEVEL, zlib.DEFLATED, -15)
     out = [compressor.compress(piece) for piece in pieces]
     out.append(compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH))
-    return b"".join(out)
+    crc = None
+    if _crc32_combine is not None:
+        crc = 0
+        for piece in pieces:
+            crc = _crc32(piece, crc)
+    return b"".join(out), crc, sum(len(piece) for piece in pieces)
 
 
 def byte_view(chunk):
@@ -47,13 +59,17 @@ def byte_view(chunk):
 
 
 class _Deflater:
-    """A raw deflate stream written to ``out``; tracks CRC-32 and sizes."""
+    """A raw deflate stream written to ``out``; tracks CRC-32 and sizes.
+
+    Written data is gathered into blocks of about ``BLOCK`` bytes; each block is deflated
+    (and its CRC computed) on the pool, and the results are written in order, at most
+    ``IN_FLIGHT`` blocks behind the caller."""
 
     def __init__(self, out, pool):
         self.out = out
         self.pool = pool
         self.pending = deque()
-        self.pieces = []  # written but not yet submitted, joined once per block
+        self.pieces = []  # written but not yet submitted
         self.buffered = 0
         self.crc = 0
         self.size = 0
@@ -65,7 +81,8 @@ class _Deflater:
         size = len(data)
         if not size:
             return
-        self.crc = _crc32(data, self.crc)
+        if _crc32_combine is None:
+            self.crc = _crc32(data, self.crc)
         self.size += size
         self.pieces.append(data)
         self.buffered += size
@@ -75,11 +92,13 @@ class _Deflater:
 
     def _submit(self, pieces, final):
         self.pending.append(self.pool.submit(_deflate_block, pieces, final))
-        while len(self.pending) > 2 * THREADS:
+        while len(self.pending) > IN_FLIGHT:
             self._write_one()
 
     def _write_one(self):
-        data = self.pending.popleft().result()
+        data, crc, size = self.pending.popleft().result()
+        if crc is not None:
+            self.crc = _crc32_combine(self.crc, crc, size)
         self.out.write(data)
         self.compressed += len(data)
 
