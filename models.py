@@ -106,7 +106,7 @@ class User(Timestamps, db.Model):
         return {"userEmail": self.user_email, "loginId": self.login_id,
                 "description": self.description, "loginEnabled": self.login_enabled,
                 "lastLoginTime": iso(self.last_login_time), "lastLoginIp": self.last_login_ip,
-                "groups": list(self.groups or []), "preferences": dict(self.preferences or {}),
+                "groups": self.groups or [], "preferences": self.preferences or {},
                 "createdAt": iso(self.created_at), "updatedAt": iso(self.updated_at)}
 
     @classmethod

@@ -14,7 +14,7 @@ bp.before_request(lambda: require_global("manageServer"))
 @bp.get("")
 def list_users():
     """Search users (filter ignored; passwords never returned)."""
-    return search(db.select(*User.public_columns()), fields={},
+    return search(lambda: db.select(*User.public_columns()), fields={},
                   sort_fields=admin_records.USER_SORT, serialize=User.to_json,
                   default_sort={"createdAt": -1},
                   filter_allowed=False, memo="admin/users")
