@@ -1057,7 +1057,9 @@ class Importer:
     Counts follow CIRCUS's task messages: ``files`` uploaded files completely processed,
     ``entities`` DICOM instances imported. A failure raises ImportFailed with
     ``Error while processing file #<f>, entity #<e>: <reason>``; batches committed
-    before it stay imported, the failing batch leaves nothing behind.
+    before it stay imported, the failing batch leaves nothing behind. With ``move_files``
+    the files are the importer's to consume (an upload's spool): plain files are renamed
+    into staging and an archive is removed once all its entries are staged.
     """
 
     def __init__(self, domain, on_entity=None, move_files=False):
@@ -1157,6 +1159,11 @@ class Importer:
                     staged += 1
                     if self.on_entity is not None:
                         self.on_entity(self.entities + staged)
+                if self.move_files:
+                    # A spooled upload is read (and closed) once every entry is staged;
+                    # removed now, its dirty pages are dropped instead of being flushed
+                    # to disk by the commit's sync (which would double the data written).
+                    _unlink_quietly(path)
                 self._commit(batch)
             except DicomImportError as exc:
                 self._fail(f"{exc} Nothing of this archive was imported.",

@@ -456,3 +456,23 @@ def test_refresh_parameters_keeps_updated_at(ctx, dicom_dir):
     assert series.parameters["SliceThickness"] == 6 and series.updated_at == updated
     shutil.rmtree(storage.series_dir(HEAD_FIRST_UID))
     assert di.refresh_parameters() == (0, 1)
+
+
+def test_a_consumed_archive_is_removed_before_the_commit(ctx, tmp_path):
+    """An upload's spooled archive is gone before the commit's sync (its data need not
+    reach the disk); an archive the importer does not own stays."""
+    archive = _zip(tmp_path / "a.zip", _series_entries(uid="1.2.3.101"))
+    kept = _zip(tmp_path / "b.zip", _series_entries(uid="1.2.3.102"))
+    seen = []
+
+    def look(_session):
+        seen.append((os.path.exists(archive), os.path.exists(kept)))
+    sa.event.listen(db.session, "before_commit", look)
+    try:
+        importer = di.Importer("default", move_files=True)
+        importer.import_file(archive)
+        assert importer.finish()[0] == 3
+        assert _run([kept])[0] == 3
+    finally:
+        sa.event.remove(db.session, "before_commit", look)
+    assert seen == [(False, True), (False, True)]
