@@ -36,7 +36,8 @@ FORMATS = {"tgz": "application/x-tgz", "zip": "application/zip"}
 
 def _deflate_block(pieces, final):
     """Deflate ``pieces`` (compressed where they lie, not joined) as one sync-flushed run
-    of the stream; returns ``(deflated bytes, CRC-32 of the pieces or None, size)``.
+    of the stream; returns ``(deflated parts, CRC-32 of the pieces or None, size)``: the
+    parts are written one after the other, never joined into one copy.
 
     The CRC is computed here, on the pool's thread, when the blocks' CRCs can be combined
     (ISA-L), which keeps the thread that feeds the archive free to read the next slices."""
@@ -48,7 +49,7 @@ def _deflate_block(pieces, final):
         crc = 0
         for piece in pieces:
             crc = _crc32(piece, crc)
-    return b"".join(out), crc, sum(len(piece) for piece in pieces)
+    return out, crc, sum(len(piece) for piece in pieces)
 
 
 def byte_view(chunk):
@@ -96,11 +97,13 @@ class _Deflater:
             self._write_one()
 
     def _write_one(self):
-        data, crc, size = self.pending.popleft().result()
+        parts, crc, size = self.pending.popleft().result()
         if crc is not None:
             self.crc = _crc32_combine(self.crc, crc, size)
-        self.out.write(data)
-        self.compressed += len(data)
+        for part in parts:
+            if part:
+                self.out.write(part)
+                self.compressed += len(part)
 
     def finish(self):
         self._submit(self.pieces, True)
