@@ -347,7 +347,12 @@ def _to_hounsfield(pixels, slope, intercept):
     """Stored values * slope + intercept, truncated toward zero and clipped to int16."""
     if slope == 1 and intercept == int(intercept) and abs(intercept) < 1 << 15 \
             and pixels.dtype.itemsize <= 2:
-        low, high = int(pixels.min()), int(pixels.max())
+        # a bound the stored type already keeps in range needs no pass over the pixels
+        # (int16 with a negative intercept, the usual CT, only needs the minimum)
+        info = np.iinfo(pixels.dtype)
+        low = int(pixels.min()) if info.min + intercept < -32768 else info.min
+        high = int(pixels.max()) if info.max > 32767 or info.max + intercept > 32767 \
+            else info.max
         if -32768 <= low and high <= 32767 and -32768 <= low + intercept \
                 and high + intercept <= 32767:
             # the usual case: exact in 16 bits, one pass and no 32-bit temporaries

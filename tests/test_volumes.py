@@ -376,3 +376,20 @@ def test_raw_header_decodes_as_pydicom(dicom_dir, tmp_path, sample, variant):
         assert getattr(fast, field) == getattr(slow, field), field
     assert fast.slice_location == slow.slice_location or \
         math.isnan(fast.slice_location) and math.isnan(slow.slice_location)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i1", "<u2", "<i2"])
+@pytest.mark.parametrize("intercept", [0, -1024, 1024, -32767, 32767, -20000, 20000])
+def test_hounsfield_rescale_matches_the_exact_formula(dtype, intercept):
+    """The integer fast paths (which skip the min or max pass a stored type cannot
+    exceed) give the truncated, clipped value of stored * slope + intercept."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(3)
+    edges = np.array([info.min, info.min + 1, 0, info.max - 1, info.max], dtype=dtype)
+    for pixels in (edges.reshape(1, 5),
+                   rng.integers(info.min, info.max, (8, 9), endpoint=True).astype(dtype),
+                   rng.integers(0, min(info.max, 2000), (8, 9)).astype(dtype)):
+        expected = np.clip(np.trunc(pixels.astype(np.float64) + intercept), -32768, 32767)
+        hu = volumes._to_hounsfield(pixels, 1.0, float(intercept))
+        assert hu.dtype == np.dtype("<i2")
+        assert np.array_equal(hu, expected.astype(np.int64)), (pixels, hu)
