@@ -22,6 +22,7 @@ nothing behind (quirk 33 fixed). Archives (zip, tar.gz) are untrusted: entries w
 ``..``, absolute names or links are skipped, and their size and entry count are bounded.
 """
 import ctypes
+import functools
 import io
 import logging
 import os
@@ -581,6 +582,12 @@ def read_record(path, utc_offset=None):
     return extract_record(dataset, default_offset() if utc_offset is None else utc_offset)
 
 
+@functools.lru_cache(maxsize=64)
+def _uid(text):
+    """pydicom's UID of a transfer syntax (validated once per distinct value)."""
+    return UID(text)
+
+
 def read_keys(fh, size):
     """Check one instance and return ``(instance number, series UID)``, reading only what
     that needs: dicom_header's walk, or pydicom's parse (read_dataset, with its errors)
@@ -595,7 +602,7 @@ def read_keys(fh, size):
     if header is not None:
         fh.seek(start + header.pixel_offset)
         try:
-            _check_pixel_data(fh, start + size, UID(header.syntax))
+            _check_pixel_data(fh, start + size, _uid(header.syntax))
         except BrokenDicomError:
             pass  # pydicom's path below gives the verdict
         else:
@@ -686,7 +693,8 @@ class ImportBatch:
         self.utc_offset = default_offset() if utc_offset is None else utc_offset
         # One shared staging folder; this batch's files carry its own prefix.
         self.dir = storage.dicom_staging_dir("batches")
-        os.makedirs(self.dir, exist_ok=True)
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, exist_ok=True)
         self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
         # seriesUid -> key of its first instance, whose whole header is parsed at commit
@@ -829,8 +837,9 @@ class ImportBatch:
         if db.engine.dialect.update_returning:
             # One statement: a no-op UPDATE takes the locks (SQLite's database lock, row
             # locks elsewhere) and RETURNING reads the two columns the merge needs.
-            return {uid: (domain, images) for uid, domain, images in db.session.execute(
-                _LOCK_SERIES, {"uids": list(uids)})}
+            # Core statements run on the session's connection: the ORM adds nothing here.
+            return {uid: (domain, images) for uid, domain, images in
+                    db.session.connection().execute(_LOCK_SERIES, {"uids": list(uids)})}
         found = {}
         if db.engine.dialect.name == "sqlite":
             # A write first takes SQLite's database lock, so the rows read next cannot
@@ -886,7 +895,7 @@ class ImportBatch:
                 updates.append({"uid": uid, "images": merge_images(images, numbers),
                                 "now": now})
             if updates:
-                db.session.execute(_UPDATE_IMAGES, updates)
+                db.session.connection().execute(_UPDATE_IMAGES, updates)
             db.session.flush()
             for series in touched:  # written; no need to keep them in memory
                 db.session.expunge(series)

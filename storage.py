@@ -35,7 +35,8 @@ def root(name):
     if name not in ROOTS:
         raise ValueError(f"unknown storage root {name!r}")
     path = os.path.join(data_dir(), name)
-    os.makedirs(path, exist_ok=True)
+    if not os.path.isdir(path):  # a stat; makedirs costs a failing mkdir every call
+        os.makedirs(path, exist_ok=True)
     return path
 
 
