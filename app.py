@@ -10,6 +10,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 import auth
 import cli
 import config as config_module
+import table_versions
 import validation
 from errors import register_error_handlers
 from models import db
@@ -105,6 +106,7 @@ def create_app(config=None):
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _sqlite_pragmas)
+        table_versions.install(db.engine)
 
     app.before_request(_preflight)
     app.before_request(auth.authenticate_request)

@@ -5,10 +5,11 @@ from flask import current_app
 import accounts
 import admin_records
 import dbmigrate
+import table_versions
 from auth import GLOBAL_PRIVILEGES, find_user, hash_password, issue_permanent_token
 from errors import ApiError
 from validation import validate
-from models import Group, Project, ServerParam, User, db, new_ulid
+from models import Group, Project, ServerParam, SystemState, User, db, new_ulid
 
 DEFAULT_TOKEN_DESCRIPTION = "A permanent token for API access"
 
@@ -54,6 +55,9 @@ def create_initial_data():
     if db.session.get(ServerParam, "domains") is None:
         db.session.add(ServerParam(key="domains", value=["default"]))
         created.append("server param domains")
+    for row in table_versions.initial_rows():
+        if db.session.get(SystemState, row["key"]) is None:
+            db.session.add(SystemState(**row))
     db.session.commit()
     _sync_group_sequence()
     return created

@@ -11,15 +11,15 @@ when any element matches (MongoDB semantics) through an indexed EXISTS.
 """
 import json
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from flask import current_app, g, jsonify, request
 
+import table_versions
 from errors import ApiError
+from memo import app_memo
 from models import db, parse_iso
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,8 @@ def paging(unlimited_allowed=False):
 
 def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
            filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
-           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON.", memo=None):
+           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON.", memo=None,
+           count_tables=()):
     """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
 
     Parameters
@@ -374,6 +375,9 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
         endpoint's name and every privilege the query depends on). Requests with the same
         key and query string then reuse the statements built for the first one (see
         ``_Statements``). Leave it out wherever the query depends on anything else.
+    count_tables : tuple of str, optional
+        With ``memo``: every table the counted rows depend on; the total is then counted
+        again only after one of them changed (``table_versions``).
     """
     if patient_info_allowed is None and filter_allowed:
         patient_info_allowed = g.privileges.has_global("personalInfoView")
@@ -393,14 +397,14 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     if memo is None:
         statements = build()
     else:
-        memos = current_app.extensions.get(_MEMO_KEY)
-        if memos is None:
-            memos = current_app.extensions.setdefault(_MEMO_KEY, _Memo(MEMO_SIZE))
-        statements = memos.get((memo, args), build)
+        statements = app_memo("circus.search_statements", MEMO_SIZE).get((memo, args), build)
     result = db.session.execute(statements.page)
     rows = result.scalars().all() if len(result.keys()) == 1 else result.all()
     if len(rows) < limit and (rows or offset == 0):
         total = offset + len(rows)  # a short page is the last one: no COUNT needed
+    elif memo is not None and count_tables:
+        total = table_versions.cached_count(
+            (memo, args), count_tables, lambda: db.session.execute(statements.count()).scalar_one())
     else:
         total = db.session.execute(statements.count()).scalar_one()
     if count_cap is not None:
@@ -417,7 +421,7 @@ class _Statements:
 
     Building them and computing SQLAlchemy's cache key of a new statement costs more than
     running it on an index; a statement object remembers its key, so reusing the objects
-    (``_Memo``, one per app) leaves only the execution.
+    (``memo.Memo``, one per app) leaves only the execution.
     """
 
     def __init__(self, query, order, limit, offset, count_cap):
@@ -435,30 +439,7 @@ class _Statements:
         return self._count
 
 
-class _Memo:
-    """A small thread-safe LRU mapping of search keys to their ``_Statements``."""
-
-    def __init__(self, size):
-        self.size = size
-        self.entries = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key, build):
-        with self.lock:
-            found = self.entries.get(key)
-            if found is not None:
-                self.entries.move_to_end(key)
-                return found
-        found = build()  # outside the lock; may raise ApiError for a bad filter
-        with self.lock:
-            self.entries[key] = found
-            if len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return found
-
-
-_MEMO_KEY = "circus.search_statements"  # one _Memo per app: filters depend on its config
-MEMO_SIZE = 256
+MEMO_SIZE = 256  # statement pairs kept per app
 
 
 def batch(function):

@@ -8,6 +8,8 @@ from search import search
 from validation import expects
 
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
+# Case totals depend on the cases, their tags and (filters on patientInfo) their series.
+_COUNTED = ("clinical_cases", "case_tags", "series")
 
 
 def _search(query, extra_sort=None, memo=None):
@@ -18,7 +20,7 @@ def _search(query, extra_sort=None, memo=None):
         sort_fields = {**fields, **extra_sort}
         default = {next(iter(extra_sort)): -1}
     return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields,
-                  memo=memo)
+                  memo=memo, count_tables=_COUNTED)
 
 
 def _readable():

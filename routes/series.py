@@ -139,7 +139,8 @@ def list_series():
     show = can_view_personal_info()
     return search(lambda: _series_rows().where(_in_domains(domains)), SEARCH_FIELDS,
                   lambda row: Series.to_json(row, with_patient_info=show),
-                  {"createdAt": -1}, sort_fields=SORT_FIELDS, memo=("series", domains))
+                  {"createdAt": -1}, sort_fields=SORT_FIELDS, memo=("series", domains),
+                  count_tables=("series",))
 
 
 @bp.post("/domain/<domain>")

@@ -1,0 +1,89 @@
+"""Version stamps of the tables whose search totals are cached, and that cache.
+
+A COUNT over tens of thousands of matching rows costs more than the rest of a list request.
+Every transaction that inserts, updates or deletes rows of a table in ``VERSIONED`` writes a
+new random stamp for it (a ``system_state`` row ``version:<table>``) in that same
+transaction: an engine event sees every statement SQLAlchemy runs (ORM flushes and Core
+statements alike), on every host. A total counted under one stamp is therefore exact for as
+long as that stamp is current, and ``search`` reuses it (``cached_count``).
+
+What the event cannot see is a write that bypasses SQLAlchemy (a ``psql`` or ``sqlite3``
+session on the live database): totals may then lag until the next write through the API
+or a restart. Rows are never cached, only totals.
+"""
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from memo import app_memo
+from models import SystemState, db, new_ulid
+
+VERSIONED = ("series", "clinical_cases", "case_tags")
+PREFIX = "version:"
+_MARK = "circus.versioned_tables"  # Connection.info: tables stamped in this transaction
+CACHE_SIZE = 1024  # totals kept per app
+
+_STATE = SystemState.__table__
+_STAMP = (_STATE.update().where(_STATE.c.key == sa.bindparam("state_key"))
+          .values(value=sa.bindparam("stamp")))
+_READ = sa.select(_STATE.c.key, _STATE.c.value).where(
+    _STATE.c.key.in_(sa.bindparam("keys", expanding=True)))
+
+
+def install(engine):
+    """Stamp the versioned tables on every write through ``engine``."""
+    event.listen(engine, "after_cursor_execute", _after_execute)
+    for name in ("commit", "rollback", "rollback_savepoint"):
+        event.listen(engine, name, _forget)
+    event.listen(engine, "checkin", _forget_pooled)  # a transaction the pool reset
+
+
+def _forget_pooled(_dbapi_connection, record):
+    if record is not None:
+        record.info.pop(_MARK, None)
+
+
+def initial_rows():
+    """The ``system_state`` rows to create with the schema (init-db, migrations)."""
+    return [{"key": PREFIX + table, "value": new_ulid()} for table in VERSIONED]
+
+
+def _after_execute(conn, _cursor, _statement, _parameters, context, _executemany):
+    if not (context.isinsert or context.isupdate or context.isdelete) or context.compiled is None:
+        return
+    table = getattr(context.compiled.statement, "table", None)
+    name = getattr(table, "name", None)
+    if name not in VERSIONED:
+        return
+    marked = conn.info.setdefault(_MARK, set())
+    if name in marked:
+        return
+    marked.add(name)
+    # A missing row (a database older than this module) updates nothing: its totals are
+    # then never cached (see stamps()).
+    conn.execute(_STAMP, {"state_key": PREFIX + name, "stamp": new_ulid()})
+
+
+def _forget(conn, *_args):
+    """A transaction (or savepoint) ended: the next write stamps again."""
+    conn.info.pop(_MARK, None)
+
+
+def stamps(tables):
+    """The current stamps of ``tables`` as a tuple, or None if one has none."""
+    keys = [PREFIX + table for table in tables]
+    found = dict(db.session.execute(_READ, {"keys": keys}).all())
+    if any(found.get(key) is None for key in keys):
+        return None
+    return tuple(found[key] for key in keys)
+
+
+def cached_count(key, tables, count):
+    """The total of a search, counted by ``count()`` only when ``tables`` changed since.
+
+    ``key`` must determine the counted statement (search.py passes its memo key, which
+    names the endpoint, the caller's privileges and the query string).
+    """
+    current = stamps(tables)
+    if current is None:
+        return count()
+    return app_memo("circus.search_totals", CACHE_SIZE).get((key, current), count)
