@@ -13,7 +13,10 @@ on that data directory and the script, as that user:
     of its SSE ``finish`` event;
   * in the same run, ``cp`` of a file of the same number of bytes on the same disk
     (and ``cp`` + ``sync``), as the reference rate;
-  * the worker's peak RSS (VmHWM) against the size of one volume.
+  * the worker's peak RSS (VmHWM) against the size of one volume;
+  * the share of the cores that other processes took while each export ran (/proc/stat
+    minus the worker): the export is CPU-bound (deflate is ~3/4 of its CPU), so on a
+    shared 2-core machine its rate follows what the others leave it.
 
 Usage (from the project root; scratch data under $PERF or a temporary folder)::
 
@@ -166,6 +169,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy():
+    """CPU-seconds every process of the machine has used so far (/proc/stat, not idle)."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_cp(src, dst, sync=False):
     start = time.perf_counter()
     subprocess.run(["cp", src, dst], check=True)
@@ -215,6 +225,7 @@ def main():
 
         from models import Task, db
         rates, delays, cp_rates, cp_sync_rates, sizes, cpus = [], [], [], [], [], []
+        other_shares = []
         for run in range(args.runs):
             cpu_before = cpu_seconds(worker.pid)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -233,6 +244,8 @@ def main():
                     task = db.session.get(Task, task_id)
                     if claimed_at is None and task.claimed_by:
                         claimed_at = time.time()
+                        busy_at_claim = machine_busy()
+                        worker_at_claim = cpu_seconds(worker.pid)
                     if task.status != "processing":
                         break
                     db.session.rollback()
@@ -251,6 +264,12 @@ def main():
                                if kind == "finish" and data["taskId"] == task_id), None)
                 time.sleep(0.005)
             elapsed = ended - claimed_at
+            # CPU the rest of the machine (other engineers' processes, this script, gunicorn)
+            # took while the export ran: on 2 cores the export can only be as fast as
+            # what is left to it, so a run with much of this is not a measure of the code
+            window = time.time() - claimed_at
+            others = (machine_busy() - busy_at_claim) - (cpu_seconds(worker.pid) - worker_at_claim)
+            other_shares.append(others / (window * (os.cpu_count() or 1)))
             cpus.append(cpu_seconds(worker.pid) - cpu_before)
             rates.append(raw_bytes / elapsed / 1e6)
             delays.append((finish - ended) * 1000 if finish else float("nan"))
@@ -262,7 +281,8 @@ def main():
             print(f"run {run + 1}: export {elapsed:.2f} s = {rates[-1]:.0f} MB/s raw; "
                   f"cp {cp_rates[-1]:.0f} MB/s, cp+sync {cp_sync_rates[-1]:.0f} MB/s; "
                   f"SSE finish delay {delays[-1]:.0f} ms; archive {sizes[-1] / 1e6:.0f} MB; "
-                  f"worker CPU {cpus[-1]:.2f} s", flush=True)
+                  f"worker CPU {cpus[-1]:.2f} s; other processes used "
+                  f"{other_shares[-1]:.0%} of the cores meanwhile", flush=True)
         peak = vm_value(worker.pid, "VmHWM")
         rate, cp_rate = statistics.median(rates), statistics.median(cp_rates)
         print(f"\nraw voxels per export: {raw_bytes / 1e6:.0f} MB (volume {volume_bytes / 1e6:.0f} MB "
@@ -273,6 +293,9 @@ def main():
         cpu = statistics.median(cpus)
         print(f"worker CPU time per export {cpu:.2f} s = {raw_bytes / cpu / 1e6:.0f} MB raw per "
               f"CPU-second (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        print(f"other processes' share of the cores during the exports: median "
+              f"{statistics.median(other_shares):.0%} (a figure well above a few % means the "
+              f"export ran on less than the machine)")
         print(f"worker peak RSS {peak / 1e6:.0f} MB (idle {rss_idle / 1e6:.0f} MB) = "
               f"{peak / volume_bytes:.2f}x one volume (goal < 2.5)")
         print(f"SSE finish delay after endedAt: median {statistics.median(delays):.0f} ms, "
