@@ -896,7 +896,8 @@ class ImportBatch:
                                 "now": now})
             if updates:
                 db.session.connection().execute(_UPDATE_IMAGES, updates)
-            db.session.flush()
+            if touched:
+                db.session.flush()
             for series in touched:  # written; no need to keep them in memory
                 db.session.expunge(series)
         folders = set()

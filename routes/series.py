@@ -90,7 +90,8 @@ def _spool_upload(folder, prefix=""):
     Returns the spooled paths of the ``files`` parts in order. Any other file field, a
     malformed body or a file above UPLOAD_FILE_SIZE_MAX_BYTES is refused.
     """
-    os.makedirs(folder, exist_ok=True)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
     limit = current_app.config["UPLOAD_FILE_SIZE_MAX_BYTES"]
     opened = []
 
