@@ -10,6 +10,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 import auth
 import cli
 import config as config_module
+import json_codec
 import table_versions
 import validation
 from errors import register_error_handlers
@@ -93,10 +94,14 @@ def create_app(config=None):
     app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
     os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
+    engine_options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
+    engine_options.setdefault("json_deserializer", json_codec.loads_stored)
     if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # A database server may drop idle connections; a SQLite file never does.
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+        engine_options.setdefault("pool_pre_ping", True)
     app.config["MAX_CONTENT_LENGTH"] = None  # uploads are streamed; each route sets its limit
+    app.json = json_codec.JsonProvider(app)
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
     logging.basicConfig(level=logging.INFO if not app.testing else logging.WARNING)
