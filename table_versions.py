@@ -2,10 +2,11 @@
 
 A COUNT over tens of thousands of matching rows costs more than the rest of a list request.
 Every transaction that inserts, updates or deletes rows of a table in ``VERSIONED`` writes a
-new random stamp for it (a ``system_state`` row ``version:<table>``) in that same
-transaction: an engine event sees every statement SQLAlchemy runs (ORM flushes and Core
-statements alike), on every host. A total counted under one stamp is therefore exact for as
-long as that stamp is current, and ``search`` reuses it (``cached_count``).
+new random stamp for it (a ``system_state`` row ``version:<table>``) just before it commits,
+in that same transaction: engine events see every statement SQLAlchemy runs (ORM flushes
+and Core statements alike) and every commit, on every host. A total counted under one
+stamp is therefore exact for as long as that stamp is current, and ``search`` reuses it
+(``cached_count``).
 
 What the event cannot see is a write that bypasses SQLAlchemy (a ``psql`` or ``sqlite3``
 session on the live database): totals may then lag until the next write through the API
@@ -19,7 +20,7 @@ from models import SystemState, db, new_ulid
 
 VERSIONED = ("series", "clinical_cases", "case_tags")
 PREFIX = "version:"
-_MARK = "circus.versioned_tables"  # Connection.info: tables stamped in this transaction
+_MARK = "circus.versioned_tables"  # Connection.info: tables written in this transaction
 CACHE_SIZE = 1024  # totals kept per app
 
 _STATE = SystemState.__table__
@@ -31,15 +32,10 @@ _READ = sa.select(_STATE.c.key, _STATE.c.value).where(
 
 def install(engine):
     """Stamp the versioned tables on every write through ``engine``."""
-    event.listen(engine, "after_cursor_execute", _after_execute)
-    for name in ("commit", "rollback", "rollback_savepoint"):
-        event.listen(engine, name, _forget)
+    event.listen(engine, "after_cursor_execute", _note_write)
+    event.listen(engine, "commit", _stamp)
+    event.listen(engine, "rollback", _forget)
     event.listen(engine, "checkin", _forget_pooled)  # a transaction the pool reset
-
-
-def _forget_pooled(_dbapi_connection, record):
-    if record is not None:
-        record.info.pop(_MARK, None)
 
 
 def initial_rows():
@@ -47,25 +43,32 @@ def initial_rows():
     return [{"key": PREFIX + table, "value": new_ulid()} for table in VERSIONED]
 
 
-def _after_execute(conn, _cursor, _statement, _parameters, context, _executemany):
+def _note_write(conn, _cursor, _statement, _parameters, context, _executemany):
+    """Remember which versioned tables this transaction wrote."""
     if not (context.isinsert or context.isupdate or context.isdelete) or context.compiled is None:
         return
-    table = getattr(context.compiled.statement, "table", None)
-    name = getattr(table, "name", None)
-    if name not in VERSIONED:
-        return
-    marked = conn.info.setdefault(_MARK, set())
-    if name in marked:
-        return
-    marked.add(name)
-    # A missing row (a database older than this module) updates nothing: its totals are
-    # then never cached (see stamps()).
-    conn.execute(_STAMP, {"state_key": PREFIX + name, "stamp": new_ulid()})
+    name = getattr(getattr(context.compiled.statement, "table", None), "name", None)
+    if name in VERSIONED:
+        conn.info.setdefault(_MARK, set()).add(name)
+
+
+def _stamp(conn):
+    """Just before the transaction commits: a new stamp for each table it wrote. Written
+    last, the stamp row is locked (PostgreSQL) only while the commit itself runs. A missing
+    row (a database older than this module) updates nothing: its totals are then never
+    cached (see stamps())."""
+    for name in sorted(conn.info.pop(_MARK, ())):
+        conn.execute(_STAMP, {"state_key": PREFIX + name, "stamp": new_ulid()})
 
 
 def _forget(conn, *_args):
-    """A transaction (or savepoint) ended: the next write stamps again."""
+    """The transaction was rolled back: nothing it wrote remains."""
     conn.info.pop(_MARK, None)
+
+
+def _forget_pooled(_dbapi_connection, record):
+    if record is not None:
+        record.info.pop(_MARK, None)
 
 
 def stamps(tables):

@@ -146,3 +146,15 @@ def test_case_totals_follow_tag_changes(app, client, auth_headers, default_proje
     with app.app_context():
         assert {t.tag for t in db.session.execute(sa.select(CaseTag)).scalars()} == {"a", "b"}
         assert db.session.get(ClinicalCase, ids[0]).tags == ["b"]
+
+
+def test_a_write_before_a_rolled_back_savepoint_is_stamped(app, client, auth_headers,
+                                                           three_series):
+    assert total(client, auth_headers["alice"]) == 3
+    with app.app_context():
+        make_series("1.2.7.8")
+        savepoint = db.session.begin_nested()
+        make_series("1.2.7.9")
+        savepoint.rollback()
+        db.session.commit()  # 1.2.7.8 stays: the table changed
+    assert total(client, auth_headers["alice"]) == 4
