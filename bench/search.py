@@ -109,10 +109,10 @@ class Server:
 def start_ours(perf, n):
     data = os.path.join(perf, f"ours-{n}")
     env = {**os.environ, "CIRCUS_DATA_DIR": data}
+    flask = [sys.executable, "-m", "flask", "--app", "app"]
     if not os.path.exists(os.path.join(data, "token")):
         shutil.rmtree(data, ignore_errors=True)
         os.makedirs(data)
-        flask = [sys.executable, "-m", "flask", "--app", "app"]
         subprocess.run(flask + ["init-db"], cwd=ROOT, env=env, check=True, capture_output=True)
         subprocess.run([sys.executable, "-c", FILL, str(n)], cwd=ROOT, env=env, check=True)
         out = subprocess.run(flask + ["add-permanent-token", "circus"], cwd=ROOT, env=env,
@@ -121,6 +121,8 @@ def start_ours(perf, n):
             fh.write(out.strip().splitlines()[-1])
     with open(os.path.join(data, "token")) as fh:
         token = fh.read().strip()
+    # As scripts/serve.sh starts it: init-db upgrades data kept from an older run.
+    subprocess.run(flask + ["init-db"], cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
     return Server([sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "-w", "2",
                    "-b", f"127.0.0.1:{port}", "app:create_app()"],
