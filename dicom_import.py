@@ -659,10 +659,10 @@ def make_placed_durable(files, folders, root_changed):
     """After renames into ``folders``: make the renames and the not yet synced ``files``
     durable, with one syncfs (data and metadata of the whole file system), else with an
     fsync of each file, each folder and, when a folder was created, the DICOM root.
-    Renames of already durable files into a few folders take those folders' fsyncs only
-    (a syncfs would also wait for everyone else's writes)."""
-    few_folders = not files and len(folders) < SYNC_BEFORE_LOCK_MIN
-    if folders and not few_folders and _syncfs(next(iter(folders))):
+    A few files in a few folders (``/single``, small uploads) take those fsyncs only: a
+    syncfs would also wait for everyone else's writes (an export, another upload)."""
+    targeted = len(files) < SYNC_BEFORE_LOCK_MIN and len(folders) < SYNC_BEFORE_LOCK_MIN
+    if folders and not targeted and _syncfs(next(iter(folders))):
         return
     for path in files:
         _fsync(path)

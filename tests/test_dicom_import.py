@@ -249,6 +249,23 @@ def test_reimport_is_idempotent_and_batches_merge(ctx, dicom_dir, each_sync_path
     assert len(series_rows()) == 1
 
 
+def test_a_small_batch_fsyncs_its_files_and_a_large_one_syncs_the_file_system(
+        ctx, dicom_dir, monkeypatch):
+    """One file (/single) is made durable by its own fsyncs, without waiting for every
+    other writer's data as a syncfs would; a large batch takes one syncfs."""
+    real = di._SYNCFS
+    synced, fsynced = [], []
+    monkeypatch.setattr(di, "_SYNCFS", lambda fd: synced.append(fd) or (real(fd) if real else 0))
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    _import(paths[:1])
+    assert synced == [] and len(fsynced) >= 2  # the file and its folder (and the root)
+    monkeypatch.setattr(di, "SYNC_BEFORE_LOCK_MIN", 3)
+    _import(paths[1:])
+    assert synced and series_rows()[0].images == f"1-{len(paths)}"
+
+
 def test_other_domain_is_refused_and_leaves_nothing(ctx, dicom_dir):
     paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
     _import(paths[:2])
