@@ -20,11 +20,16 @@ _OPTIONS = (orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 
 # orjson reads an integer beyond 64 bits as a float; the standard library keeps it exact.
 _LONG_NUMBER = re.compile(r"\d{20}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{20}")
 
 
 def loads_stored(text):
-    """Decode a stored JSON document (SQLAlchemy's ``json_deserializer``)."""
-    if isinstance(text, str) and _LONG_NUMBER.search(text):
+    """Decode a stored JSON document (SQLAlchemy's ``json_deserializer``): text from
+    SQLite, bytes from psycopg."""
+    if isinstance(text, memoryview):
+        text = bytes(text)
+    long_number = _LONG_NUMBER if isinstance(text, str) else _LONG_NUMBER_BYTES
+    if long_number.search(text):
         return json.loads(text)
     try:
         return orjson.loads(text)

@@ -16,6 +16,8 @@ def test_stored_documents_decode_exactly():
     assert json_codec.loads_stored(f'{{"n": {big}}}') == {"n": big}  # not a float
     assert math.isnan(json_codec.loads_stored('{"v": NaN}')["v"])
     assert json_codec.loads_stored(b'[1]') == [1]
+    assert json_codec.loads_stored(f'[{big}]'.encode()) == [big]  # bytes, as from psycopg
+    assert json_codec.loads_stored(memoryview(f'[{big}]'.encode())) == [big]
 
 
 def test_a_stored_big_integer_comes_back_exact_through_the_api(app, client, auth_headers):
