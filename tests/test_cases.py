@@ -1,6 +1,5 @@
 """Cases: POST/GET /api/cases, GET /api/cases/<id>, tags, deletion, list search."""
 import json
-from datetime import timedelta
 
 import pytest
 

@@ -12,7 +12,6 @@ import pytest
 
 import exports
 import storage
-import tasks
 import volumes
 import worker
 from models import CaseRevision, ClinicalCase, Task, db, new_ulid
