@@ -29,6 +29,7 @@ MAX_LIMIT = 200
 UNLIMITED = 9999
 MAX_SORT_KEYS = 5
 MAX_OFFSET = 2 ** 62  # past any table; larger offsets do not fit the databases' integers
+MEMO_SIZE = 256  # statement pairs kept per app (see search(memo=...))
 INT64 = 2 ** 63
 COMPARISONS = {"$gt": "__gt__", "$gte": "__ge__", "$lt": "__lt__", "$lte": "__le__"}
 OPERATORS = set(COMPARISONS) | {"$ne", "$in", "$all"}
@@ -438,8 +439,6 @@ class _Statements:
             self._count = sa.select(sa.func.count()).select_from(counted.subquery())
         return self._count
 
-
-MEMO_SIZE = 256  # statement pairs kept per app
 
 
 def batch(function):
