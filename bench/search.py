@@ -6,7 +6,8 @@ or gunicorn.conf.py with --served). Both databases get N synthetic series.
 
 Figures:
   list-N        GET /api/series?limit=20 with a token, requests/s from C keep-alive client
-                processes, over the floor's token + 20 rows (goal >= 0.8), N = 1,000 and 10,000
+                processes, over the floor's token + 20 rows (goal >= 0.8), N = 1,000 and 10,000;
+                ours and the floor alternate for R rounds, the median ratio is the figure
   filtered-N    modality + seriesDate range, sorted by seriesDate, with totalItems, over the
                 floor's /api/series/search?modality=CT (filter + COUNT) (goal >= 0.7), N = 10,000
   p50           the filtered search from one client: p50 at 100,000 series over p50 at
@@ -14,7 +15,7 @@ Figures:
 
 Usage (from the project root)::
 
-    .venv/bin/python bench/search.py                 # ~4 min on 2 cores
+    .venv/bin/python bench/search.py                 # ~6 min on 2 cores
     .venv/bin/python bench/search.py --seconds 3 --clients 4 --sizes 1000,10000
 """
 import argparse
@@ -169,9 +170,17 @@ def load(server, path, seconds, clients):
     return len(latencies) / seconds, statistics.median(latencies) * 1000
 
 
-def ratio_line(label, ours, floor, goal):
-    print(f"{label:<14} ours {ours:8.1f} req/s   floor {floor:8.1f} req/s   ratio "
-          f"{ours / floor:5.2f}  (goal {goal})", flush=True)
+def rounds_line(label, ours_server, ours_path, floor_server, floor_path, args, goal):
+    """Alternate ours and the floor ``args.rounds`` times; print the median ratio (single
+    runs of a few seconds swing by +-30% on a shared 2-core machine)."""
+    ours, floor = [], []
+    for _ in range(args.rounds):
+        ours.append(load(ours_server, ours_path, args.seconds, args.clients)[0])
+        floor.append(load(floor_server, floor_path, args.seconds, args.clients)[0])
+    ratios = [o / f for o, f in zip(ours, floor)]
+    print(f"{label:<14} ours {statistics.median(ours):8.1f} req/s   floor "
+          f"{statistics.median(floor):8.1f} req/s   ratio median {statistics.median(ratios):5.2f} "
+          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})  (goal {goal})", flush=True)
 
 
 def main():
@@ -179,6 +188,7 @@ def main():
     parser.add_argument("--perf", default="/tmp/perf-search", help="scratch directory")
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio")
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--big", type=int, default=100000, help="size for the p50 ratio (0: skip)")
     parser.add_argument("--served", action="store_true",
@@ -195,12 +205,11 @@ def main():
         try:
             for server, path in ((ours, "/api/series?limit=20"), (floor, "/api/series")):
                 load(server, path, 1, args.clients)  # warm-up
-            ratio_line(f"list-{n}", load(ours, "/api/series?limit=20", args.seconds, args.clients)[0],
-                       load(floor, "/api/series", args.seconds, args.clients)[0], ">= 0.8")
+            rounds_line(f"list-{n}", ours, "/api/series?limit=20", floor, "/api/series", args,
+                        ">= 0.8")
             if n >= 10000:
-                ratio_line(f"filtered-{n}", load(ours, FILTERED_PATH, args.seconds, args.clients)[0],
-                           load(floor, "/api/series/search?modality=CT", args.seconds,
-                                args.clients)[0], ">= 0.7")
+                rounds_line(f"filtered-{n}", ours, FILTERED_PATH, floor,
+                            "/api/series/search?modality=CT", args, ">= 0.7")
             p50[n] = load(ours, FILTERED_PATH, args.seconds, 1)[1]
         finally:
             ours.stop()

@@ -44,8 +44,9 @@ _DOMAINS = db.select(ServerParam.value).where(ServerParam.key == "domains")
 
 
 def _series_rows():
-    """Series as plain rows: lists only read them, and rows cost less than objects."""
-    return db.select(*Series.__table__.columns)
+    """Series as plain rows of their document's columns (``Series.row_to_json``): lists
+    only read them, and rows cost less than objects."""
+    return db.select(*Series.document_columns())
 
 
 def _in_domains(domains):
@@ -139,7 +140,7 @@ def list_series():
     domains = tuple(g.privileges.domains)
     show = can_view_personal_info()
     return search(lambda: _series_rows().where(_in_domains(domains)), SEARCH_FIELDS,
-                  lambda row: Series.to_json(row, with_patient_info=show),
+                  lambda row: Series.row_to_json(row, show),
                   {"createdAt": -1}, sort_fields=SORT_FIELDS, memo=("series", domains),
                   count_tables=("series",))
 
@@ -237,6 +238,6 @@ def list_series_in_my_list(my_list_id):
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
     show = can_view_personal_info()
-    return search(query, SEARCH_FIELDS, lambda row: Series.to_json(row, with_patient_info=show),
+    return search(query, SEARCH_FIELDS, lambda row: Series.row_to_json(row, show),
                   {"addedToListAt": -1},
                   sort_fields={**SORT_FIELDS, "addedToListAt": MyListItem.created_at})
