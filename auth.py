@@ -14,6 +14,7 @@ import bcrypt
 from flask import current_app, g, request
 from werkzeug.security import check_password_hash, generate_password_hash
 
+import table_versions
 from errors import ApiError
 from models import GROUPS_STAMP, Group, SystemState, Token, User, db, random_hex, utcnow
 
@@ -109,12 +110,15 @@ def find_user(email_or_login_id):
 
 # The two queries of every authenticated request, built once: building a statement costs
 # more than running it on an indexed column. Groups come back as plain rows, not entities.
-_GROUPS_STAMP = (db.select(SystemState.value).where(SystemState.key == GROUPS_STAMP)
-                 .scalar_subquery())
-_TOKEN_OWNER = (db.select(Token.access_token_expires_at, User, _GROUPS_STAMP)
+# The state stamps read with the caller: groupsStamp (privileges, below) and the searched
+# tables' versions (table_versions: a list request then needs no query of its own for them).
+_STAMP_KEYS = (GROUPS_STAMP, *table_versions.KEYS)
+_STAMPS = [db.select(SystemState.value).where(SystemState.key == key).scalar_subquery()
+           for key in _STAMP_KEYS]
+_TOKEN_OWNER = (db.select(Token.access_token_expires_at, User, *_STAMPS)
                 .join(User, User.user_email == Token.user_email)
                 .where(Token.access_token_hash == db.bindparam("digest")))
-_USER_BY_EMAIL = (db.select(User, _GROUPS_STAMP)
+_USER_BY_EMAIL = (db.select(User, *_STAMPS)
                   .where(User.user_email == db.bindparam("email")))
 # Privileges per group-ID list, computed under one groupsStamp (see cached_privileges).
 _CACHE_KEY = "circus.privileges"
@@ -233,14 +237,14 @@ def _bearer_token():
 
 
 def authenticate_token(token):
-    """(user, groupsStamp) of a valid, unexpired token, else ApiError 401: one query."""
+    """(user, state stamps) of a valid, unexpired token, else ApiError 401: one query."""
     row = db.session.execute(_TOKEN_OWNER, {"digest": digest(token)}).first()
     if row is None:
         raise ApiError(401, "Invalid token: access token is invalid")
-    expires_at, user, stamp = row
+    expires_at, user, *stamps = row
     if expires_at < utcnow():
         raise ApiError(401, "Invalid token: access token has expired")
-    return user, stamp
+    return user, dict(zip(_STAMP_KEYS, stamps))
 
 
 def authenticate_request():
@@ -256,11 +260,12 @@ def authenticate_request():
         row = db.session.execute(_USER_BY_EMAIL, {"email": fixed}).first()
         if row is None:
             raise ApiError(401, "Invalid token: access token is invalid")
-        user, stamp = row
+        user, stamps = row[0], dict(zip(_STAMP_KEYS, row[1:]))
     else:
-        user, stamp = authenticate_token(_bearer_token())
+        user, stamps = authenticate_token(_bearer_token())
     g.user = user
-    g.privileges = cached_privileges(user, stamp)
+    table_versions.remember(stamps)
+    g.privileges = cached_privileges(user, stamps[GROUPS_STAMP])
 
 
 # --- checks used by views ---------------------------------------------------------------

@@ -13,6 +13,7 @@ session on the live database): totals may then lag until the next write through 
 or a restart. Rows are never cached, only totals.
 """
 import sqlalchemy as sa
+from flask import g
 from sqlalchemy import event
 
 from memo import app_memo
@@ -20,6 +21,7 @@ from models import SystemState, db, new_ulid
 
 VERSIONED = ("series", "clinical_cases", "case_tags")
 PREFIX = "version:"
+KEYS = tuple(PREFIX + table for table in VERSIONED)  # their system_state keys
 _MARK = "circus.versioned_tables"  # Connection.info: tables written in this transaction
 CACHE_SIZE = 1024  # totals kept per app
 
@@ -71,10 +73,18 @@ def _forget_pooled(_dbapi_connection, record):
         record.info.pop(_MARK, None)
 
 
+def remember(found):
+    """Keep the stamps the request's authentication query read (auth.py), so that
+    ``stamps`` needs no query of its own: same transaction, same snapshot."""
+    g.table_stamps = found
+
+
 def stamps(tables):
     """The current stamps of ``tables`` as a tuple, or None if one has none."""
     keys = [PREFIX + table for table in tables]
-    found = dict(db.session.execute(_READ, {"keys": keys}).all())
+    found = g.get("table_stamps")
+    if found is None or not all(key in found for key in keys):
+        found = dict(db.session.execute(_READ, {"keys": keys}).all())
     if any(found.get(key) is None for key in keys):
         return None
     return tuple(found[key] for key in keys)
@@ -86,6 +96,9 @@ def cached_count(key, tables, count):
     ``key`` must determine the counted statement (search.py passes its memo key, which
     names the endpoint, the caller's privileges and the query string).
     """
+    db.session.flush()  # pending changes would be counted (and noted) only inside count()
+    if set(tables) & db.session.connection().info.get(_MARK, set()):
+        return count()  # this transaction wrote them: its rows are not the stamp's rows
     current = stamps(tables)
     if current is None:
         return count()

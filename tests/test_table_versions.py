@@ -158,3 +158,20 @@ def test_a_write_before_a_rolled_back_savepoint_is_stamped(app, client, auth_hea
         savepoint.rollback()
         db.session.commit()  # 1.2.7.8 stays: the table changed
     assert total(client, auth_headers["alice"]) == 4
+
+
+def test_a_transaction_that_wrote_a_table_neither_uses_nor_fills_the_cache(
+        app, client, auth_headers, three_series):
+    """Its own uncommitted rows are not those of the stamp it read: the total is counted,
+    and not kept (a rollback would otherwise leave a wrong total under a current stamp)."""
+    assert total(client, auth_headers["alice"]) == 3  # cached under the current stamp
+    key = (("series", ("default",)), (None, '{"seriesUid": 1}', 2, 0, None, True))
+    with app.test_request_context("/"):
+        before = table_versions.stamps(["series"])
+        make_series("1.2.7.8")  # pending: flushed by cached_count
+        counted = table_versions.cached_count(
+            key, ("series",), lambda: db.session.scalar(sa.select(sa.func.count()).select_from(Series)))
+        assert counted == 4
+        db.session.rollback()
+        assert table_versions.stamps(["series"]) == before
+    assert total(client, auth_headers["alice"]) == 3
