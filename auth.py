@@ -16,6 +16,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import table_versions
 from errors import ApiError
+from memo import app_memo
 from models import GROUPS_STAMP, Group, SystemState, Token, User, db, random_hex, utcnow
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,10 @@ def find_user(email_or_login_id):
 
 # --- privileges -------------------------------------------------------------------------
 
-# The two queries of every authenticated request, built once: building a statement costs
-# more than running it on an indexed column. Groups come back as plain rows, not entities.
-# The state stamps read with the caller: groupsStamp (privileges, below) and the searched
-# tables' versions (table_versions: a list request then needs no query of its own for them).
+# The queries of authentication, built once: building a statement costs more than running
+# it on an indexed column. With the caller come the state stamps: groupsStamp (privileges,
+# below) and the searched tables' versions (table_versions: a list request then needs no
+# query of its own for them). Groups come back as plain rows, not entities.
 _STAMP_KEYS = (GROUPS_STAMP, *table_versions.KEYS)
 _STAMPS = [db.select(SystemState.value).where(SystemState.key == key).scalar_subquery()
            for key in _STAMP_KEYS]
@@ -120,9 +121,7 @@ _TOKEN_OWNER = (db.select(Token.access_token_expires_at, User, *_STAMPS)
                 .where(Token.access_token_hash == db.bindparam("digest")))
 _USER_BY_EMAIL = (db.select(User, *_STAMPS)
                   .where(User.user_email == db.bindparam("email")))
-# Privileges per group-ID list, computed under one groupsStamp (see cached_privileges).
-_CACHE_KEY = "circus.privileges"
-_CACHE_SIZE = 1024
+_CACHE_SIZE = 1024  # privileges kept per app, one per (groupsStamp, group-ID list)
 _GROUPS_BY_ID = db.select(
     Group.group_id, Group.group_name, Group.privileges, Group.domains,
     *(getattr(Group, attr) for attr in (*PROJECT_ROLES.values(), *PLUGIN_ROLES.values()))
@@ -211,14 +210,8 @@ def cached_privileges(user, stamp):
     """
     if stamp is None:
         return compute_privileges(user)
-    cache = current_app.extensions.get(_CACHE_KEY)
-    if cache is None or cache[0] != stamp or len(cache[1]) >= _CACHE_SIZE:
-        cache = current_app.extensions[_CACHE_KEY] = (stamp, {})
-    key = tuple(user.groups or ())
-    privileges = cache[1].get(key)
-    if privileges is None:
-        privileges = cache[1][key] = compute_privileges(user)
-    return privileges
+    return app_memo("circus.privileges", _CACHE_SIZE).get(
+        (stamp, tuple(user.groups or ())), lambda: compute_privileges(user))
 
 
 # --- the request hook -------------------------------------------------------------------

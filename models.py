@@ -63,11 +63,13 @@ def get_or_404(model, key, schema):
     return row
 
 
-def put_value(model, key, value):
-    """Insert or update one row of a key/value table (ServerParam, SystemState)."""
-    row = db.session.get(model, key)
+def put_value(model, key, value, session=None):
+    """Insert or update one row of a key/value table (ServerParam, SystemState), in
+    ``session`` (default: the app's)."""
+    session = session or db.session
+    row = session.get(model, key)
     if row is None:
-        db.session.add(model(key=key, value=value))
+        session.add(model(key=key, value=value))
     else:
         row.value = value
 
@@ -102,7 +104,7 @@ class User(Timestamps, db.Model):
     preferences: Mapped[dict] = mapped_column(JSON, default=dict)
 
     def to_json(self):
-        """The user document without the password (also works on a row of PUBLIC_COLUMNS)."""
+        """The user document without the password (also works on a row of public_columns())."""
         return {"userEmail": self.user_email, "loginId": self.login_id,
                 "description": self.description, "loginEnabled": self.login_enabled,
                 "lastLoginTime": iso(self.last_login_time), "lastLoginIp": self.last_login_ip,
@@ -203,11 +205,7 @@ def _renew_groups_stamp(session, _context, _instances):
     changed = (session.new, session.dirty, session.deleted)
     if not any(isinstance(obj, Group) for objects in changed for obj in objects):
         return
-    row = session.get(SystemState, GROUPS_STAMP)
-    if row is None:
-        session.add(SystemState(key=GROUPS_STAMP, value=new_ulid()))
-    else:
-        row.value = new_ulid()
+    put_value(SystemState, GROUPS_STAMP, new_ulid(), session)
 
 
 # --- projects and cases ---------------------------------------------------------------

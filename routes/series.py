@@ -234,7 +234,7 @@ def list_series_in_my_list(my_list_id):
     import my_lists
     from models import MyListItem
     my_list = my_lists.list_for_search(my_list_id, "series")
-    query = (_series_rows().where(Series.domain.in_(g.privileges.domains))
+    query = (_series_rows().where(_in_domains(g.privileges.domains))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
     show = can_view_personal_info()
