@@ -36,7 +36,6 @@ from plugin_runners import remove_work_dir, run_job
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 15
 STALE_AFTER = timedelta(seconds=120)  # a worker without heartbeat for this long has died
 SWEEP_SECONDS = 60
 INTERRUPTED = "The job was interrupted because the worker running it stopped."
@@ -258,7 +257,7 @@ class JobPool:
 
             def loop():
                 with app.app_context():
-                    while not stop.wait(HEARTBEAT_SECONDS):
+                    while not stop.wait(worker.HEARTBEAT_SECONDS):
                         try:
                             beat(wid)
                         except Exception:  # a missed beat is retried
