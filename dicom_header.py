@@ -15,24 +15,21 @@ import struct
 
 from pydicom.uid import UID
 
+from tag_dump import (EXPLICIT_BE, IMPLICIT_LE, ITEM, ITEM_END, LONG_LENGTH_VRS,
+                      SEQUENCE_END, UNDEFINED)
+
 DICM_OFFSET = 128
 HEAD_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 8
-UNDEFINED = 0xFFFFFFFF
 PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
-ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # The values an instance is checked with (dicom_import.check_instance).
 WANTED = frozenset((0x00080005, 0x00080060, 0x00100040, 0x0020000D, 0x0020000E, 0x00200013,
                     0x00280010, 0x00280011))
 TRANSFER_SYNTAX = 0x00020010
-# Little-endian transfer syntaxes whose data set is explicit VR (the encapsulated ones
-# included); deflate is left to pydicom.
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
+# Element constants (UNDEFINED, ITEM..., LONG_LENGTH_VRS) are tag_dump's, the other raw
+# walker. Deflated data sets are left to pydicom.
 DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
-LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                      b"UR", b"UT", b"UV"))
 SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                        b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                        b"US"))
@@ -110,7 +107,7 @@ def _walk(buf, size):
         if group != 0x0002:
             break
         vr = buf[pos + 4:pos + 6]
-        if vr in LONG_VRS:
+        if vr in LONG_LENGTH_VRS:
             if pos + 12 > end:
                 raise _NeedMore()
             length = _LE_U32.unpack_from(buf, pos + 8)[0]
@@ -171,7 +168,7 @@ def _elements(buf, pos, end, size, little, implicit, values, depth):
             if vr in SHORT_VRS:
                 length = u16.unpack_from(buf, pos + 6)[0]
                 pos += 8
-            elif vr in LONG_VRS:
+            elif vr in LONG_LENGTH_VRS:
                 if pos + 12 > end:
                     raise _NeedMore()
                 length = u32.unpack_from(buf, pos + 8)[0]
