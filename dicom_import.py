@@ -33,6 +33,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -655,6 +656,38 @@ def make_durable(folder, paths):
             _fsync(path)
 
 
+_SYNC_POOL = []  # the fsync threads of early syncs, started on first use
+
+
+class EarlySync:
+    """The fsync of one staged file, started on a thread as soon as the file is complete.
+
+    ``os.fsync`` releases the GIL, so the flush to disk overlaps the header check and the
+    database work of the same request (``/single``) instead of following them. The file
+    is opened here, so the fsync reaches it even after it is renamed into place.
+    """
+
+    def __init__(self, path):
+        if not _SYNC_POOL:
+            _SYNC_POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync"))
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.future = _SYNC_POOL[0].submit(os.fsync, self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def wait(self):
+        """Block until the data is on disk (raising the fsync's error); closes the file."""
+        if self.fd is None:
+            return
+        try:
+            self.future.result()
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
 def make_placed_durable(files, folders, root_changed):
     """After renames into ``folders``: make the renames and the not yet synced ``files``
     durable, with one syncfs (data and metadata of the whole file system), else with an
@@ -703,6 +736,7 @@ class ImportBatch:
         self.first_key = {}
         self.bytes = 0
         self._counter = 0
+        self.syncing = {}  # staged path -> EarlySync (add_staged with sync_now)
 
     def __enter__(self):
         return self
@@ -722,6 +756,7 @@ class ImportBatch:
         key = (uid, number)
         previous = self.staged.get(key)
         if previous is not None:
+            self._forget_sync(previous)
             os.unlink(previous)
         self.staged[key] = path
         self.first_key.setdefault(uid, key)
@@ -782,16 +817,35 @@ class ImportBatch:
             _unlink_quietly(staged)
             raise
 
-    def add_staged(self, staged):
+    def add_staged(self, staged, sync_now=False):
         """Stage a file already in the staging folder (named by ``_staged_name`` or with
-        this batch's prefix)."""
-        with open(staged, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            keys = read_keys(fh, size)
+        this batch's prefix). ``sync_now`` starts its fsync at once (EarlySync): for a
+        batch of one file, whose commit would otherwise wait for it."""
+        if sync_now:
+            self.syncing[staged] = EarlySync(staged)
+        try:
+            with open(staged, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                keys = read_keys(fh, size)
+        except BaseException:
+            self._forget_sync(staged)
+            raise
         return self._keep(keys, staged, size)
+
+    def _forget_sync(self, staged):
+        """Wait for the early sync of ``staged`` (if any) and drop it, ignoring its error
+        (the file is being discarded)."""
+        early = self.syncing.pop(staged, None)
+        if early is not None:
+            try:
+                early.wait()
+            except OSError:
+                pass
 
     def discard(self):
         """Remove whatever this batch still has in the staging folder."""
+        for staged in list(self.syncing):
+            self._forget_sync(staged)
         for name in os.listdir(self.dir):
             if name.startswith(self.prefix):
                 _unlink_quietly(os.path.join(self.dir, name))
@@ -912,7 +966,11 @@ class ImportBatch:
                     created = True
                 folders.add(folder)
             is_new = (uid, number) in new_keys
-            if not synced:
+            syncing = self.syncing.get(staged)
+            if syncing is not None:
+                if not is_new:
+                    syncing.wait()  # it replaces a file a row points at
+            elif not synced:
                 if not is_new:
                     # It replaces a file a row points at: its data must be durable first.
                     _fsync(staged)
@@ -922,6 +980,9 @@ class ImportBatch:
             placed.append((target, is_new))
         # Before the commit: no row ever points at a file that is not durable.
         make_placed_durable(unsynced, folders, created)
+        for syncing in self.syncing.values():
+            syncing.wait()  # on failure, discard() waits for the others
+        self.syncing = {}
         db.session.commit()
         return new_keys
 

@@ -178,7 +178,7 @@ def upload_single(domain):
         if len(paths) != 1:
             raise ApiError(400, "Only one file is allowed.")
         try:
-            batch.add_staged(paths[0])
+            batch.add_staged(paths[0], sync_now=True)  # flushed while the rest runs
             batch.commit()
         except dicom_import.NotDicomError:
             raise ApiError(400, "The file is not a DICOM file. You cannot use archived files.") from None

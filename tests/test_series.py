@@ -233,6 +233,34 @@ def test_single_into_another_domain_of_an_existing_series(app, client, auth_head
         assert db.session.get(Series, "1.2.3.4.5").images == "1"
 
 
+def test_single_closes_the_early_sync_of_every_outcome(app, client, auth_headers, other_domain):
+    """/single starts the fsync of its file at once (dicom_import.EarlySync): whatever the
+    outcome (new, replaced, broken, refused for its domain), that file is closed again."""
+    def open_files():
+        return len(os.listdir("/proc/self/fd"))
+    headers = auth_headers["alice"]
+    first = dicom_bytes()
+    assert upload(client, headers, "default", [("1.dcm", first)], single=True).status_code == 201
+    before = open_files()
+    for _ in range(3):
+        latest = dicom_bytes()
+        assert upload(client, headers, "default", [("1.dcm", latest)],
+                      single=True).status_code == 201  # replaces the stored instance
+        assert upload(client, headers, "default", [("2.dcm", dicom_bytes(instance=2))],
+                      single=True).status_code == 201
+        assert upload(client, headers, "default", [("x.dcm", dicom_bytes()[:500])],
+                      single=True).status_code == 400
+        assert upload(client, other_domain, "other", [("3.dcm", dicom_bytes(instance=3))],
+                      single=True).status_code == 409
+    assert open_files() == before
+    with open(storage_path(app, "1.2.3.4.5", 1), "rb") as fh:
+        assert fh.read() == latest
+    with app.app_context():
+        assert os.listdir(storage.dicom_staging_dir("batches")) == []
+    with app.app_context():
+        assert db.session.get(Series, "1.2.3.4.5").images == "1-2"
+
+
 # --- search -------------------------------------------------------------------------------
 
 @pytest.fixture
