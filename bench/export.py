@@ -14,6 +14,8 @@ on that data directory and the script, as that user:
   * in the same run, ``cp`` of a file of the same number of bytes on the same disk
     (and ``cp`` + ``sync``), as the reference rate;
   * the worker's peak RSS (VmHWM) against the size of one volume;
+  * the deflate ceiling: the archive's own deflate + CRC of the last export's .raw bytes on
+    all its threads with nothing else to do, over ``cp``: no tgz export can be faster here;
   * the share of the cores that other processes took while each export ran (/proc/stat
     minus the worker): the export is CPU-bound (deflate is ~3/4 of its CPU), so on a
     shared 2-core machine its rate follows what the others leave it.
@@ -186,6 +188,28 @@ def timed_cp(src, dst, sync=False):
     return elapsed
 
 
+def deflate_ceiling(archive_path, rounds=3):
+    """The fastest any tgz export of these voxels can be here: the archive's own per-block
+    work (``archives._deflate_block``: raw deflate at its level, and the CRC-32) on the
+    .raw entries of a finished export, on all of the archive's threads, with nothing else
+    to do (no DICOM reading, no tar, no disk). Returns MB/s of raw voxels (median)."""
+    import tarfile
+    from concurrent.futures import ThreadPoolExecutor
+    import archives
+    with tarfile.open(archive_path, "r:gz") as tar:
+        raws = [tar.extractfile(m).read() for m in tar if m.name.endswith(".raw")]
+    blocks = [memoryview(raw)[i:i + archives.BLOCK]
+              for raw in raws for i in range(0, len(raw), archives.BLOCK)]
+    total = sum(len(raw) for raw in raws)
+    rates = []
+    with ThreadPoolExecutor(archives.THREADS) as pool:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            list(pool.map(lambda block: archives._deflate_block([block], False), blocks))
+            rates.append(total / (time.perf_counter() - start) / 1e6)
+    return statistics.median(rates)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -300,6 +324,14 @@ def main():
               f"{peak / volume_bytes:.2f}x one volume (goal < 2.5)")
         print(f"SSE finish delay after endedAt: median {statistics.median(delays):.0f} ms, "
               f"max {max(delays):.0f} ms (report poll interval 0.5 s)")
+        with app.app_context():
+            import archives
+            import storage
+            ceiling = deflate_ceiling(storage.download_path(task_id))
+        print(f"deflate alone (archives._deflate_block, level {archives.LEVEL}, "
+              f"{archives.THREADS} threads, the last export's .raw bytes, nothing else): "
+              f"{ceiling:.0f} MB/s = {ceiling / cp_rate:.2f}x cp: no tgz export can beat this "
+              f"here; the export reaches {rate / ceiling:.0%} of it")
     finally:
         for proc in processes:
             proc.terminate()
