@@ -11,6 +11,9 @@ Figures (ratios ours / Orthanc unless said):
                       instances/s until the import is finished (our task polled)
   single-ct           /single from one client: MB/s         (Orthanc: POST /instances)
   single-small        /single from one client: instances/s
+  (floor)             beside them, the same uploads to ``bench/upload_floor.py``: a bare WSGI
+                      app under the same gunicorn settings that only stores the body durably
+                      (what gunicorn and the file work alone cost; no Flask, token, DB)
   cli-small           ``flask --app app import-series`` from a folder: instances/s, shown
                       beside zip-small over HTTP
   rss                 peak RSS of gunicorn master + workers + worker process while ingesting
@@ -300,19 +303,53 @@ def bench_zip(perf, data, small):
         print(f"{'':14} ours: {message}", flush=True)
 
 
+class UploadFloor(Ours):
+    """bench/upload_floor.py under the same gunicorn settings: the body stored durably, no
+    more. Uses Ours' multipart client so that both get the same bytes."""
+
+    def __init__(self, perf):
+        folder = os.path.join(perf, "upload-floor")
+        shutil.rmtree(folder, ignore_errors=True)
+        self.env = {**os.environ, "UPLOAD_FLOOR_DIR": folder}
+        self.token = "unused"
+        self.port = free_port()
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{self.port}",
+             "bench.upload_floor:app"], cwd=ROOT, env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.worker = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.request("GET", "/")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the upload floor did not start")
+
+    def stop(self):
+        self.server.terminate()
+        self.server.wait(timeout=30)
+
+
 def bench_single(perf, data, small):
     ct = files_of(os.path.join(data, "ct200"))
     sm = files_of(os.path.join(data, "small10k"), small)
     megabytes = sum(os.path.getsize(f) for f in ct) / 1e6
     ours, peer = fresh(perf)
+    floor = UploadFloor(perf)
     try:
-        ours.single(files_of(os.path.join(data, "extra9k"), 5))
-        peer.single(files_of(os.path.join(data, "extra9k"), 5))
-        report("single-ct", megabytes / ours.single(ct), megabytes / peer.single(ct), "MB/s", 1.0)
-        report("single-small", small / ours.single(sm), small / peer.single(sm), "inst/s", 0.7)
+        for system in (ours, peer, floor):
+            system.single(files_of(os.path.join(data, "extra9k"), 5))
+        floor_ct, floor_small = floor.single(ct), floor.single(sm)
+        peer_ct, peer_small = peer.single(ct), peer.single(sm)
+        report("single-ct", megabytes / ours.single(ct), megabytes / peer_ct, "MB/s", 1.0)
+        report("  floor-ct", megabytes / floor_ct, megabytes / peer_ct, "MB/s")
+        report("single-small", small / ours.single(sm), small / peer_small, "inst/s", 0.7)
+        report("  floor-small", small / floor_small, small / peer_small, "inst/s")
     finally:
-        ours.stop()
-        peer.stop()
+        for system in (ours, peer, floor):
+            system.stop()
 
 
 def bench_cli(perf, data, small):
