@@ -18,9 +18,10 @@ _OPTIONS = (orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
             | orjson.OPT_PASSTHROUGH_DATACLASS)
 
 
-# orjson reads an integer beyond 64 bits as a float; the standard library keeps it exact.
-_LONG_NUMBER = re.compile(r"\d{20}")
-_LONG_NUMBER_BYTES = re.compile(rb"\d{20}")
+# orjson reads an integer beyond 64 bits (and a negative one below -2**63, which may have
+# only 19 digits) as a float; the standard library keeps it exact.
+_LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
 
 
 def loads_stored(text):
@@ -37,15 +38,53 @@ def loads_stored(text):
         return json.loads(text)  # e.g. NaN, which json.dumps writes and orjson refuses
 
 
+class StoredJson:
+    """A stored JSON object passed into an answer as its stored text, not decoded and
+    encoded again (``stored_json``)."""
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+
+def stored_json(text):
+    """A JSON object column read as text, for an answer: ``StoredJson`` when orjson would
+    read it exactly, else the decoded value (what ``loads_stored`` returns).
+
+    The answer is then the same as from the decoded value: NaN and Infinity (which orjson
+    writes as null) and long integers (which the standard-library fallback keeps exact) are
+    decoded; so is anything but an object (``null``, for which callers substitute ``{}``).
+    A false positive (the word NaN inside a string) only costs the decoding.
+    """
+    if text is None:
+        return None
+    if (text[:1] == "{" and "NaN" not in text and "Infinity" not in text
+            and not _LONG_NUMBER.search(text)):
+        return StoredJson(text)
+    return loads_stored(text)
+
+
 class JsonProvider(DefaultJSONProvider):
     """Flask's JSON provider with orjson for compact output (``jsonify``, returned dicts)."""
+
+    @staticmethod
+    def default(o):
+        """Flask's conversions, and ``StoredJson`` decoded (the standard-library path)."""
+        if type(o) is StoredJson:
+            return loads_stored(o.text)
+        return DefaultJSONProvider.default(o)
+
+    def _orjson_default(self, o):
+        if type(o) is StoredJson:
+            return orjson.Fragment(o.text)  # embedded as stored
+        return self.default(o)
 
     def response(self, *args, **kwargs):
         if self.compact is False or (self.compact is None and self._app.debug):
             return super().response(*args, **kwargs)  # indented for people
         obj = self._prepare_response_obj(args, kwargs)
         try:
-            body = orjson.dumps(obj, default=self.default, option=_OPTIONS) + b"\n"
+            body = orjson.dumps(obj, default=self._orjson_default, option=_OPTIONS) + b"\n"
         except TypeError:
             return super().response(*args, **kwargs)
         return self._app.response_class(body, mimetype=self.mimetype)

@@ -11,10 +11,12 @@ from datetime import datetime, timezone
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
-                        String, Text, UniqueConstraint, event)
+                        String, Text, UniqueConstraint, cast, event, type_coerce)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import UserDefinedType
 
 from errors import not_found
+from json_codec import stored_json
 
 
 class Base(DeclarativeBase):
@@ -44,6 +46,26 @@ def iso(value):
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc).replace(tzinfo=None)
     return value.isoformat(timespec="milliseconds") + "Z"  # naive: no offset; 3x strftime's speed
+
+
+class IsoDateTime(UserDefinedType):
+    """A DateTime column read straight into its ``iso`` string (``type_coerce`` a column to
+    it in a select: the SQL is unchanged). SQLite stores SQLAlchemy's fixed format
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, which is cut into ``YYYY-MM-DDTHH:MM:SS.mmmZ`` without
+    parsing it; any other stored value, and every database that returns datetimes, goes
+    through DateTime's own reading and ``iso``: the same string either way."""
+    cache_ok = True
+
+    def result_processor(self, dialect, coltype):
+        read = DateTime().dialect_impl(dialect).result_processor(dialect, coltype)
+
+        def process(value):
+            if value is None:
+                return None
+            if type(value) is str and len(value) == 26 and value[10] == " " and value[19] == ".":
+                return value[:10] + "T" + value[11:23] + "Z"  # isoformat truncates too
+            return iso(read(value) if read is not None else value)
+        return process
 
 
 def parse_iso(text):
@@ -278,9 +300,17 @@ class Series(Timestamps, db.Model):
                         "created_at", "updated_at", "patient_info")
 
     @classmethod
-    def document_columns(cls):
-        """The table columns a list selects to build documents with ``row_to_json``."""
-        return [cls.__table__.c[name] for name in cls.DOCUMENT_COLUMNS]
+    def document_columns(cls, as_text=False):
+        """The table columns a list selects to build documents with ``row_to_json``; with
+        ``as_text``, dates come as their ISO strings (``IsoDateTime``) and JSON columns as
+        their stored text (for ``row_to_json(..., as_text=True)``, which passes it into
+        the answer without decoding it)."""
+        columns = [cls.__table__.c[name] for name in cls.DOCUMENT_COLUMNS]
+        if as_text:
+            columns = [cast(c, Text).label(c.name) if isinstance(c.type, JSON)
+                       else type_coerce(c, IsoDateTime()).label(c.name)
+                       if isinstance(c.type, DateTime) else c for c in columns]
+        return columns
 
     def to_json(self, with_patient_info=True):
         """The series document."""
@@ -288,19 +318,25 @@ class Series(Timestamps, db.Model):
                                   with_patient_info)
 
     @staticmethod
-    def row_to_json(row, with_patient_info=True):
+    def row_to_json(row, with_patient_info=True, as_text=False):
         """The series document from the values of DOCUMENT_COLUMNS (a row or a tuple);
-        unpacking a row costs a third of reading it by attribute."""
+        unpacking a row costs a third of reading it by attribute. ``as_text``: the row
+        is of ``document_columns(as_text=True)``."""
         (uid, study_uid, width, height, images, series_date, modality, description, body_part,
          station_name, model_name, manufacturer, storage_id, parameters, domain, created_at,
          updated_at, patient_info) = row
+        if as_text:
+            parameters = stored_json(parameters)
+            patient_info = stored_json(patient_info) if with_patient_info else None
+        else:
+            series_date, created_at, updated_at = iso(series_date), iso(created_at), iso(updated_at)
         doc = {"seriesUid": uid, "studyUid": study_uid, "width": width, "height": height,
-               "images": images, "seriesDate": iso(series_date), "modality": modality,
+               "images": images, "seriesDate": series_date, "modality": modality,
                "seriesDescription": description, "bodyPart": body_part,
                "stationName": station_name, "modelName": model_name,
                "manufacturer": manufacturer, "storageId": storage_id,
                "parameters": parameters, "domain": domain,
-               "createdAt": iso(created_at), "updatedAt": iso(updated_at)}
+               "createdAt": created_at, "updatedAt": updated_at}
         if with_patient_info:
             doc["patientInfo"] = patient_info or {}
         return doc

@@ -354,7 +354,7 @@ def paging(unlimited_allowed=False):
 def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
            filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
            patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON.", memo=None,
-           count_tables=()):
+           count_tables=(), plain_rows=False):
     """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
 
     Parameters
@@ -379,6 +379,10 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     count_tables : tuple of str, optional
         With ``memo``: every table the counted rows depend on; the total is then counted
         again only after one of them changed (``table_versions``).
+    plain_rows : bool, optional
+        ``query`` selects columns, no ORM entity: its statements then run on the session's
+        connection (SQLAlchemy Core), which skips the ORM's result processing (measured:
+        a sixth of the time of a 20-row series list view).
     """
     if patient_info_allowed is None and filter_allowed:
         patient_info_allowed = g.privileges.has_global("personalInfoView")
@@ -399,15 +403,20 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
         statements = build()
     else:
         statements = app_memo("circus.search_statements", MEMO_SIZE).get((memo, args), build)
-    result = db.session.execute(statements.page)
+    if plain_rows:
+        db.session.flush()  # what the session's execute would do first (autoflush)
+        execute = db.session.connection().execute
+    else:
+        execute = db.session.execute
+    result = execute(statements.page)
     rows = result.scalars().all() if len(result.keys()) == 1 else result.all()
     if len(rows) < limit and (rows or offset == 0):
         total = offset + len(rows)  # a short page is the last one: no COUNT needed
     elif memo is not None and count_tables:
         total = table_versions.cached_count(
-            (memo, args), count_tables, lambda: db.session.execute(statements.count()).scalar_one())
+            (memo, args), count_tables, lambda: execute(statements.count()).scalar_one())
     else:
-        total = db.session.execute(statements.count()).scalar_one()
+        total = execute(statements.count()).scalar_one()
     if count_cap is not None:
         total = min(total, count_cap)
     if getattr(serialize, "many", False):
