@@ -9,7 +9,8 @@ import table_versions
 from auth import GLOBAL_PRIVILEGES, find_user, hash_password, issue_permanent_token
 from errors import ApiError
 from validation import validate
-from models import Group, Project, ServerParam, SystemState, User, db, new_ulid
+from models import (GROUPS_STAMP, Group, Project, ServerParam, SystemState, User, db,
+                    new_ulid)
 
 DEFAULT_TOKEN_DESCRIPTION = "A permanent token for API access"
 
@@ -58,6 +59,10 @@ def create_initial_data():
     for row in table_versions.initial_rows():
         if db.session.get(SystemState, row["key"]) is None:
             db.session.add(SystemState(**row))
+    if db.session.get(SystemState, GROUPS_STAMP) is None:
+        # A database whose groups were written before the stamp existed has none, and
+        # without one auth.py never reuses computed privileges (a query per request).
+        db.session.add(SystemState(key=GROUPS_STAMP, value=new_ulid()))
     db.session.commit()
     _sync_group_sequence()
     return created

@@ -129,3 +129,22 @@ def test_stored_json_in_answers(app):
         assert json.loads(app.json.response({"x": stored}).get_data()) == {"x": {"a": [1, 2.5]}}
         body = app.json.response({"x": stored, "big": BIG}).get_data()
     assert json.loads(body) == {"x": {"a": [1, 2.5]}, "big": BIG}
+
+
+def test_init_db_gives_an_upgraded_database_a_groups_stamp(app, client, auth_headers):
+    """A database whose groups predate groupsStamp gets one from init-db, so that a list
+    request reuses the caller's privileges instead of querying the groups each time."""
+    from cli import create_initial_data
+    from models import GROUPS_STAMP, SystemState
+    with app.app_context():
+        db.session.delete(db.session.get(SystemState, GROUPS_STAMP))
+        db.session.commit()
+        create_initial_data()
+        assert db.session.get(SystemState, GROUPS_STAMP).value
+    queries = []
+    with app.app_context():
+        sa.event.listen(db.engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
+    listed(client, auth_headers["alice"])
+    queries.clear()
+    listed(client, auth_headers["alice"])
+    assert not [q for q in queries if "FROM groups" in q]
