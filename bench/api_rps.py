@@ -12,7 +12,6 @@ GET /api/admin/users?limit=20 (permanent token) >= 0.8x the floor's /api/series 
 """
 import argparse
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -22,6 +21,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from loadgen import wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_DIR = ROOT.parent / "shared" / "bench"
@@ -41,7 +42,6 @@ GOALS = [  # (ours, floor, minimum ratio)
     ("GET /api/login-info", "floor GET /api/series", 0.8),
     ("GET /api/admin/users?limit=20", "floor GET /api/series", 0.8),
 ]
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def free_port():
@@ -116,20 +116,6 @@ def check(url, token):
     with urllib.request.urlopen(request, timeout=10) as response:
         if response.status != 200:
             sys.exit(f"{url} answered {response.status}")
-
-
-def wrk(url, token, seconds, connections):
-    """Run wrk once; return (requests/s, p50 ms, p99 ms)."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    if token:
-        argv[1:1] = ["-H", f"Authorization: Bearer {token}"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in out:
-        sys.exit(f"wrk saw non-2xx answers from {url}:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50, p99 = (float(v) * UNITS[u] for v, u in
-                (re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out).groups() for p in (50, 99)))
-    return rps, p50, p99
 
 
 def measure(label, conf, envs, tokens, scratch, args):

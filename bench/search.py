@@ -5,8 +5,10 @@ SQLite app answers here. Both apps run on loopback with the same gunicorn settin
 or gunicorn.conf.py with --served). Both databases get N synthetic series.
 
 Figures:
-  list-N        GET /api/series?limit=20 with a token, requests/s from C keep-alive client
-                processes, over the floor's token + 20 rows (goal >= 0.8), N = 1,000 and 10,000;
+  list-N        GET /api/series?limit=20 with a token, requests/s from C keep-alive
+                connections of wrk (as bench/api_rps.py; ``--load python``: C Python client
+                processes, which take much of the 2 cores themselves and swing by +-30%),
+                over the floor's token + 20 rows (goal >= 0.8), N = 1,000 and 10,000;
                 ours and the floor alternate for R rounds, the median ratio is the figure
   filtered-N    modality + seriesDate range, sorted by seriesDate, with totalItems, over the
                 floor's /api/series/search?modality=CT (filter + COUNT) (goal >= 0.7), N = 10,000
@@ -30,7 +32,7 @@ import sys
 import time
 import urllib.parse
 
-from loadgen import run_clients
+from loadgen import run_clients, wrk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "bench")
@@ -170,13 +172,23 @@ def load(server, path, seconds, clients):
     return len(latencies) / seconds, statistics.median(latencies) * 1000
 
 
+def throughput(server, path, args):
+    """Requests/s of ``path``: from wrk (``--load wrk``, as bench/api_rps.py) or from
+    ``args.clients`` Python client processes (``--load python``)."""
+    if args.load == "wrk":
+        token = server.headers["Authorization"].split(" ", 1)[1]
+        return wrk(f"http://127.0.0.1:{server.port}{path}", token, int(args.seconds),
+                   args.clients)[0]
+    return load(server, path, args.seconds, args.clients)[0]
+
+
 def rounds_line(label, ours_server, ours_path, floor_server, floor_path, args, goal):
     """Alternate ours and the floor ``args.rounds`` times; print the median ratio (single
     runs of a few seconds swing by +-30% on a shared 2-core machine)."""
     ours, floor = [], []
     for _ in range(args.rounds):
-        ours.append(load(ours_server, ours_path, args.seconds, args.clients)[0])
-        floor.append(load(floor_server, floor_path, args.seconds, args.clients)[0])
+        ours.append(throughput(ours_server, ours_path, args))
+        floor.append(throughput(floor_server, floor_path, args))
     ratios = [o / f for o, f in zip(ours, floor)]
     print(f"{label:<14} ours {statistics.median(ours):8.1f} req/s   floor "
           f"{statistics.median(floor):8.1f} req/s   ratio median {statistics.median(ratios):5.2f} "
@@ -187,7 +199,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--perf", default="/tmp/perf-search", help="scratch directory")
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=4,
+                        help="wrk connections, or Python client processes with --load python")
+    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
+                        help="load generator of the requests/s figures (the p50 figure always "
+                             "comes from one Python client)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio")
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--big", type=int, default=100000, help="size for the p50 ratio (0: skip)")
@@ -198,7 +214,10 @@ def main():
     if args.served:
         GUNICORN_CONFIG = os.path.join(ROOT, "gunicorn.conf.py")
     os.makedirs(args.perf, exist_ok=True)
-    print(f"search benchmark, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        sys.exit("wrk is missing: apt-get install wrk (or use --load python)")
+    print(f"search benchmark, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+          f"requests/s from {args.load} ({args.clients} connections)", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     for n in sizes:
         ours, floor = start_ours(args.perf, n), start_floor(args.perf, n)
