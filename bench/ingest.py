@@ -14,6 +14,8 @@ Figures (ratios ours / Orthanc unless said):
   (floor)             beside them, the same uploads to ``bench/upload_floor.py``: a bare WSGI
                       app under the same gunicorn settings that only stores the body durably
                       (what gunicorn and the file work alone cost; no Flask, token, DB)
+  (flask)             and the same files to the shared floor app's naive ingest (Flask +
+                      Flask-SQLAlchemy + SQLite, fsync on), under the same gunicorn settings
   cli-small           ``flask --app app import-series`` from a folder: instances/s, shown
                       beside zip-small over HTTP
   rss                 peak RSS of gunicorn master + workers + worker process while ingesting
@@ -33,6 +35,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -332,24 +335,92 @@ class UploadFloor(Ours):
         self.server.wait(timeout=30)
 
 
-def bench_single(perf, data, small):
+class FlaskFloor(Orthanc):
+    """The shared floor app's naive ingest (``POST /instances`` of ../shared/bench/floor_app.py:
+    token check, pydicom header parse, file write with fsync (FLOOR_FSYNC=1, as Orthanc),
+    instance row, series upsert, commit) under the same gunicorn settings as ours: the
+    fastest a Flask + Flask-SQLAlchemy + SQLite ingest answers here. Posts raw bodies,
+    as to Orthanc."""
+
+    def __init__(self, perf):
+        folder = os.path.join(perf, "flask-floor")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        self.env = {**os.environ, "PERF": folder, "FLOOR_FSYNC": "1", "PYTHONPATH": SHARED}
+        subprocess.run([sys.executable, os.path.join(SHARED, "floor_app.py"), "init", "0"],
+                       cwd=SHARED, env=self.env, check=True, capture_output=True)
+        self.port = free_port()
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
+             "-b", f"127.0.0.1:{self.port}", "floor_app:app"], cwd=SHARED, env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/api/series-static")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the floor app did not start")
+
+    def post(self, body, conn=None):
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request("POST", "/instances", body=body, headers={"Authorization": "Bearer secret"})
+        res = conn.getresponse()
+        data = res.read()
+        if res.status != 200:
+            raise RuntimeError(f"floor app: {res.status} {data[:200]}")
+        return data
+
+    def single(self, files):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        start = time.perf_counter()
+        for name in files:
+            with open(name, "rb") as fh:
+                self.post(fh.read(), conn)
+        return time.perf_counter() - start
+
+    def stop(self):
+        self.server.terminate()
+        self.server.wait(timeout=30)
+
+
+def bench_single(perf, data, small, rounds):
+    """``rounds`` rounds, each on fresh storage: ours, Orthanc and the upload floor each get
+    the CT, then ``small`` small instances, one client; the figures are the medians of the
+    per-round ratios (one pass swings by +-25% on a shared 2-core machine, Orthanc too)."""
     ct = files_of(os.path.join(data, "ct200"))
     sm = files_of(os.path.join(data, "small10k"), small)
     megabytes = sum(os.path.getsize(f) for f in ct) / 1e6
-    ours, peer = fresh(perf)
-    floor = UploadFloor(perf)
-    try:
-        for system in (ours, peer, floor):
-            system.single(files_of(os.path.join(data, "extra9k"), 5))
-        floor_ct, floor_small = floor.single(ct), floor.single(sm)
-        peer_ct, peer_small = peer.single(ct), peer.single(sm)
-        report("single-ct", megabytes / ours.single(ct), megabytes / peer_ct, "MB/s", 1.0)
-        report("  floor-ct", megabytes / floor_ct, megabytes / peer_ct, "MB/s")
-        report("single-small", small / ours.single(sm), small / peer_small, "inst/s", 0.7)
-        report("  floor-small", small / floor_small, small / peer_small, "inst/s")
-    finally:
-        for system in (ours, peer, floor):
-            system.stop()
+    figures = {prefix + kind: [] for prefix in ("", "floor-", "flask-", "peer-")
+               for kind in ("ct", "small")}
+    for _ in range(rounds):
+        ours, peer = fresh(perf)
+        floor, flask_floor = UploadFloor(perf), FlaskFloor(perf)
+        systems = (ours, peer, floor, flask_floor)
+        try:
+            for system in systems:
+                system.single(files_of(os.path.join(data, "extra9k"), 5))
+            for prefix, system in (("floor-", floor), ("flask-", flask_floor), ("peer-", peer),
+                                   ("", ours)):
+                figures[prefix + "ct"].append(megabytes / system.single(ct))
+                figures[prefix + "small"].append(small / system.single(sm))
+        finally:
+            for system in systems:
+                system.stop()
+    median = statistics.median
+    for kind, unit, goal in (("ct", "MB/s", 1.0), ("small", "inst/s", 0.7)):
+        peer = figures["peer-" + kind]
+        for label, own, target in ((f"single-{kind}", figures[kind], goal),
+                                   (f"  floor-{kind}", figures["floor-" + kind], None),
+                                   (f"  flask-{kind}", figures["flask-" + kind], None)):
+            ratios = [o / p for o, p in zip(own, peer)]
+            line = (f"{label:<14} ours {median(own):9.1f} {unit:<12} orthanc {median(peer):9.1f} "
+                    f"{unit:<12} ratio median {median(ratios):5.2f} (rounds: "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)})")
+            print(line + (f"  (goal >= {target})" if target else ""), flush=True)
 
 
 def bench_cli(perf, data, small):
@@ -430,6 +501,7 @@ def main():
     parser.add_argument("--small", type=int, default=3000, help="small instances per test")
     parser.add_argument("--copies", type=int, default=10, help="CT copies in the big zip")
     parser.add_argument("--only", default="zip,single,cli,rss")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the single figures")
     args = parser.parse_args()
     os.makedirs(args.perf, exist_ok=True)
     data = ensure_data(args.perf)
@@ -438,7 +510,7 @@ def main():
     if "zip" in only:
         bench_zip(args.perf, data, args.small)
     if "single" in only:
-        bench_single(args.perf, data, min(args.small, 1000))
+        bench_single(args.perf, data, min(args.small, 1000), args.rounds)
     if "cli" in only:
         bench_cli(args.perf, data, args.small)
     if "rss" in only:
