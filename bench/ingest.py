@@ -388,24 +388,31 @@ class FlaskFloor(Orthanc):
 
 
 def bench_single(perf, data, small, rounds):
-    """``rounds`` rounds, each on fresh storage: ours, Orthanc and the upload floor each get
-    the CT, then ``small`` small instances, one client; the figures are the medians of the
-    per-round ratios (one pass swings by +-25% on a shared 2-core machine, Orthanc too)."""
+    """``rounds`` rounds, each on fresh storage: ours, Orthanc and the two floors each get
+    the CT, then ``small`` small instances, one client, after a ``sync`` and in an order
+    that rotates between rounds; the figures are the medians of the per-round ratios (one
+    pass swings by +-25% on a shared 2-core machine, Orthanc too)."""
     ct = files_of(os.path.join(data, "ct200"))
     sm = files_of(os.path.join(data, "small10k"), small)
     megabytes = sum(os.path.getsize(f) for f in ct) / 1e6
     figures = {prefix + kind: [] for prefix in ("", "floor-", "flask-", "peer-")
                for kind in ("ct", "small")}
-    for _ in range(rounds):
+    for index in range(rounds):
         ours, peer = fresh(perf)
         floor, flask_floor = UploadFloor(perf), FlaskFloor(perf)
         systems = (ours, peer, floor, flask_floor)
         try:
             for system in systems:
                 system.single(files_of(os.path.join(data, "extra9k"), 5))
-            for prefix, system in (("floor-", floor), ("flask-", flask_floor), ("peer-", peer),
-                                   ("", ours)):
+            # Every pass starts with no dirty data waiting for writeback (the fsyncs of a
+            # pass would otherwise also wait for the files of the passes before it), and
+            # the order of the systems rotates from round to round.
+            order = [("floor-", floor), ("flask-", flask_floor), ("peer-", peer), ("", ours)]
+            order = order[index % len(order):] + order[:index % len(order)]
+            for prefix, system in order:
+                os.sync()
                 figures[prefix + "ct"].append(megabytes / system.single(ct))
+                os.sync()
                 figures[prefix + "small"].append(small / system.single(sm))
         finally:
             for system in systems:
