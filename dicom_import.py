@@ -657,6 +657,8 @@ def make_durable(folder, paths):
 
 
 _SYNC_POOL = []  # the fsync threads of early syncs, started on first use
+# A forked child has none of its parent's threads: it starts a pool of its own.
+os.register_at_fork(after_in_child=_SYNC_POOL.clear)
 
 
 class EarlySync:

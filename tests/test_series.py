@@ -465,3 +465,23 @@ def test_delete_refused_while_a_job_or_case_uses_it(app, client, auth_headers, d
     assert os.path.exists(storage_path(app, HEAD_FIRST, 1))
     assert os.path.exists(storage_path(app, FOOT_FIRST, 1))
     assert leftovers(app)[1] == 2
+
+
+def test_early_sync_works_in_a_forked_child(tmp_path):
+    """EarlySync's thread pool does not survive a fork: a child (a job process, say) that
+    syncs a file gets a pool of its own instead of waiting forever on its parent's."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    dicom_import.EarlySync(str(path)).wait()  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its sync completes
+        code = 1
+        try:
+            early = dicom_import.EarlySync(str(path))
+            early.future.result(timeout=10)
+            early.wait()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
