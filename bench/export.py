@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.loadgen import wait_up  # noqa: E402
 from bench.synthetic_ct import write_ct_series  # noqa: E402
 
 SERIES_UID = "1.2.826.0.1.3680043.10.999.300"
@@ -110,19 +111,6 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_http(port, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/api/status")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 class SseListener(threading.Thread):
@@ -231,7 +219,7 @@ def main():
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         processes.append(worker)
-        wait_http(port)
+        wait_up(port, "/api/status")
         time.sleep(2)  # the worker has imported everything
         rss_idle = vm_value(worker.pid, "VmRSS")
         listener = SseListener(port, token)

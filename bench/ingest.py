@@ -43,6 +43,8 @@ import time
 import uuid
 import zipfile
 
+from loadgen import wait_up
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "bench")
 ORTHANC_AUTH = "Basic " + __import__("base64").b64encode(b"bench:bench").decode()
@@ -140,14 +142,7 @@ class Ours:
             cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.worker = subprocess.Popen(flask + ["worker"], cwd=ROOT, env=self.env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/api/status")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("our server did not start")
+        wait_up(self.port, "/api/status")
 
     def headers(self, extra=None):
         return {"Authorization": f"Bearer {self.token}", **(extra or {})}
@@ -239,6 +234,9 @@ class Ours:
 
 
 class Orthanc:
+    port = 8042
+    auth = ORTHANC_AUTH
+
     def __init__(self, perf):
         self.env = {**os.environ, "PERF": perf}
         subprocess.run(["bash", os.path.join(SHARED, "orthanc.sh"), "start"], env=self.env,
@@ -246,14 +244,14 @@ class Orthanc:
 
     def post(self, body, conn=None):
         own = conn is None
-        conn = conn or http.client.HTTPConnection("127.0.0.1", 8042, timeout=600)
-        conn.request("POST", "/instances", body=body, headers={"Authorization": ORTHANC_AUTH})
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request("POST", "/instances", body=body, headers={"Authorization": self.auth})
         res = conn.getresponse()
         data = res.read()
         if own:
             conn.close()
         if res.status != 200:
-            raise RuntimeError(f"orthanc: {res.status} {data[:200]}")
+            raise RuntimeError(f"{type(self).__name__}: {res.status} {data[:200]}")
         return data
 
     def upload_zip(self, path):
@@ -263,7 +261,7 @@ class Orthanc:
         return time.perf_counter() - start
 
     def single(self, files):
-        conn = http.client.HTTPConnection("127.0.0.1", 8042, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         start = time.perf_counter()
         for name in files:
             with open(name, "rb") as fh:
@@ -321,14 +319,7 @@ class UploadFloor(Ours):
              "bench.upload_floor:app"], cwd=ROOT, env=self.env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.worker = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("the upload floor did not start")
+        wait_up(self.port, "/")
 
     def stop(self):
         self.server.terminate()
@@ -340,7 +331,8 @@ class FlaskFloor(Orthanc):
     token check, pydicom header parse, file write with fsync (FLOOR_FSYNC=1, as Orthanc),
     instance row, series upsert, commit) under the same gunicorn settings as ours: the
     fastest a Flask + Flask-SQLAlchemy + SQLite ingest answers here. Posts raw bodies,
-    as to Orthanc."""
+    as to Orthanc (whose client it shares)."""
+    auth = "Bearer secret"
 
     def __init__(self, perf):
         folder = os.path.join(perf, "flask-floor")
@@ -354,33 +346,7 @@ class FlaskFloor(Orthanc):
             [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
              "-b", f"127.0.0.1:{self.port}", "floor_app:app"], cwd=SHARED, env=self.env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/api/series-static")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("the floor app did not start")
-
-    def post(self, body, conn=None):
-        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        conn.request("POST", "/instances", body=body, headers={"Authorization": "Bearer secret"})
-        res = conn.getresponse()
-        data = res.read()
-        if res.status != 200:
-            raise RuntimeError(f"floor app: {res.status} {data[:200]}")
-        return data
-
-    def single(self, files):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        start = time.perf_counter()
-        for name in files:
-            with open(name, "rb") as fh:
-                self.post(fh.read(), conn)
-        return time.perf_counter() - start
+        wait_up(self.port, "/api/series-static")
 
     def stop(self):
         self.server.terminate()

@@ -1,10 +1,13 @@
 """Load generators of the benchmarks: client processes running a Python ``target`` for
 about ``seconds`` (``run_clients``), or ``wrk`` (Debian package wrk), a C load generator
-whose own CPU use on a 2-core machine is a fraction of Python clients' (``wrk``)."""
+whose own CPU use on a 2-core machine is a fraction of Python clients' (``wrk``); and
+``wait_up``, which waits for a server the benchmark started."""
+import http.client
 import multiprocessing
 import re
 import subprocess
 import sys
+import time
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -34,3 +37,18 @@ def wrk(url, token, seconds, connections):
     p50, p99 = (float(v) * UNITS[u] for v, u in
                 (re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out).groups() for p in (50, 99)))
     return rps, p50, p99
+
+
+def wait_up(port, path, headers=None, timeout=60):
+    """Return once ``GET path`` on 127.0.0.1:``port`` answers 200; RuntimeError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path, headers=headers or {})
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the server on port {port} did not start")
