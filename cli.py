@@ -279,19 +279,20 @@ def register(app):
     @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
     def import_series_command(domain, recursive, paths):
         """Import DICOM files, folders, zip and tar.gz archives into DOMAIN."""
-        import dicom_import
+        from dicom import importer as dicom_importer
+        from dicom.errors import DicomImportError
         param = db.session.get(ServerParam, "domains")
         if domain not in (param.value if param is not None else []):
             raise click.ClickException(f'The domain "{domain}" is not in the server '
                                        'parameter "domains".')
-        files = dicom_import.collect_paths(paths, recursive)
-        importer = dicom_import.Importer(domain)
+        files = dicom_importer.collect_paths(paths, recursive)
+        importer = dicom_importer.Importer(domain)
         try:
             with click.progressbar(files, label="Importing", show_pos=True) as bar:
                 for path in bar:
                     importer.import_file(path)
             entities, _files, skipped, series = importer.finish()
-        except dicom_import.DicomImportError as exc:
+        except DicomImportError as exc:
             raise click.ClickException(f"{exc} (after {importer.entities} imported)") from None
         finally:
             importer.close()
@@ -303,25 +304,26 @@ def register(app):
         """Print, as JSON, what the importer extracts from a DICOM file."""
         import json
 
-        import dicom_import
+        from dicom import instance
+        from dicom.errors import DicomImportError
         try:
-            record = dicom_import.read_record(path)
-        except dicom_import.DicomImportError as exc:
+            record = instance.read_record(path)
+        except DicomImportError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(json.dumps(dicom_import.record_json(record), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(instance.record_json(record), indent=2, ensure_ascii=False))
 
     @app.cli.command("refresh-series-parameters")
     @click.option("--max-date", "--maxDate", "max_date", default=None,
                   help="Only series created at or before this ISO date.")
     def refresh_series_parameters_command(max_date):
         """Re-read the parameters of stored series from their first image (updatedAt kept)."""
-        import dicom_import
+        from dicom import importer
         from models import parse_iso
         try:
             limit = parse_iso(max_date) if max_date else None
         except ValueError:
             raise click.ClickException(f"Invalid date {max_date!r}.") from None
-        refreshed, failed = dicom_import.refresh_parameters(limit)
+        refreshed, failed = importer.refresh_parameters(limit)
         click.echo(f"Refreshed {refreshed} series, {failed} failed.")
 
     @app.cli.command("export-case")

@@ -23,9 +23,8 @@ import blobs
 import clinical_cases
 import series_access
 import storage
-import tag_dump
 import tasks
-import volumes
+from dicom import tag_dump, volumes
 from errors import ApiError
 from models import ClinicalCase, Series, db, iso
 

@@ -35,7 +35,7 @@ def prepare_input(series, in_dir, job_log):
 
     ``requiredPrivateTags`` is not passed on, as in the reference (quirk 29).
     """
-    import volumes  # the volume module of the tasks issue
+    from dicom import volumes  # the volume module of the tasks issue
     os.makedirs(in_dir, exist_ok=True)
     for index, entry in enumerate(series):
         pvd = entry["partialVolumeDescriptor"]

@@ -1,4 +1,5 @@
-"""Series as a domain object: image range strings, partial volume descriptors, orientation.
+"""Series as a domain object: partial volume descriptors, orientation, deletion; the image
+range strings (``dicom.image_ranges``) are offered here too.
 
 Used by the series routes, cases, plug-in jobs and exports. The ``images`` string of a
 series is CIRCUS's multi-integer-range form (``"1-3,5,8-10"``); a partial volume
@@ -7,24 +8,21 @@ descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
 import json
 import logging
 import os
-import re
 
 import pydicom
 import sqlalchemy as sa
 from pydicom.errors import InvalidDicomError
 
 import storage
+from dicom import volumes
+from dicom.image_ranges import (  # noqa: F401  (the series' API, used by routes and domain)
+    ImagesStringError, has_image, images_string, merge_images, parse_images, parse_ranges)
 from errors import ApiError, not_found
 from models import CaseSeries, PluginJobSeries, Series, db, new_ulid, get_or_404
 
 log = logging.getLogger(__name__)
 
-RANGE_ITEM_RE = re.compile(r"^(0|[1-9]\d*)(?:-(0|[1-9]\d*))?$")
 POSITION_TAG = "ImagePositionPatient"
-
-
-class ImagesStringError(ValueError):
-    """Raised when an ``images`` string does not follow the multi-integer-range grammar."""
 
 
 class OrientationError(ApiError):
@@ -35,80 +33,6 @@ class OrientationError(ApiError):
 
     def __init__(self, message):
         super().__init__(500, message)
-
-
-# --- images range strings ---------------------------------------------------------------
-
-def parse_ranges(text):
-    """The ``(first, last)`` pairs of an images string, sorted and merged.
-
-    Parameters
-    ----------
-    text : str
-        ``"1-3,5"``; an empty string means no image.
-
-    Raises
-    ------
-    ImagesStringError
-        When ``text`` does not follow ``^(int|int-int)(,(int|int-int))*$``.
-    """
-    if text is None or text == "":
-        return []
-    pairs = []
-    for item in text.split(","):
-        match = RANGE_ITEM_RE.match(item)
-        if match is None:
-            raise ImagesStringError(f"Invalid images string: {text!r}")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        pairs.append((min(first, last), max(first, last)))
-    return _merged(pairs)
-
-
-def _merged(pairs):
-    merged = []
-    for first, last in sorted(pairs):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return merged
-
-
-def parse_images(text):
-    """The instance numbers of an images string, as a sorted list of ints."""
-    return [n for first, last in parse_ranges(text) for n in range(first, last + 1)]
-
-
-def images_string(numbers):
-    """The normalised images string of a collection of instance numbers (``"1-3,5"``)."""
-    items = []
-    run_start = previous = None
-    for number in sorted(set(int(n) for n in numbers)):
-        if previous is not None and number == previous + 1:
-            previous = number
-            continue
-        if run_start is not None:
-            items.append(_range_item(run_start, previous))
-        run_start = previous = number
-    if run_start is not None:
-        items.append(_range_item(run_start, previous))
-    return ",".join(items)
-
-
-def _range_item(first, last):
-    return str(first) if first == last else f"{first}-{last}"
-
-
-def merge_images(text, numbers):
-    """The images string ``text`` with ``numbers`` added (``"1-3,5"`` + [4] -> ``"1-5"``)."""
-    pairs = parse_ranges(text) + [(int(n), int(n)) for n in numbers]
-    return ",".join(_range_item(a, b) for a, b in _merged(pairs))
-
-
-def has_image(text, number):
-    """Whether instance ``number`` is in the images string ``text``."""
-    return any(first <= number <= last for first, last in parse_ranges(text))
 
 
 # --- partial volume descriptors --------------------------------------------------------
@@ -147,9 +71,7 @@ def validate_pvd(pvd):
 
 def pvd_images(pvd):
     """The image numbers selected by a valid PVD, in its order (start, start+delta, ..., end)."""
-    validate_pvd(pvd)
-    step = pvd["delta"]
-    return list(range(pvd["start"], pvd["end"] + (1 if step > 0 else -1), step))
+    return volumes.pvd_images(validate_pvd(pvd))
 
 
 def check_pvd_range(series, pvd):

@@ -78,7 +78,7 @@ def run_pending(wid="inline", max_units=10000):
 
 def _load_handlers():
     """Import the modules whose handlers and sources register themselves on import."""
-    import dicom_import  # noqa: F401  (series_import)
+    import dicom.importer  # noqa: F401  (series_import)
     import exports  # noqa: F401  (export-mhd, export-cs-volume)
     import plugin_worker  # noqa: F401  (run_plugin_jobs)
 

@@ -5,12 +5,13 @@ import re
 from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-import dicom_import
 import multipart_spool
 import series_access
 import storage
 import tasks
 from auth import can_view_personal_info, require_series_domain
+from dicom import importer
+from dicom.errors import DicomImportError, NotDicomError
 from errors import ApiError
 from models import Series, ServerParam, db, new_ulid
 from search import search
@@ -157,7 +158,7 @@ def upload_series(domain):
         paths = _spool_upload(spool)
         if not paths:
             raise ApiError(400, "No file was uploaded.")
-        task = tasks.create_task(g.user.user_email, dicom_import.TASK_NAME, kind="series_import",
+        task = tasks.create_task(g.user.user_email, importer.TASK_NAME, kind="series_import",
                                  params={"domain": domain,
                                          "files": [os.path.basename(p) for p in paths]})
         task.task_id = task_id
@@ -173,20 +174,22 @@ def upload_series(domain):
 def upload_single(domain):
     """Import one DICOM file synchronously."""
     _check_upload_domain(domain)
-    # Spooled straight into the batch's staging area: the file is renamed into place.
-    with dicom_import.ImportBatch(domain) as batch:
-        paths = _spool_upload(batch.dir, prefix=batch.prefix + "-upload-")
-        if len(paths) != 1:
-            raise ApiError(400, "Only one file is allowed.")
-        try:
-            batch.add_staged(paths[0], sync_now=True)  # flushed while the rest runs
-            batch.commit()
-        except dicom_import.NotDicomError:
-            raise ApiError(400, "The file is not a DICOM file. You cannot use archived files.") from None
-        except dicom_import.DicomImportError as exc:
-            raise ApiError(exc.status, "Error while importing a DICOM file. "
-                           f"This may mean the uploaded file is broken. ({exc})") from None
+    try:
+        importer.import_single(domain, _spool_one)
+    except NotDicomError:
+        raise ApiError(400, "The file is not a DICOM file. You cannot use archived files.") from None
+    except DicomImportError as exc:
+        raise ApiError(exc.status, "Error while importing a DICOM file. "
+                       f"This may mean the uploaded file is broken. ({exc})") from None
     return "", 201
+
+
+def _spool_one(folder, prefix):
+    """Spool the upload of /single straight into the import's staging ``folder``."""
+    paths = _spool_upload(folder, prefix=prefix)
+    if len(paths) != 1:
+        raise ApiError(400, "Only one file is allowed.")
+    return paths[0]
 
 
 @bp.get("/<series_uid>")

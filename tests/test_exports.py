@@ -12,8 +12,8 @@ import pytest
 
 import exports
 import storage
-import volumes
 import worker
+from dicom import volumes
 from models import CaseRevision, ClinicalCase, Task, db, new_ulid
 from tests.factories import make_group, make_project, make_token, make_user
 from tests.sample_series import store_series

@@ -7,9 +7,9 @@ import zipfile
 import pytest
 import sqlalchemy as sa
 
-import dicom_import
 import storage
 import worker
+from dicom.batch import EarlySync, ImportBatch
 from models import (CaseSeries, ClinicalCase, PluginJob, PluginJobSeries, Series, ServerParam,
                     Task, db)
 from tests.dicom_factory import dicom_bytes
@@ -35,7 +35,7 @@ def imported(app, dicom_dir):
     """The shared head-first and foot-first series, imported into "default"."""
     with app.app_context():
         for folder in ("head-first", "foot-first"):
-            with dicom_import.ImportBatch("default") as batch:
+            with ImportBatch("default") as batch:
                 for path in sorted((dicom_dir / folder).glob("*.dcm")):
                     batch.add_file(str(path))
                 batch.commit()
@@ -234,7 +234,7 @@ def test_single_into_another_domain_of_an_existing_series(app, client, auth_head
 
 
 def test_single_closes_the_early_sync_of_every_outcome(app, client, auth_headers, other_domain):
-    """/single starts the fsync of its file at once (dicom_import.EarlySync): whatever the
+    """/single starts the fsync of its file at once (dicom.batch.EarlySync): whatever the
     outcome (new, replaced, broken, refused for its domain), that file is closed again."""
     def open_files():
         return len(os.listdir("/proc/self/fd"))
@@ -472,12 +472,12 @@ def test_early_sync_works_in_a_forked_child(tmp_path):
     syncs a file gets a pool of its own instead of waiting forever on its parent's."""
     path = tmp_path / "f"
     path.write_bytes(b"x")
-    dicom_import.EarlySync(str(path)).wait()  # the parent's pool exists now
+    EarlySync(str(path)).wait()  # the parent's pool exists now
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if its sync completes
         code = 1
         try:
-            early = dicom_import.EarlySync(str(path))
+            early = EarlySync(str(path))
             early.future.result(timeout=10)
             early.wait()
             code = 0

@@ -8,8 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-import tag_dump
-import volumes
+from dicom import tag_dump, volumes
 from tests.sample_series import store_series
 
 MHD_HEAD_FIRST = ("ObjectType = Image\nNDims = 3\nDimSize = 320 260 10\n"

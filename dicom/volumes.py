@@ -29,7 +29,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 import storage
-import tag_dump
+from dicom import tag_dump
+from dicom.elements import (FIRST_PIXEL_TAG, IMPLICIT_LE, KNOWN_VRS, NATIVE_LITTLE_ENDIAN,
+                            PIXEL_DATA, ElementError, Reader, js_string, split_meta)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ PIXEL_FORMATS = {
     "rgba8": ("MET_UCHAR", np.dtype("u1"), 4),  # 4 channels, see mhd_header
 }
 RGB_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
-NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 READ_AHEAD = 3  # slices decoded ahead of the consumer
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the pages at once
 _FLOAT_RE = re.compile(r"^[+-]?(Infinity|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)")
@@ -112,7 +113,7 @@ def _text(ds, tag):
         return None
     value = elem.value
     if isinstance(value, bytes):
-        return tag_dump._js_string(value)
+        return js_string(value)
     if value is None:
         return None
     if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
@@ -155,7 +156,7 @@ def decode_slice(number, data, where=None):
             if array is None:  # pydicom's general path needs the pixel data element
                 ds = _read_full(data, where)
         elif "PixelData" in ds:
-            array = _native_pixels(ds, ds.get_item(0x7FE00010).value, pixel_format, rows,
+            array = _native_pixels(ds, ds.get_item(PIXEL_DATA).value, pixel_format, rows,
                                    columns)
         if array is None:
             array = ds.pixel_array
@@ -231,8 +232,6 @@ def _pixel_span(ds, data, pos):
 _US_KEYWORDS = {"SamplesPerPixel": 0x00280002, "Rows": 0x00280010, "Columns": 0x00280011,
                 "BitsAllocated": 0x00280100, "BitsStored": 0x00280101, "HighBit": 0x00280102,
                 "PixelRepresentation": 0x00280103}
-_KNOWN_VRS = frozenset(("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS "
-                        "ST SV TM UC UI UL UN UR US UT UV").split())
 
 
 class _RawValue:
@@ -252,7 +251,7 @@ class _RawMeta:
 
 class _RawHeader:
     """The top-level elements of a native little-endian Part 10 file, walked over the bytes
-    (``tag_dump``'s reader), answering the few ``Dataset`` calls decoding makes exactly as
+    (``elements.Reader``), answering the few ``Dataset`` calls decoding makes exactly as
     pydicom would: ``get_item`` gives the raw bytes (as pydicom does for an element not yet
     read, which is what ``_text`` relies on) and ``get`` converts the US keywords and
     Number of Frames. ``parse`` gives None for anything unusual (another syntax, an odd VR
@@ -266,23 +265,23 @@ class _RawHeader:
     @classmethod
     def parse(cls, data):
         try:
-            meta_end, syntax = tag_dump._split_meta(data)
+            meta_end, syntax = split_meta(data)
             if syntax not in NATIVE_LITTLE_ENDIAN:
                 return None
-            explicit = syntax != tag_dump.IMPLICIT_LE
-            reader = tag_dump._Reader(data, little_endian=True, explicit=explicit)
+            explicit = syntax != IMPLICIT_LE
+            reader = Reader(data, little_endian=True, explicit=explicit)
             elements = {}
             for tag, vr, offset, length in reader.elements(meta_end, None, explicit):
-                if explicit and vr not in _KNOWN_VRS:
+                if explicit and vr not in KNOWN_VRS:
                     return None  # not explicit VR after all: pydicom guesses better
-                if tag >= 0x7FE00008:
-                    if tag != 0x7FE00010 or vr not in (None, "OB", "OW") \
+                if tag >= FIRST_PIXEL_TAG:
+                    if tag != PIXEL_DATA or vr not in (None, "OB", "OW") \
                             or offset + length > len(data):
                         return None
                     header = cls(syntax, elements, (offset, length))
                     return header if header._usual() else None
                 elements[tag] = (vr, data[offset:offset + length])
-        except tag_dump.TagDumpError:
+        except ElementError:
             return None
         return None  # no pixel data: pydicom says so
 

@@ -4,7 +4,7 @@ CIRCUS builds this dump from the raw elements of each file, as the JavaScript
 ``dicom-parser`` sees them, so the rules depend on the VR *written in the file*: with
 Implicit VR Little Endian there is none and every element (sequences and pixel data
 included) falls under the default string rule. pydicom converts values by dictionary VR,
-so this module walks the bytes itself.
+so this module walks the bytes itself (``elements.Reader``).
 
 ``dump_file(data)`` gives one slice's ``{"gggg,eeee": value}`` in file order;
 ``common_and_unique(dumps)`` splits a volume's dumps; ``to_json`` serialises like
@@ -19,6 +19,10 @@ from decimal import Decimal
 
 from pydicom import charset as dicom_charset
 
+from dicom.elements import (DEFLATED, DICM_OFFSET, EXPLICIT_BE, IMPLICIT_LE, ITEM_END,
+                            JS_WHITESPACE, SPECIFIC_CHARACTER_SET, ElementError, Reader,
+                            js_string, split_meta)
+
 log = logging.getLogger(__name__)
 
 # Always removed, at every nesting level (patient, institution and physician tags).
@@ -26,19 +30,11 @@ PERSONAL_TAGS = frozenset(int(t, 16) for t in (
     "00080080", "00080081", "00080082", "00081040", "00081048", "00081049", "00081050",
     "00081052", "00081060", "00081062", "00081070", "00081072", "00100010", "00100020",
     "00100030", "00321031", "00321032", "00321033", "00320030"))
-LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                   b"UR", b"UT", b"UV"}
 OMITTED_VRS = {"OB", "OW", "OD", "OF"}
 TEXT_VRS = {"SH", "LO", "ST", "LT", "PN", "UT"}
 NUMERIC_VRS = {"FL": ("f", 4), "FD": ("d", 8), "UL": ("I", 4), "SL": ("i", 4),
                "US": ("H", 2), "SS": ("h", 2)}
-UNDEFINED = 0xFFFFFFFF
-ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = "1.2.840.10008.1.2.1.99"
 UN_MAX_BYTES = 5 * 1024 * 1024
-JS_WHITESPACE = " \t\n\v\f\r\xa0"  # what JavaScript's trim() removes in the Latin-1 range
 
 # Specific Character Set term (its tail) -> Python codec, as CIRCUS maps them.
 CHARSETS = {"IR 6": "utf-8", "IR 13": "shift_jis", "IR 100": "latin_1", "IR 101": "iso8859_2",
@@ -48,7 +44,7 @@ CHARSETS = {"IR 6": "utf-8", "IR 13": "shift_jis", "IR 100": "latin_1", "IR 101"
             "IR 166": "tis_620", "IR 87": "iso2022_jp", "IR 149": "euc_kr"}
 
 
-class TagDumpError(ValueError):
+class TagDumpError(ElementError):
     """Raised when a file's elements cannot be walked (truncated or not DICOM)."""
 
 
@@ -82,16 +78,6 @@ def _decode_single(raw, codec):
     return raw.decode(codec, errors="replace")
 
 
-def _js_string(raw):
-    """dicom-parser's ``string()``: Latin-1 up to the first NUL, trimmed; None when empty."""
-    if not raw:
-        return None
-    end = raw.find(b"\x00")
-    if end >= 0:
-        raw = raw[:end]
-    return raw.decode("latin_1").strip(JS_WHITESPACE)
-
-
 def _stringify_un(raw, tag):
     if len(raw) > UN_MAX_BYTES:
         raise TagDumpError(f"Data of the private tag {tag:08x} is too large")
@@ -100,101 +86,7 @@ def _stringify_un(raw, tag):
     return "data:application/octet-stream;base64," + base64.b64encode(raw).decode("ascii")
 
 
-# --- the element walker -------------------------------------------------------------------
-
-# (tag, 32-bit length, 16-bit length) readers per byte order, compiled once
-_STRUCTS = {p: (struct.Struct(p + "HH"), struct.Struct(p + "I"), struct.Struct(p + "H"))
-            for p in "<>"}
-
-
-class _Reader:
-    """Walks the elements of one (sub-)dataset in a byte buffer."""
-
-    def __init__(self, data, little_endian=True, explicit=True):
-        self.data = data
-        self.prefix = "<" if little_endian else ">"
-        self.explicit = explicit
-        self._tag, self._u32, self._u16 = _STRUCTS[self.prefix]
-
-    def _unpack(self, fmt, pos):
-        try:
-            return struct.unpack_from(self.prefix + fmt, self.data, pos)
-        except struct.error:
-            raise TagDumpError("The DICOM file is truncated.") from None
-
-    def header(self, pos, explicit=None):
-        """(tag, vr or None, length, value offset) of the element at ``pos``."""
-        explicit = self.explicit if explicit is None else explicit
-        data = self.data
-        try:
-            group, elem = self._tag.unpack_from(data, pos)
-            tag = (group << 16) | elem
-            if tag in (ITEM, ITEM_END, SEQUENCE_END) or not explicit:
-                return tag, None, self._u32.unpack_from(data, pos + 4)[0], pos + 8
-            vr = data[pos + 4:pos + 6]
-            if vr in LONG_LENGTH_VRS:
-                return tag, vr.decode("ascii"), self._u32.unpack_from(data, pos + 8)[0], pos + 12
-            return (tag, vr.decode("ascii", errors="replace"),
-                    self._u16.unpack_from(data, pos + 6)[0], pos + 8)
-        except struct.error:
-            raise TagDumpError("The DICOM file is truncated.") from None
-
-    def skip_items(self, pos, explicit):
-        """The offset just after a sequence of items ended by a sequence delimiter."""
-        while True:
-            tag, _vr, length, start = self.header(pos, explicit=False)
-            if tag == SEQUENCE_END:
-                return start
-            if tag != ITEM:
-                raise TagDumpError("Malformed sequence.")
-            if length == UNDEFINED:
-                pos = self.skip_dataset(start, explicit)
-            else:
-                pos = start + length
-
-    def skip_dataset(self, pos, explicit):
-        """The offset just after an undefined-length item (after its delimiter)."""
-        while True:
-            tag, vr, length, start = self.header(pos, explicit)
-            if tag == ITEM_END:
-                return start
-            pos = self._end_of_value(tag, vr, length, start, explicit)
-
-    def _end_of_value(self, tag, vr, length, start, explicit):
-        if length != UNDEFINED:
-            return start + length
-        if vr == "UN":  # an undefined-length UN is an implicit-VR sequence
-            return self.skip_items(start, False)
-        return self.skip_items(start, explicit)
-
-    def items(self, start, length, explicit):
-        """(offset, length) of each item of a sequence value."""
-        end = None if length == UNDEFINED else start + length
-        pos, found = start, []
-        while end is None or pos < end:
-            tag, _vr, item_length, item_start = self.header(pos, explicit=False)
-            if tag == SEQUENCE_END:
-                break
-            if tag != ITEM:
-                raise TagDumpError("Malformed sequence.")
-            if item_length == UNDEFINED:
-                pos = self.skip_dataset(item_start, explicit)
-                found.append((item_start, None))
-            else:
-                pos = item_start + item_length
-                found.append((item_start, item_length))
-        return found
-
-    def elements(self, start, end, explicit):
-        """Yield (tag, vr, value offset, value length) until ``end`` or an item delimiter."""
-        pos = start
-        while pos < (len(self.data) if end is None else end):
-            tag, vr, length, value = self.header(pos, explicit)
-            if tag == ITEM_END:
-                return
-            pos = self._end_of_value(tag, vr, length, value, explicit)
-            yield tag, vr, value, (pos - value)
-
+# --- the dump -----------------------------------------------------------------------------
 
 class _Dumper:
     def __init__(self, reader, decode, private_tags=()):
@@ -228,7 +120,7 @@ class _Dumper:
         if vr == "AT":
             if length < 4:
                 return None
-            group, elem = self.reader._unpack("HH", offset)
+            group, elem = self.reader.unpack("HH", offset)
             return f"0x{group:04x}{elem:04x}"
         if vr in NUMERIC_VRS:
             fmt, size = NUMERIC_VRS[vr]
@@ -239,32 +131,25 @@ class _Dumper:
             return _stringify_un(data[offset:offset + length], tag)
         if vr in TEXT_VRS:
             return self.decode(data[offset:offset + length], vr)
-        # _js_string without copying what follows the first NUL (implicit VR pixel data)
+        # js_string without copying what follows the first NUL (implicit VR pixel data)
         end = data.find(b"\x00", offset, offset + length)
         if end >= 0:
             return data[offset:end].decode("latin_1").strip(JS_WHITESPACE)
-        return _js_string(data[offset:offset + length])
-
-
-def _split_meta(data):
-    """(meta elements end, transfer syntax UID) of a Part 10 file; (0, None) without DICM."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        return 0, None
-    reader = _Reader(data)
-    pos, syntax = 132, None
-    while pos + 8 <= len(data):
-        tag, vr, length, value = reader.header(pos, explicit=True)
-        if tag >> 16 != 0x0002:
-            break
-        if tag == 0x00020010:
-            syntax = _js_string(data[value:value + length])
-        pos = value + length
-    return pos, syntax
+        return js_string(data[offset:offset + length])
 
 
 def dump_file(data, private_tags=()):
     """The anonymised tag dump of one DICOM file (bytes), as an ordered dict."""
-    meta_end, syntax = _split_meta(data)
+    try:
+        return _dump_file(data, private_tags)
+    except TagDumpError:
+        raise
+    except ElementError as exc:
+        raise TagDumpError(str(exc)) from None
+
+
+def _dump_file(data, private_tags):
+    meta_end, syntax = split_meta(data)
     explicit = syntax != IMPLICIT_LE if syntax else _guess_explicit(data, meta_end)
     little = syntax != EXPLICIT_BE
     body = data
@@ -273,11 +158,12 @@ def dump_file(data, private_tags=()):
             body = data[:meta_end] + zlib.decompress(data[meta_end:], -15)
         except zlib.error:
             raise TagDumpError("The deflated dataset cannot be inflated.") from None
-    reader = _Reader(body, little_endian=little, explicit=explicit)
+    reader = Reader(body, little_endian=little, explicit=explicit)
     decode = _decoder(_find_charset(reader, meta_end, explicit))
     out = {}
     if meta_end:
-        out.update(_Dumper(_Reader(body), decode, private_tags).dataset(132, meta_end, True))
+        meta = _Dumper(Reader(body), decode, private_tags)
+        out.update(meta.dataset(DICM_OFFSET + 4, meta_end, True))
     out.update(_Dumper(reader, decode, private_tags).dataset(meta_end, None, explicit))
     return out
 
@@ -290,9 +176,9 @@ def _guess_explicit(data, pos):
 
 def _find_charset(reader, start, explicit):
     for tag, vr, offset, length in reader.elements(start, None, explicit):
-        if tag == 0x00080005:
-            return _js_string(reader.data[offset:offset + length])
-        if tag > 0x00080005:
+        if tag == SPECIFIC_CHARACTER_SET:
+            return js_string(reader.data[offset:offset + length])
+        if tag > SPECIFIC_CHARACTER_SET:
             break
     return None
 

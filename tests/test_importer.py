@@ -1,4 +1,4 @@
-"""dicom_import: the record of 3.2.1, batches, archives and their failure modes."""
+"""dicom.importer and what it builds on: the 3.2.1 record, batches, archives, failures."""
 import io
 import os
 import shutil
@@ -9,8 +9,10 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-import dicom_import as di
 import storage
+from dicom import batch as dicom_batch, errors, instance
+from dicom.batch import ImportBatch
+from dicom.importer import Importer, collect_paths, refresh_parameters
 from models import Series, db
 from tests.dicom_factory import dicom_bytes, make_dataset, write_dicom
 
@@ -37,12 +39,12 @@ def series_rows():
 
 def record_of(**kwargs):
     data = dicom_bytes(**kwargs)
-    return di.extract_record(di.read_dataset(io.BytesIO(data), len(data)), 0)
+    return instance.extract_record(instance.read_dataset(io.BytesIO(data), len(data)), 0)
 
 
 def read(path):
     with open(path, "rb") as fh:
-        return di.extract_record(di.read_dataset(fh, os.path.getsize(path)), 0)
+        return instance.extract_record(instance.read_dataset(fh, os.path.getsize(path)), 0)
 
 
 # --- the record ---------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def test_patient_name_decoded_with_character_set():
 
 
 def test_unknown_character_set_fails():
-    with pytest.raises(di.InvalidInstanceError, match="Could not find a encoding ISO_IR 999"):
+    with pytest.raises(errors.InvalidInstanceError, match="Could not find a encoding ISO_IR 999"):
         record_of(SpecificCharacterSet="ISO_IR 999")
 
 
@@ -111,7 +113,7 @@ def test_series_date(tags, expected):
 
 def test_default_offset_applies_without_tag(ctx):
     ctx.config["DICOM_DEFAULT_UTC_OFFSET"] = 540
-    with di.ImportBatch("default") as batch:
+    with ImportBatch("default") as batch:
         record = batch.add_bytes(dicom_bytes())
         assert record.series["series_date"] == datetime(2020, 1, 1, 18, 4, 5, 123000)
         record = batch.add_bytes(dicom_bytes(instance=2, TimezoneOffsetFromUTC="+0000"))
@@ -157,27 +159,27 @@ def test_parameter_typing():
     ({"PatientSex": "X"}, "Patient's Sex must be F, M or O"),
 ])
 def test_invalid_instances(tags, message):
-    with pytest.raises(di.InvalidInstanceError, match=message.replace("(", r"\(")):
+    with pytest.raises(errors.InvalidInstanceError, match=message.replace("(", r"\(")):
         record_of(**tags)
 
 
 @pytest.mark.parametrize("cut", [200, 600, -10])
 def test_truncated_file_is_refused(cut):
     data = dicom_bytes(rows=16, columns=16)
-    with pytest.raises(di.BrokenDicomError, match="no pixel data or is truncated"):
-        di.read_dataset(io.BytesIO(data[:cut]), len(data[:cut]))
+    with pytest.raises(errors.BrokenDicomError, match="no pixel data or is truncated"):
+        instance.read_dataset(io.BytesIO(data[:cut]), len(data[:cut]))
 
 
 def test_truncated_encapsulated_pixel_data_is_refused(dicom_dir):
     data = (dicom_dir / "misc" / "CT-phantom-lossless.dcm").read_bytes()
-    di.read_dataset(io.BytesIO(data), len(data))
-    with pytest.raises(di.BrokenDicomError):
-        di.read_dataset(io.BytesIO(data[:-5000]), len(data) - 5000)
+    instance.read_dataset(io.BytesIO(data), len(data))
+    with pytest.raises(errors.BrokenDicomError):
+        instance.read_dataset(io.BytesIO(data[:-5000]), len(data) - 5000)
 
 
 def test_not_dicom_is_refused():
-    with pytest.raises(di.NotDicomError):
-        di.read_dataset(io.BytesIO(b"hello" * 100), 500)
+    with pytest.raises(errors.NotDicomError):
+        instance.read_dataset(io.BytesIO(b"hello" * 100), 500)
 
 
 def test_big_endian_and_implicit_files_parse(tmp_path):
@@ -207,7 +209,7 @@ def test_deflated_file_parses(tmp_path):
 # --- batches ------------------------------------------------------------------------------
 
 def _import(paths, domain="default"):
-    with di.ImportBatch(domain) as batch:
+    with ImportBatch(domain) as batch:
         for path in paths:
             batch.add_file(str(path))
         return batch.commit()
@@ -231,8 +233,8 @@ def each_sync_path(request, monkeypatch):
     """Run a test with syncfs and with the fsync-per-file-and-folder fallback; batches of
     two files and more also take the sync-before-lock path."""
     if request.param == "fsync":
-        monkeypatch.setattr(di, "_SYNCFS", None)
-        monkeypatch.setattr(di, "SYNC_BEFORE_LOCK_MIN", 2)
+        monkeypatch.setattr(dicom_batch, "_SYNCFS", None)
+        monkeypatch.setattr(dicom_batch, "SYNC_BEFORE_LOCK_MIN", 2)
     return request.param
 
 
@@ -253,15 +255,15 @@ def test_a_small_batch_fsyncs_its_files_and_a_large_one_syncs_the_file_system(
         ctx, dicom_dir, monkeypatch):
     """One file (/single) is made durable by its own fsyncs, without waiting for every
     other writer's data as a syncfs would; a large batch takes one syncfs."""
-    real = di._SYNCFS
+    real = dicom_batch._SYNCFS
     synced, fsynced = [], []
-    monkeypatch.setattr(di, "_SYNCFS", lambda fd: synced.append(fd) or (real(fd) if real else 0))
+    monkeypatch.setattr(dicom_batch, "_SYNCFS", lambda fd: synced.append(fd) or (real(fd) if real else 0))
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
     paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
     _import(paths[:1])
     assert synced == [] and len(fsynced) >= 2  # the file and its folder (and the root)
-    monkeypatch.setattr(di, "SYNC_BEFORE_LOCK_MIN", 3)
+    monkeypatch.setattr(dicom_batch, "SYNC_BEFORE_LOCK_MIN", 3)
     _import(paths[1:])
     assert synced and series_rows()[0].images == f"1-{len(paths)}"
 
@@ -270,7 +272,7 @@ def test_other_domain_is_refused_and_leaves_nothing(ctx, dicom_dir):
     paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
     _import(paths[:2])
     before = data_files(ctx)
-    with pytest.raises(di.DomainConflictError, match="already exists in another domain"):
+    with pytest.raises(errors.DomainConflictError, match="already exists in another domain"):
         _import(paths[2:4], domain="other")
     db.session.rollback()
     [series] = series_rows()
@@ -298,9 +300,9 @@ def test_failed_commit_removes_new_files(ctx, dicom_dir, each_sync_path):
 
 def test_batch_with_a_bad_file_stores_nothing(ctx, dicom_dir, tmp_path):
     bad = write_dicom(str(tmp_path / "bad.dcm"), series_uid="1.2.3.4.9", InstanceNumber=None)
-    with di.ImportBatch("default") as batch:
+    with ImportBatch("default") as batch:
         batch.add_file(str(dicom_dir / "head-first" / "head-first001.dcm"))
-        with pytest.raises(di.InvalidInstanceError):
+        with pytest.raises(errors.InvalidInstanceError):
             batch.add_file(bad)
     assert data_files(ctx) == [] and series_rows() == []
 
@@ -324,7 +326,7 @@ def _targz(path, entries):
 
 
 def _run(paths, domain="default"):
-    importer = di.Importer(domain)
+    importer = Importer(domain)
     try:
         for path in paths:
             importer.import_file(str(path))
@@ -375,7 +377,7 @@ def test_zip_bomb_fails_and_imports_nothing(ctx, tmp_path):
     entries = _series_entries(count=2) + [("bomb.bin", b"\0" * (4 * 1024 * 1024))]
     archive = _zip(tmp_path / "bomb.zip", entries)
     assert os.path.getsize(archive) < 64 * 1024  # small on disk, large inflated
-    with pytest.raises(di.ImportFailed) as info:
+    with pytest.raises(errors.ImportFailed) as info:
         _run([archive])
     assert str(info.value).startswith("Error while processing file #1, entity #1: ")
     assert "larger than 1048576 bytes uncompressed" in str(info.value)
@@ -393,7 +395,7 @@ def test_zip_with_lying_sizes_cannot_inflate_more(ctx, tmp_path):
     for index in [i for i in range(len(raw)) if raw[i:i + 4] == size]:
         raw[index:index + 4] = (1000).to_bytes(4, "little")  # declared uncompressed size
     path.write_bytes(bytes(raw))
-    with pytest.raises(di.ImportFailed, match="Nothing of this archive was imported"):
+    with pytest.raises(errors.ImportFailed, match="Nothing of this archive was imported"):
         _run([path])
     assert data_files(ctx) == [] and series_rows() == []
 
@@ -401,7 +403,7 @@ def test_zip_with_lying_sizes_cannot_inflate_more(ctx, tmp_path):
 def test_entry_count_limit(ctx, tmp_path):
     ctx.config["ARCHIVE_MAX_ENTRIES"] = 3
     archive = _targz(tmp_path / "many.tar.gz", _series_entries(count=4))
-    with pytest.raises(di.ImportFailed, match="more than 3 entries"):
+    with pytest.raises(errors.ImportFailed, match="more than 3 entries"):
         _run([archive])
     assert data_files(ctx) == [] and series_rows() == []
 
@@ -410,7 +412,7 @@ def test_entry_count_limit(ctx, tmp_path):
 def test_unreadable_archive_fails(ctx, tmp_path, content):
     path = tmp_path / "broken.archive"
     path.write_bytes(content)
-    with pytest.raises(di.ImportFailed, match="cannot be read"):
+    with pytest.raises(errors.ImportFailed, match="cannot be read"):
         _run([path])
     assert data_files(ctx) == [] and series_rows() == []
 
@@ -425,7 +427,7 @@ def test_archive_with_a_bad_entry_imports_nothing_of_it(ctx, tmp_path):
     entries = _series_entries(count=2) + [("3.dcm", dicom_bytes(series_uid="1.2.3.100",
                                                                 InstanceNumber=None))]
     archive = _zip(tmp_path / "bad.zip", entries)
-    with pytest.raises(di.ImportFailed) as info:
+    with pytest.raises(errors.ImportFailed) as info:
         _run([archive])
     assert str(info.value).startswith("Error while processing file #1, entity #3: "
                                       "Instance number not set (entry '3.dcm')")
@@ -437,7 +439,7 @@ def test_plain_files_before_a_broken_one_stay_imported(ctx, tmp_path):
             for n in (1, 2)]
     broken = tmp_path / "3.dcm"
     broken.write_bytes(dicom_bytes(series_uid="1.2.3.102", instance=3)[:300])
-    with pytest.raises(di.ImportFailed) as info:
+    with pytest.raises(errors.ImportFailed) as info:
         _run(good + [broken])
     assert str(info.value).startswith("Error while processing file #3, entity #3: ")
     assert series_rows()[0].images == "1-2"
@@ -445,7 +447,7 @@ def test_plain_files_before_a_broken_one_stay_imported(ctx, tmp_path):
 
 
 def test_large_entries_are_streamed_through_a_file(ctx, tmp_path, monkeypatch):
-    monkeypatch.setattr(di, "SMALL_ENTRY_BYTES", 100)
+    monkeypatch.setattr(dicom_batch, "SMALL_ENTRY_BYTES", 100)
     archive = _zip(tmp_path / "a.zip", _series_entries(count=2))
     assert _run([archive])[0] == 2
     assert series_rows()[0].images == "1-2"
@@ -455,9 +457,9 @@ def test_collect_paths(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.dcm", "a/b/2.dcm", "3.dcm"):
         (tmp_path / name).write_bytes(b"x")
-    assert [os.path.relpath(p, tmp_path) for p in di.collect_paths([str(tmp_path)], True)] == \
+    assert [os.path.relpath(p, tmp_path) for p in collect_paths([str(tmp_path)], True)] == \
         ["3.dcm", "a/1.dcm", "a/b/2.dcm"]
-    assert [os.path.relpath(p, tmp_path) for p in di.collect_paths([str(tmp_path)], False)] == \
+    assert [os.path.relpath(p, tmp_path) for p in collect_paths([str(tmp_path)], False)] == \
         ["3.dcm"]
 
 
@@ -467,12 +469,12 @@ def test_refresh_parameters_keeps_updated_at(ctx, dicom_dir):
     updated = series.updated_at
     db.session.execute(sa.update(Series).values(parameters={}, updated_at=updated))
     db.session.commit()
-    assert di.refresh_parameters() == (1, 0)
+    assert refresh_parameters() == (1, 0)
     db.session.expire_all()
     series = series_rows()[0]
     assert series.parameters["SliceThickness"] == 6 and series.updated_at == updated
     shutil.rmtree(storage.series_dir(HEAD_FIRST_UID))
-    assert di.refresh_parameters() == (0, 1)
+    assert refresh_parameters() == (0, 1)
 
 
 def test_a_consumed_archive_is_removed_before_the_commit(ctx, tmp_path):
@@ -486,7 +488,7 @@ def test_a_consumed_archive_is_removed_before_the_commit(ctx, tmp_path):
         seen.append((os.path.exists(archive), os.path.exists(kept)))
     sa.event.listen(db.session, "before_commit", look)
     try:
-        importer = di.Importer("default", move_files=True)
+        importer = Importer("default", move_files=True)
         importer.import_file(archive)
         assert importer.finish()[0] == 3
         assert _run([kept])[0] == 3

@@ -1,4 +1,4 @@
-"""dicom_header: the fast header walk agrees with pydicom, and leaves odd files to it."""
+"""header_scan: the fast header walk agrees with pydicom, and leaves odd files to it."""
 import io
 
 import pydicom
@@ -6,8 +6,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-import dicom_header
-import dicom_import as di
+from dicom import errors, header_scan, instance
+from dicom.batch import ImportBatch
 from models import Series, db
 from tests.dicom_factory import dicom_bytes, make_dataset
 
@@ -66,17 +66,17 @@ def _pydicom_view(data):
 
 
 def _assert_agrees(data):
-    header = dicom_header.scan(io.BytesIO(data), len(data))
+    header = header_scan.scan(io.BytesIO(data), len(data))
     assert header is not None, "the walk left a common file to pydicom"
     dataset, stop = _pydicom_view(data)
     assert header.pixel_offset == stop
-    little = di._syntax_of(dataset)[1]
+    little = instance.syntax_of(dataset)[1]
     assert header.little == little
-    for tag in dicom_header.WANTED:
-        assert di._ascii(header.raw(tag)) == di._ascii(di._raw_bytes(dataset, tag)), hex(tag)
-    assert di.check_instance(header.raw, little) == di.check_instance(
-        lambda tag: di._raw_bytes(dataset, tag), little)
-    assert di.read_keys(io.BytesIO(data), len(data)) == di.check_instance(header.raw, little)
+    for tag in instance.wanted_tags():
+        assert instance._ascii(header.raw(tag)) == instance._ascii(instance.raw_bytes(dataset, tag)), hex(tag)
+    assert instance.check_instance(header.raw, little) == instance.check_instance(
+        lambda tag: instance.raw_bytes(dataset, tag), little)
+    assert header_scan.read_keys(io.BytesIO(data), len(data)) == instance.check_instance(header.raw, little)
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -98,13 +98,13 @@ def test_walk_skips_nested_sequences(encoding):
     # Sequence and item delimiters: undefined lengths were written.
     assert b"\xfe\xff\xdd\xe0" in data and b"\xfe\xff\x0d\xe0" in data
     _assert_agrees(data)
-    header = dicom_header.scan(io.BytesIO(data), len(data))
+    header = header_scan.scan(io.BytesIO(data), len(data))
     assert int.from_bytes(header.raw(0x00280010), "little") == 4
 
 
 def test_walk_reads_more_than_its_first_chunk(monkeypatch):
     data = dicom_bytes(instance=9, ImageComments="x" * 3000)
-    monkeypatch.setattr(dicom_header, "HEAD_BYTES", 512)
+    monkeypatch.setattr(header_scan, "HEAD_BYTES", 512)
     _assert_agrees(data)
 
 
@@ -132,19 +132,19 @@ def _unknown_vr():
     _unknown_vr()], ids=["not-dicom", "cut-in-meta", "cut-in-header", "deflated",
                          "no-pixels", "unknown-vr"])
 def test_odd_files_are_left_to_pydicom(data):
-    assert dicom_header.scan(io.BytesIO(data), len(data)) is None
+    assert header_scan.scan(io.BytesIO(data), len(data)) is None
 
 
 @pytest.mark.parametrize("cut", [200, 600, -10])
 def test_truncated_file_is_refused_with_pydicoms_verdict(cut):
     data = dicom_bytes(rows=16, columns=16)[:cut]
-    with pytest.raises(di.BrokenDicomError, match="no pixel data or is truncated"):
-        di.read_keys(io.BytesIO(data), len(data))
+    with pytest.raises(errors.BrokenDicomError, match="no pixel data or is truncated"):
+        header_scan.read_keys(io.BytesIO(data), len(data))
 
 
 def test_keys_of_a_deflated_file_come_from_pydicom():
     data = _deflated()
-    assert di.read_keys(io.BytesIO(data), len(data)) == (6, "1.2.3.4.5")
+    assert header_scan.read_keys(io.BytesIO(data), len(data)) == (6, "1.2.3.4.5")
 
 
 @pytest.mark.parametrize("tags, message", [
@@ -158,19 +158,19 @@ def test_keys_of_a_deflated_file_come_from_pydicom():
 ])
 def test_every_instance_is_checked_on_the_fast_path(tags, message):
     data = dicom_bytes(**tags)
-    assert dicom_header.scan(io.BytesIO(data), len(data)) is not None
-    with pytest.raises(di.InvalidInstanceError, match=message.replace("(", r"\(")):
-        di.read_keys(io.BytesIO(data), len(data))
+    assert header_scan.scan(io.BytesIO(data), len(data)) is not None
+    with pytest.raises(errors.InvalidInstanceError, match=message.replace("(", r"\(")):
+        header_scan.read_keys(io.BytesIO(data), len(data))
 
 
 def test_new_series_record_comes_from_its_first_staged_instance(app):
     with app.app_context():
-        with di.ImportBatch("default") as batch:
+        with ImportBatch("default") as batch:
             record = batch.add_bytes(dicom_bytes(instance=3, SeriesDescription="first"))
             batch.add_bytes(dicom_bytes(instance=1, SeriesDescription="second"))
             assert record.series["series_description"] == "first"  # read on demand
             batch.commit()
-        with di.ImportBatch("default") as batch:
+        with ImportBatch("default") as batch:
             batch.add_bytes(dicom_bytes(instance=2, SeriesDescription="third"))
             batch.commit()
         series = db.session.execute(db.select(Series)).scalar_one()

@@ -1,0 +1,258 @@
+"""The one import entry: ``/single``, uploads (the ``series_import`` task) and the CLI.
+
+``Importer`` imports files (plain DICOM, zip, tar.gz) into a domain batch by batch
+(``batch.ImportBatch``), with CIRCUS's counts and messages; ``run_import_task`` is the
+worker's handler of an upload; ``import_single`` the synchronous import of one file.
+"""
+import logging
+import os
+import tarfile
+import zipfile
+import zlib
+
+import sqlalchemy as sa
+
+import storage
+import tasks
+from dicom.archives import Limits, Prefixed, is_targz, is_zip, targz_entries, zip_entries
+from dicom.batch import SMALL_ENTRY_BYTES, ImportBatch, unlink_quietly
+from dicom.elements import DICM_OFFSET, is_dicm
+from dicom.errors import DicomImportError, ImportFailed
+from dicom.image_ranges import parse_ranges
+from dicom.instance import default_offset, read_record
+from models import Series, db
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX_FILES = 2000  # plain files per batch (archives are one batch each)
+BATCH_MAX_BYTES = 1024 ** 3
+
+
+class Importer:
+    """Imports files (plain DICOM, zip, tar.gz) into one domain, batch by batch.
+
+    Counts follow CIRCUS's task messages: ``files`` uploaded files completely processed,
+    ``entities`` DICOM instances imported. A failure raises ImportFailed with
+    ``Error while processing file #<f>, entity #<e>: <reason>``; batches committed
+    before it stay imported, the failing batch leaves nothing behind. With ``move_files``
+    the files are the importer's to consume (an upload's spool): plain files are renamed
+    into staging and an archive is removed once all its entries are staged.
+    """
+
+    def __init__(self, domain, on_entity=None, move_files=False):
+        self.domain = domain
+        self.on_entity = on_entity
+        self.move_files = move_files
+        self.offset = default_offset()
+        self.limits = Limits.from_config()
+        self.files = 0
+        self.entities = 0  # committed
+        self.pending_entities = 0  # staged in the open plain batch
+        self.skipped = 0
+        self.series_uids = set()
+        self.plain = None
+
+    def _fail(self, reason, entity):
+        raise ImportFailed(f"Error while processing file #{self.files + 1}, "
+                           f"entity #{entity}: {reason}")
+
+    def _commit(self, batch):
+        result = batch.commit()
+        self.series_uids |= result.series_uids
+        return result
+
+    def _flush_plain(self):
+        if self.plain is None:
+            return
+        try:
+            self._commit(self.plain)
+            self.entities += self.pending_entities
+        finally:
+            self.pending_entities = 0
+            self.plain.discard()
+            self.plain = None
+
+    def _notify(self):
+        if self.on_entity is not None:
+            self.on_entity(self.entities + self.pending_entities)
+
+    def import_file(self, path):
+        """Import one file: a DICOM instance, a zip or a tar.gz; anything else is skipped."""
+        with open(path, "rb") as fh:
+            head = fh.read(DICM_OFFSET + 4)
+            data = None
+            if is_dicm(head) and os.fstat(fh.fileno()).st_size <= SMALL_ENTRY_BYTES:
+                data = head + fh.read()  # one open per small file: opens are what cost most
+        if is_dicm(head):
+            self._import_plain(path, data)
+        elif is_zip(head) or is_targz(head):
+            self._flush_plain_or_fail()
+            self._import_archive(path, "zip" if is_zip(head) else "targz")
+        else:
+            self.skipped += 1
+        self.files += 1
+
+    def _flush_plain_or_fail(self):
+        try:
+            self._flush_plain()
+        except DicomImportError as exc:
+            self._fail(f"{exc} None of the {self.pending_entities} DICOM files since the "
+                       "last commit was imported.", self.entities + 1)
+
+    def _import_plain(self, path, data=None):
+        if self.plain is None:
+            self.plain = ImportBatch(self.domain, self.offset)
+        try:
+            if data is not None:
+                self.plain.add_bytes(data, move_from=path if self.move_files else None)
+            else:
+                self.plain.add_file(path, move=self.move_files)
+        except DicomImportError as exc:
+            entity = self.entities + self.pending_entities + 1
+            # Instances before the broken one stay imported, as in CIRCUS.
+            self._flush_plain_or_fail()
+            self._fail(str(exc), entity)
+        self.pending_entities += 1
+        self._notify()
+        if len(self.plain) >= BATCH_MAX_FILES or self.plain.bytes >= BATCH_MAX_BYTES:
+            self._flush_plain_or_fail()
+
+    def _import_archive(self, path, kind):
+        skipped = [0]
+        staged = 0
+        entries = zip_entries if kind == "zip" else targz_entries
+        with ImportBatch(self.domain, self.offset) as batch:
+            try:
+                for entry in entries(path, self.limits, skipped):
+                    with entry.open() as stream:
+                        head = stream.read(DICM_OFFSET + 4)
+                        if not is_dicm(head):
+                            skipped[0] += 1
+                            continue
+                        try:
+                            batch.add_stream(Prefixed(head, stream), entry.size)
+                        except DicomImportError as exc:
+                            raise DicomImportError(f"{exc} (entry {entry.name!r})") from None
+                    staged += 1
+                    if self.on_entity is not None:
+                        self.on_entity(self.entities + staged)
+                if self.move_files:
+                    # A spooled upload is read (and closed) once every entry is staged;
+                    # removed now, its dirty pages are dropped instead of being flushed
+                    # to disk by the commit's sync (which would double the data written).
+                    unlink_quietly(path)
+                self._commit(batch)
+            except DicomImportError as exc:
+                self._fail(f"{exc} Nothing of this archive was imported.",
+                           self.entities + staged + 1)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError,
+                    OSError, RuntimeError, NotImplementedError, zlib.error) as exc:
+                self._fail(f"The archive cannot be read ({exc}). Nothing of this archive "
+                           "was imported.", self.entities + staged + 1)
+        self.entities += staged
+        self.skipped += skipped[0]
+
+    def finish(self):
+        """Commit what is still staged; return (entities, files, skipped, series count)."""
+        self._flush_plain_or_fail()
+        return self.entities, self.files, self.skipped, len(self.series_uids)
+
+    def close(self):
+        """Drop anything staged but not committed."""
+        if self.plain is not None:
+            self.plain.discard()
+            self.plain = None
+
+
+
+def import_single(domain, receive):
+    """Import exactly one DICOM file synchronously (``/single``); return its InstanceRecord.
+
+    ``receive(folder, prefix)`` writes the upload into the batch's staging ``folder``
+    under a name starting with ``prefix`` and returns its path: the file is then renamed
+    into place, never copied, and its fsync starts at once, overlapping the checks and
+    the database work.
+
+    Raises
+    ------
+    DicomImportError
+        NotDicomError, BrokenDicomError, InvalidInstanceError, DomainConflictError.
+    """
+    with ImportBatch(domain) as batch:
+        record = batch.add_staged(receive(batch.dir, batch.prefix + "-upload-"), sync_now=True)
+        batch.commit()
+    return record
+
+
+def collect_paths(paths, recursive):
+    """Expand folders (recursively with ``recursive``) into a sorted list of file paths."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            if recursive:
+                for folder, dirs, names in os.walk(path):
+                    dirs.sort()
+                    files.extend(os.path.join(folder, n) for n in sorted(names))
+            else:
+                files.extend(os.path.join(path, n) for n in sorted(os.listdir(path))
+                             if os.path.isfile(os.path.join(path, n)))
+        else:
+            files.append(path)
+    return [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
+
+
+# --- the task ---------------------------------------------------------------------------
+
+TASK_NAME = "Series import"
+
+
+@tasks.handler("series_import")
+def run_import_task(task, progress):
+    """Worker: import the files spooled for an upload task (POST /series/domain/:domain)."""
+    spool = storage.spool_dir(task.task_id)
+    params = task.params or {}
+    importer = Importer(params["domain"], move_files=True,
+                        on_entity=lambda n: progress(f"Imported {n} entities..."))
+    try:
+        for name in params.get("files", []):
+            importer.import_file(os.path.join(spool, name))
+        entities, files, skipped, _series = importer.finish()
+    except DicomImportError as exc:
+        raise tasks.TaskError(str(exc)) from None
+    finally:
+        importer.close()
+        storage.remove_tree(spool)
+    message = f"Imported {entities} entities from {files} files."
+    if skipped:
+        message += f" {skipped} non-DICOM entries were skipped."
+    return message
+
+
+# --- maintenance ------------------------------------------------------------------------
+
+def refresh_parameters(max_date=None, on_series=None):
+    """Re-read ``parameters`` of stored series from their first image, keeping updatedAt.
+
+    Returns (refreshed, failed) counts.
+    """
+    query = db.select(Series.series_uid, Series.images).order_by(Series.created_at)
+    if max_date is not None:
+        query = query.where(Series.created_at <= max_date)
+    rows = db.session.execute(query).all()
+    db.session.rollback()
+    refreshed = failed = 0
+    for uid, images in rows:
+        ranges = parse_ranges(images)
+        try:
+            record = read_record(storage.instance_path(uid, ranges[0][0]))
+        except (DicomImportError, OSError, IndexError) as exc:
+            log.warning("Cannot refresh parameters of %s: %s", uid, exc)
+            failed += 1
+        else:
+            db.session.execute(sa.update(Series).where(Series.series_uid == uid).values(
+                parameters=record.series["parameters"], updated_at=Series.updated_at))
+            db.session.commit()
+            refreshed += 1
+        if on_series is not None:
+            on_series(uid)
+    return refreshed, failed

@@ -1,0 +1,524 @@
+"""What a DICOM instance must be, and what we keep from it: the home of the DICOM rules.
+
+The *rules* (``@rule``) are the checks every imported instance passes (API.md 3.2.1,
+with CIRCUS's messages). Each declares the top-level tags it reads: the importer's fast
+header scan (``header_scan``) reads exactly the tags the rules declare, so a new rule is
+checked on the fast path as on pydicom's. ``check_instance`` runs them in order.
+
+The *record* (``extract_record``) is what a series row keeps from the first instance of
+a new series: its columns, ``patient_info`` and ``parameters``, read from pydicom's data
+set of the whole header (``read_dataset``, which also refuses truncated files).
+"""
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pydicom
+from flask import current_app
+from pydicom import charset as dicom_charset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.uid import UID
+
+from dicom.elements import DICM_OFFSET, PIXEL_TAGS, check_pixel_data, is_dicm
+from dicom.errors import BrokenDicomError, DicomImportError, InvalidInstanceError, NotDicomError
+from models import iso
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+TZ_RE = re.compile(r"^([+-])(\d\d)(\d\d)$")
+AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
+INT_RE = re.compile(r"^[+-]?\d+")
+FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+PARAMETER_GROUPS = (0x0018, 0x0020, 0x0028)
+TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
+PN_DELIMITERS = {0x5E, 0x3D}
+NUMERIC_VRS = {"FL": ("f", 4), "FD": ("d", 8), "UL": ("L", 4), "SL": ("l", 4),
+               "US": ("H", 2), "SS": ("h", 2)}
+
+
+# --- header reading ---------------------------------------------------------------------
+
+def read_dataset(fh, size):
+    """Parse a DICOM file's header (no pixel data) from a seekable binary file.
+
+    Also checks that the pixel data is present and complete, so a truncated file is
+    refused even though its header parses.
+
+    Raises
+    ------
+    NotDicomError, BrokenDicomError
+    """
+    start = fh.tell()
+    if not is_dicm(fh.read(DICM_OFFSET + 4)):
+        raise NotDicomError("The file is not a DICOM file.")
+    fh.seek(start)
+    try:
+        dataset = pydicom.dcmread(fh, stop_before_pixels=True)
+        syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 "))
+        if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            fh.seek(start)
+            full = pydicom.dcmread(fh)
+            if not any(tag in full for tag in PIXEL_TAGS):
+                raise BrokenDicomError("The DICOM file has no pixel data or is truncated.")
+        else:
+            check_pixel_data(fh, start + size, syntax)
+    except DicomImportError:
+        raise
+    except Exception as exc:  # pydicom's many ways of failing on untrusted bytes
+        raise BrokenDicomError(f"The DICOM file cannot be parsed ({type(exc).__name__}).") from None
+    return dataset
+
+
+# --- value decoding ---------------------------------------------------------------------
+
+def _element(dataset, tag):
+    try:
+        return dataset.get_item(tag)
+    except (KeyError, ValueError):
+        return None
+
+
+def raw_bytes(dataset, tag):
+    """The undecoded value bytes of a top-level element, or None."""
+    elem = _element(dataset, tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).encode("latin-1", "replace")
+    return str(value).encode("latin-1", "replace")
+
+
+def _ascii(raw):
+    """A value as CIRCUS's parser reads strings: up to the first NUL, trimmed."""
+    if raw is None or len(raw) == 0:
+        return None
+    return raw.split(b"\x00", 1)[0].decode("latin-1").strip()
+
+
+class Decoder:
+    """Decodes the text of one data set with its Specific Character Set."""
+
+    def __init__(self, raw_charset):
+        raw = _ascii(raw_charset)
+        self.encodings = None
+        if raw:
+            names = [name.strip() for name in raw.split("\\")]
+            if names[0] == "":
+                names[0] = "ISO_IR 6"
+            if not all(name in dicom_charset.python_encoding for name in names):
+                raise InvalidInstanceError(f"Could not find a encoding {raw}")
+            self.encodings = dicom_charset.convert_encodings(names)
+
+    def text(self, raw, trim=True):
+        if raw is None or len(raw) == 0:
+            return None
+        if self.encodings is None:
+            value = raw.decode("latin-1")
+        else:
+            try:
+                value = dicom_charset.decode_bytes(raw, self.encodings, PN_DELIMITERS)
+            except Exception:  # undecodable bytes in a text value: keep what latin-1 gives
+                value = raw.decode("latin-1")
+        value = value.replace("\x00", "")
+        return value.strip() if trim else value
+
+
+def _number(text):
+    """JavaScript's Number(text) for DS/IS values; None when it is not a finite number."""
+    text = text.strip()
+    if text == "":
+        return 0
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+
+
+def _leading_float(text):
+    """JavaScript's parseFloat: the leading number of a string, or None."""
+    match = FLOAT_RE.match(text.strip()) if text is not None else None
+    if match is None:
+        return None
+    value = float(match.group(0))
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+
+
+def _nth_float(dataset, tag, index):
+    text = _ascii(raw_bytes(dataset, tag))
+    if text is None:
+        return None
+    values = text.split("\\")
+    return _leading_float(values[index]) if index < len(values) else None
+
+
+def _binary_numbers(raw, vr, little):
+    fmt, size = NUMERIC_VRS[vr]
+    count = len(raw) // size
+    if count == 0:
+        return None
+    values = struct.unpack(("<" if little else ">") + fmt * count, raw[:count * size])
+    values = [v if not isinstance(v, float) or v == v else None for v in values]
+    values = [int(v) if isinstance(v, float) and v is not None and v.is_integer()
+              and abs(v) < 2 ** 53 else v for v in values]
+    return values[0] if count == 1 else values
+
+
+def _parameter_value(dataset, elem, vr, decoder, little, pixel_representation):
+    """One parameter, typed by the dictionary VR as CIRCUS does (3.2.1)."""
+    if " or " in vr:
+        choices = vr.split(" or ")
+        if all(v in ("US", "SS") for v in choices) and pixel_representation in (0, 1):
+            vr = "US" if pixel_representation == 0 else "SS"
+    value = elem.value
+    if vr == "SQ" or not isinstance(value, (bytes, bytearray)):
+        if isinstance(value, (bytes, bytearray)):
+            return _ascii(bytes(value))
+        # A parsed sequence: CIRCUS reads its first item tag as text.
+        if vr == "SQ" or elem.VR == "SQ":
+            if not value:
+                return None
+            return _ascii(b"\xfe\xff\x00\xe0" if little else b"\xff\xfe\xe0\x00")
+        return _ascii(raw_bytes(dataset, elem.tag))
+    raw = bytes(value)
+    if vr in NUMERIC_VRS:
+        return _binary_numbers(raw, vr, little)
+    if vr in ("DS", "IS"):
+        text = _ascii(raw)
+        if text is None:
+            return None
+        if "\\" in text:
+            return [_number(part) for part in text.split("\\")]
+        return _number(text)
+    if vr == "AT":
+        if len(raw) < 2:
+            return None
+        group = struct.unpack("<H" if little else ">H", raw[:2])[0]
+        return "0x" + f"{group:04x}" * 2  # (sic) CIRCUS reads the group twice
+    if vr in TEXT_VRS:
+        return decoder.text(raw)
+    return _ascii(raw)
+
+
+def extract_parameters(dataset, decoder=None):
+    """The ``parameters`` object of an instance (3.2.1)."""
+    decoder = decoder or Decoder(raw_bytes(dataset, 0x00080005))
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+    little = UID(syntax).is_little_endian if UID(syntax).is_transfer_syntax else True
+    params = {"TransferSyntaxUID": syntax or None,
+              "pixelSpacingX": _nth_float(dataset, 0x00280030, 0),
+              "pixelSpacingY": _nth_float(dataset, 0x00280030, 1),
+              "imagePositionPatientZ": _nth_float(dataset, 0x00200032, 2),
+              "PixelValueUnits": _ascii(raw_bytes(dataset, 0x00541001))}
+    pixel_representation = None
+    raw_pr = raw_bytes(dataset, 0x00280103)
+    if raw_pr and len(raw_pr) >= 2:
+        pixel_representation = struct.unpack("<H" if little else ">H", raw_pr[:2])[0]
+    for tag in list(dataset.keys()):
+        if tag.group not in PARAMETER_GROUPS:
+            continue
+        keyword = keyword_for_tag(tag)
+        if not keyword:
+            continue
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue
+        elem = _element(dataset, tag)
+        if elem is None:
+            continue
+        try:
+            params[keyword] = _parameter_value(dataset, elem, vr, decoder, little,
+                                               pixel_representation)
+        except (struct.error, ValueError, TypeError):
+            params[keyword] = None
+    return {k: v for k, v in params.items() if v is not None}
+
+
+# --- dates and patient ------------------------------------------------------------------
+
+def utc_offset_minutes(dataset, default_offset):
+    """Minutes east of UTC from Timezone Offset From UTC (0008,0201), else the default.
+
+    The intended rule (quirk 12 fixed): ``+0930`` is 9 * 60 + 30 = 570 minutes.
+    """
+    match = TZ_RE.match(_ascii(raw_bytes(dataset, 0x00080201)) or "")
+    if match is None:
+        return default_offset
+    sign = -1 if match.group(1) == "-" else 1
+    return sign * (int(match.group(2)) * 60 + int(match.group(3)))
+
+
+def _digits(text):
+    return int(text) if text.isdigit() else (0 if text == "" else None)
+
+
+def local_datetime(date_text, time_text):
+    """A DICOM DA + TM pair as a naive local datetime (3.2.1 parsing), or None."""
+    if not date_text:
+        return None
+    date_text = re.sub(r"[-/.]", "", date_text)
+    if len(date_text) != 8 or not date_text.isdigit():
+        return None
+    time_text = re.sub(r"[: ]", "", time_text) if time_text else "000000.000000"
+    parts = [_digits(time_text[0:2]), _digits(time_text[2:4]), _digits(time_text[4:6])]
+    fraction = (time_text[7:] + "000000")[:6]
+    if None in parts or not fraction.isdigit():
+        return None
+    try:
+        day = datetime(int(date_text[0:4]), int(date_text[4:6]), int(date_text[6:8]))
+    except ValueError:
+        return None
+    hours, minutes, seconds = parts
+    return day + timedelta(hours=hours, minutes=minutes, seconds=seconds,
+                           milliseconds=int(fraction) // 1000)
+
+
+def _age(age_text, birth_text, reference):
+    """Patient age in years (3.2.1): from (0010,1010) ``nnnY`` etc., else from birth date.
+
+    The age from a birth date compares calendar dates as written in the file (the local
+    study date), not in the server's time zone: a conscious normalisation of quirk 34.
+    """
+    match = AGE_RE.match(age_text or "")
+    if match:
+        nnn, unit = int(match.group(1)), match.group(2)
+        return {"Y": nnn, "M": nnn // 12, "W": nnn * 7 // 365, "D": nnn // 365}[unit]
+    birth = local_datetime(birth_text, None)
+    if birth is None or reference is None:
+        return None
+    years = reference.year - birth.year
+    if (reference.month, reference.day) < (birth.month, birth.day):
+        years -= 1
+    return years
+
+
+def _patient_info(dataset, decoder, reference):
+    raw_name = raw_bytes(dataset, 0x00100010)
+    birth = _ascii(raw_bytes(dataset, 0x00100030))
+    sex = _ascii(raw_bytes(dataset, 0x00100040))
+    info = {
+        "patientId": decoder.text(raw_bytes(dataset, 0x00100020)),
+        # Not trimmed (quirk 34, compat): the padding space stays, as in existing data.
+        "patientName": decoder.text(raw_name, trim=False) if raw_name else None,
+        "age": _age(_ascii(raw_bytes(dataset, 0x00101010)), birth, reference),
+        "birthDate": f"{birth[0:4]}-{birth[4:6]}-{birth[6:8]}" if birth and len(birth) == 8 else None,
+        "sex": sex or None,
+        "size": _nth_float(dataset, 0x00101020, 0),
+        "weight": _nth_float(dataset, 0x00101030, 0),
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _uint16(raw, little):
+    if raw is None or len(raw) < 2:
+        return None
+    return struct.unpack("<H" if little else ">H", raw[:2])[0]
+
+
+# --- the rules --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One check of every instance: ``check(raw, little)`` reads only ``tags``.
+
+    ``raw(tag)`` gives the undecoded bytes of a top-level element (or None); ``little``
+    is the byte order. ``check`` raises InvalidInstanceError, or returns a value kept
+    under ``name`` (None when the rule keeps nothing).
+    """
+    name: str
+    tags: tuple
+    check: object
+
+
+RULES = []  # in the order they run: the first failing rule gives the message
+_wanted = [None]  # the union of the rules' tags, computed once per change of RULES
+
+
+def rule(name, *tags):
+    """Declare a rule reading ``tags`` (a decorator of ``check(raw, little)``)."""
+    def declare(check):
+        RULES.append(Rule(name, tuple(tags), check))
+        _wanted[0] = None
+        return check
+    return declare
+
+
+def remove_rule(name):
+    """Withdraw the rules named ``name`` (tests declaring a rule of their own)."""
+    RULES[:] = [r for r in RULES if r.name != name]
+    _wanted[0] = None
+
+
+def wanted_tags():
+    """The top-level tags the rules read: what the fast header scan keeps."""
+    wanted = _wanted[0]
+    if wanted is None:
+        wanted = _wanted[0] = frozenset(tag for r in RULES for tag in r.tags)
+    return wanted
+
+
+def check_instance(raw, little):
+    """Run every rule; return ``(instance number, series UID)``.
+
+    Raises
+    ------
+    InvalidInstanceError
+        With CIRCUS's messages: ``Could not find a encoding <x>``, ``Instance number not
+        set``, ``Series UID of this DICOM file is invalid.``, then the checks of a new
+        series document (study UID, Rows, Columns, Modality, sex).
+    """
+    kept = {r.name: r.check(raw, little) for r in RULES}
+    return kept["instance_number"], kept["series_uid"]
+
+
+@rule("character_set", 0x00080005)
+def _character_set(raw, _little):
+    Decoder(raw(0x00080005))
+
+
+@rule("instance_number", 0x00200013)
+def _instance_number(raw, _little):
+    match = INT_RE.match(_ascii(raw(0x00200013)) or "")
+    if match is None:
+        raise InvalidInstanceError("Instance number not set")
+    number = int(match.group(0))
+    if number < 0 or number > 99999999:
+        raise InvalidInstanceError(f"Instance number {number} is out of range.")
+    return number
+
+
+@rule("series_uid", 0x0020000E)
+def _series_uid(raw, _little):
+    series_uid = _ascii(raw(0x0020000E)) or ""
+    if not UID_RE.match(series_uid) or len(series_uid) > 64:
+        raise InvalidInstanceError("Series UID of this DICOM file is invalid.")
+    return series_uid
+
+
+@rule("study_uid", 0x0020000D)
+def _study_uid(raw, _little):
+    study_uid = _ascii(raw(0x0020000D)) or ""
+    if not UID_RE.match(study_uid) or len(study_uid) > 64:
+        raise InvalidInstanceError("Study UID of this DICOM file is invalid.")
+
+
+@rule("size", 0x00280010, 0x00280011)
+def _size(raw, little):
+    if _uint16(raw(0x00280011), little) is None or _uint16(raw(0x00280010), little) is None:
+        raise InvalidInstanceError("Rows or Columns of this DICOM file is not set.")
+
+
+@rule("modality", 0x00080060)
+def _modality(raw, _little):
+    modality = _ascii(raw(0x00080060))
+    if not modality:
+        raise InvalidInstanceError("Modality of this DICOM file is not set.")
+    if len(modality) > 10:
+        raise InvalidInstanceError("Modality of this DICOM file is too long.")
+
+
+@rule("sex", 0x00100040)
+def _sex(raw, _little):
+    sex = _ascii(raw(0x00100040))
+    if sex and sex not in ("F", "M", "O"):
+        raise InvalidInstanceError(f"Patient's Sex must be F, M or O, not {sex!r}.")
+
+
+# --- the record -------------------------------------------------------------------------
+
+class InstanceRecord:
+    """What the importer extracts from one instance: its number, its series UID and its
+    series' record (Series column values, patient_info included).
+
+    ``series`` may be given as a loader: it is then read on first use (an import reads the
+    whole header only for the first instance of a new series).
+    """
+
+    __slots__ = ("instance_number", "series_uid", "_series", "_load")
+
+    def __init__(self, instance_number, series_uid, series=None, load=None):
+        self.instance_number = instance_number
+        self.series_uid = series_uid
+        self._series = series
+        self._load = load
+
+    @property
+    def series(self):
+        if self._series is None:
+            self._series = self._load()
+        return self._series
+
+
+def syntax_of(dataset):
+    """(transfer syntax UID text, little endian?) of a parsed file."""
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+    return syntax, UID(syntax).is_little_endian if UID(syntax).is_transfer_syntax else True
+
+
+def extract_record(dataset, default_offset=0):
+    """Build the instance record of 3.2.1 from a parsed header.
+
+    Raises
+    ------
+    InvalidInstanceError
+        As ``check_instance``.
+    """
+    _syntax, little = syntax_of(dataset)
+    number, series_uid = check_instance(lambda tag: raw_bytes(dataset, tag), little)
+    decoder = Decoder(raw_bytes(dataset, 0x00080005))
+    offset = utc_offset_minutes(dataset, default_offset)
+    study_local = local_datetime(_ascii(raw_bytes(dataset, 0x00080020)),
+                                 _ascii(raw_bytes(dataset, 0x00080030)))
+    series_local = local_datetime(_ascii(raw_bytes(dataset, 0x00080021)),
+                                  _ascii(raw_bytes(dataset, 0x00080031)))
+    chosen = series_local or study_local
+    series = {
+        "series_uid": series_uid, "study_uid": _ascii(raw_bytes(dataset, 0x0020000D)),
+        "width": _uint16(raw_bytes(dataset, 0x00280011), little),
+        "height": _uint16(raw_bytes(dataset, 0x00280010), little),
+        "series_date": chosen - timedelta(minutes=offset) if chosen else None,
+        "modality": _ascii(raw_bytes(dataset, 0x00080060)),
+        "series_description": decoder.text(raw_bytes(dataset, 0x0008103E)) or "",
+        "body_part": decoder.text(raw_bytes(dataset, 0x00180015)) or "",
+        "station_name": decoder.text(raw_bytes(dataset, 0x00081010)) or "",
+        "model_name": decoder.text(raw_bytes(dataset, 0x00081090)) or "",
+        "manufacturer": decoder.text(raw_bytes(dataset, 0x00080070)) or "",
+        "patient_info": _patient_info(dataset, decoder, study_local or series_local),
+        "parameters": extract_parameters(dataset, decoder),
+    }
+    return InstanceRecord(number, series_uid, series)
+
+
+def record_json(record):
+    """An instance record as JSON, in the series document's field names (dump-dicom)."""
+    s = record.series
+    return {"seriesUid": s["series_uid"], "studyUid": s["study_uid"],
+            "instanceNumber": record.instance_number, "width": s["width"],
+            "height": s["height"], "seriesDate": iso(s["series_date"]),
+            "modality": s["modality"], "seriesDescription": s["series_description"],
+            "bodyPart": s["body_part"], "stationName": s["station_name"],
+            "modelName": s["model_name"], "manufacturer": s["manufacturer"],
+            "patientInfo": s["patient_info"], "parameters": s["parameters"]}
+
+
+def default_offset():
+    return int(current_app.config.get("DICOM_DEFAULT_UTC_OFFSET", 0))
+
+
+def read_record(path, utc_offset=None):
+    """Parse one DICOM file and extract its record (dump-dicom, refresh, new series)."""
+    with open(path, "rb") as fh:
+        dataset = read_dataset(fh, os.fstat(fh.fileno()).st_size)
+    return extract_record(dataset, default_offset() if utc_offset is None else utc_offset)
