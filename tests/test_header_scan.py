@@ -175,3 +175,60 @@ def test_new_series_record_comes_from_its_first_staged_instance(app):
             batch.commit()
         series = db.session.execute(db.select(Series)).scalar_one()
         assert (series.series_description, series.images) == ("first", "1-3")
+
+
+# --- the wanted tags come from the rules ----------------------------------------------------
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_tag_a_rule_reads_is_wanted_by_the_scan(dicom_dir, name):
+    """Each rule reads only tags it declares, and the scan keeps every declared tag."""
+    data = (dicom_dir / name).read_bytes()
+    dataset, _stop = _pydicom_view(data)
+    little = instance.syntax_of(dataset)[1]
+    wanted = instance.wanted_tags()
+    for rule in instance.RULES:
+        read = []
+        rule.check(lambda tag: read.append(tag) or instance.raw_bytes(dataset, tag), little)
+        assert set(read) <= set(rule.tags) <= wanted, rule.name
+    header = header_scan.scan(io.BytesIO(data), len(data))
+    if header is not None:
+        assert header.wanted == wanted
+
+
+@pytest.fixture
+def station_rule():
+    """A rule declared here, as a newcomer would add one to instance.py."""
+    @instance.rule("station", 0x00081010)
+    def _station(raw, _little):
+        if instance._ascii(raw(0x00081010)) == "FORBIDDEN":
+            raise errors.InvalidInstanceError("This station is not accepted.")
+    yield
+    instance.remove_rule("station")
+
+
+def test_a_declared_rule_is_wanted_and_checked_on_the_fast_path(station_rule):
+    assert 0x00081010 in instance.wanted_tags()
+    data = dicom_bytes(StationName="FORBIDDEN")
+    header = header_scan.scan(io.BytesIO(data), len(data))
+    assert header is not None and header.raw(0x00081010) == b"FORBIDDEN "
+    with pytest.raises(errors.InvalidInstanceError, match="This station is not accepted."):
+        header_scan.read_keys(io.BytesIO(data), len(data))
+    ok = dicom_bytes(StationName="CT01")
+    assert header_scan.read_keys(io.BytesIO(ok), len(ok)) == (1, "1.2.3.4.5")
+
+
+def test_a_withdrawn_rule_is_no_longer_wanted():
+    before = instance.wanted_tags()
+    instance.rule("station", 0x00081010)(lambda raw, little: None)
+    try:
+        assert instance.wanted_tags() == before | {0x00081010}
+    finally:
+        instance.remove_rule("station")
+    assert instance.wanted_tags() == before
+
+
+def test_a_rule_reading_an_undeclared_tag_fails_loudly_on_the_fast_path():
+    data = dicom_bytes()
+    header = header_scan.scan(io.BytesIO(data), len(data))
+    with pytest.raises(header_scan.UndeclaredTagError):
+        header.raw(0x00081010)  # Station Name: no rule declares it
