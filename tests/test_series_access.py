@@ -1,4 +1,4 @@
-"""series_access: images strings, partial volume descriptors, look-up and orientation."""
+"""series_access: partial volume descriptors, look-up and orientation."""
 import os
 import shutil
 
@@ -10,43 +10,6 @@ from errors import ApiError
 from models import db
 from tests.dicom_factory import write_dicom
 from tests.factories import make_series
-
-
-# --- images strings ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, numbers", [
-    ("", []), ("1", [1]), ("1-3,5", [1, 2, 3, 5]), ("8-10,1-2", [1, 2, 8, 9, 10]),
-    ("3-5,4-6", [3, 4, 5, 6]), ("0", [0]),
-])
-def test_parse_images(text, numbers):
-    assert sa_.parse_images(text) == numbers
-
-
-@pytest.mark.parametrize("text", ["1,", "a", "1--2", "01", "1-", "-1", " 1", "1;2"])
-def test_parse_images_rejects_malformed(text):
-    with pytest.raises(sa_.ImagesStringError):
-        sa_.parse_images(text)
-
-
-@pytest.mark.parametrize("numbers, text", [
-    ([], ""), ([5], "5"), ([3, 1, 2, 5], "1-3,5"), ([10, 8, 9, 1, 2, 3, 5], "1-3,5,8-10"),
-    ([1, 1, 2], "1-2"),
-])
-def test_images_string(numbers, text):
-    assert sa_.images_string(numbers) == text
-
-
-@pytest.mark.parametrize("text, numbers, result", [
-    ("1-3,5", [4], "1-5"), ("", [7], "7"), ("1-3", [3], "1-3"), ("2-3", [1, 10], "1-3,10"),
-    ("5,1", [2], "1-2,5"),
-])
-def test_merge_images(text, numbers, result):
-    assert sa_.merge_images(text, numbers) == result
-
-
-def test_has_image():
-    assert sa_.has_image("1-3,8", 8) and sa_.has_image("1-3,8", 2)
-    assert not sa_.has_image("1-3,8", 4)
 
 
 # --- PVDs --------------------------------------------------------------------------------
