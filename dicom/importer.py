@@ -164,7 +164,6 @@ class Importer:
             self.plain = None
 
 
-
 def import_single(domain, receive):
     """Import exactly one DICOM file synchronously (``/single``); return its InstanceRecord.
 

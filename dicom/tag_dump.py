@@ -11,6 +11,7 @@ so this module walks the bytes itself (``elements.Reader``).
 ``JSON.stringify(value, null, 2)``, numbers included.
 """
 import base64
+import json
 import logging
 import math
 import struct
@@ -226,7 +227,6 @@ def js_number(value):
 
 def to_json(value, indent=2, _level=0):
     """``JSON.stringify(value, null, indent)`` for dicts, lists, strings and numbers."""
-    import json
     if isinstance(value, dict):
         if not value:
             return "{}"
