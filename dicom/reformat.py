@@ -171,19 +171,17 @@ def parse_scan_query(args):
         values[key] = value
     if errors:
         raise ScanQueryError("\n".join(errors))
-    request = ScanRequest(values["origin"], values["xAxis"], values["yAxis"], values["size"],
-                          values["interpolation"], values["ww"], values["wl"], values["format"])
-    if request.format == "png" and not request.windowed:
+    if values["format"] == "png" and (values["ww"] is None or values["wl"] is None):
         raise ScanQueryError("Window values are required for PNG output.")
-    width, height = request.size
+    width, height = values["size"]
     # the reference tests the product first: -3000,-3000 is "too large"
     if width * height > MAX_PIXELS:
         raise ScanQueryError("Requested image size is too large.")
     if not (width > 0 and height > 0):  # NaN (unreadable by parseInt) fails too
         raise ScanQueryError("Invalid image size")
-    return ScanRequest(request.origin, request.x_axis, request.y_axis,
-                       (int(width), int(height)), request.interpolation, request.ww,
-                       request.wl, request.format)
+    return ScanRequest(values["origin"], values["xAxis"], values["yAxis"],
+                       (int(width), int(height)), values["interpolation"], values["ww"],
+                       values["wl"], values["format"])
 
 
 def scan(volume, request):
@@ -214,8 +212,8 @@ def scan(volume, request):
         kind = "rgba8" if volume.ndim == 4 else f"{volume.dtype.name} {volume.shape}"
         raise UnsupportedVolumeError(f"Scan is not supported for {kind} volumes.")
     width, height = request.size
-    out_dtype = np.dtype("u1") if request.windowed else np.dtype(volume.dtype.name).newbyteorder("<")
-    out = np.empty((height, width), dtype=out_dtype)
+    pixel_dtype = np.dtype(volume.dtype.name).newbyteorder("<")
+    out = np.empty((height, width), dtype=np.uint8 if request.windowed else pixel_dtype)
     eu = np.array(request.x_axis, dtype=np.float64) / width
     ev = np.array(request.y_axis, dtype=np.float64) / height
     # row starts: origin, origin + ev, (origin + ev) + ev, ... (add.accumulate is sequential)
