@@ -244,6 +244,12 @@ def test_window_edges_and_rounding():
     assert apply_window(values, 10.0, 0.0).tolist() == [0, 0, 0, 26, 77, 128, 230, 255, 255, 255]
 
 
+def test_window_multiplies_by_255_over_width_as_the_reference():
+    # 12.5 * (255 / 25) = 127.49999999999999 -> 127, where 12.5 * 255 / 25 = 127.5 -> 128
+    assert apply_window(np.array([0.0, 10.0]), 25.0, 0.0).tolist() == [127, 229]
+    assert apply_window(np.array([0.0]), 50.0, 0.0).tolist() == [127]
+
+
 def test_window_of_zero_width_is_a_threshold_and_negative_width_inverts():
     values = np.array([-1.0, 0.0, 1.0])
     assert apply_window(values, 0.0, 0.0).tolist()[::2] == [0, 255]
