@@ -18,6 +18,9 @@ def from_environment():
         "CORS_ORIGIN": os.environ.get("CIRCUS_CORS_ORIGIN", "*"),
         # JSON request bodies larger than this are refused (CIRCUS: 1 MB).
         "JSON_BODY_MAX_BYTES": 1024 * 1024,
+        # Request JSON (bodies, filter, sort) nested deeper than this is refused before it is
+        # parsed; the deepest legitimate document, a case revision, stays far below it.
+        "JSON_MAX_DEPTH": int(os.environ.get("CIRCUS_JSON_MAX_DEPTH", 64)),
         # Per-file limit of multipart uploads (CIRCUS uploadFileSizeMaxBytes: 200 MiB).
         "UPLOAD_FILE_SIZE_MAX_BYTES": int(os.environ.get("CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES", 209715200)),
         # Shown in login-info/full.
