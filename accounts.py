@@ -218,8 +218,9 @@ def shared_my_lists(user):
     return [{"owner": row.user_email, "sharedMyList": row.to_json()} for row in rows]
 
 
-def full_login_info(user, privileges):
-    """GET /api/login-info/full: the user (no password), privileges and UI settings."""
+def full_login_info(user, privileges, image_server_url):
+    """GET /api/login-info/full: the user (no password), privileges and UI settings
+    (``image_server_url`` is its ``dicomImageServer``)."""
     doc = user.to_json()
     doc["groups"] = list(privileges.group_names)
     own = db.session.execute(db.select(MyList).where(MyList.user_email == user.user_email)
@@ -232,7 +233,7 @@ def full_login_info(user, privileges):
     doc.update({
         "defaultDomain": default_domain if default_domain in privileges.domains else None,
         "sharedMyLists": shared_my_lists(user),
-        "dicomImageServer": config["DICOM_IMAGE_SERVER_URL"],
+        "dicomImageServer": image_server_url,
         "uploadFileMax": UPLOAD_FILE_MAX,
         "uploadFileSizeMaxBytes": config["UPLOAD_FILE_SIZE_MAX_BYTES"],
     })

@@ -6,6 +6,7 @@ from flask import Flask, current_app, request
 from flask_migrate import Migrate
 from sqlalchemy import event
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import auth
 import cli
@@ -15,7 +16,7 @@ import table_versions
 import validation
 from errors import register_error_handlers
 from models import db
-from routes import BLUEPRINTS
+from routes import BLUEPRINTS, web_ui
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 CORS_HEADERS = {
@@ -92,6 +93,10 @@ def create_app(config=None):
     if config:
         app.config.update(config)
     app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
+    if app.config.get("WEB_UI_DIR"):
+        app.config["WEB_UI_DIR"] = os.path.abspath(app.config["WEB_UI_DIR"])
+        if not os.path.isfile(os.path.join(app.config["WEB_UI_DIR"], "index.html")):
+            raise ValueError(f"CIRCUS_WEB_UI_DIR has no index.html: {app.config['WEB_UI_DIR']}")
     os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
     engine_options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
@@ -120,6 +125,11 @@ def create_app(config=None):
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    if app.config.get("WEB_UI_DIR"):
+        # Last, and only when configured: otherwise every other path stays a 404 (any method).
+        app.register_blueprint(web_ui.bp)
     cli.register(app)
     app.wsgi_app = CaseInsensitiveRouting(app, app.wsgi_app)
+    if app.config.get("TRUST_FORWARDED_HEADERS"):
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     return app

@@ -43,7 +43,8 @@ PLUGIN_ROLES = {"readPlugin": "read_plugin", "executePlugin": "execute_plugin",
                 "manageFeedback": "manage_feedback", "viewPersonalInfo": "view_personal_info"}
 
 # Endpoints reachable without a token (OPTIONS is answered before routing).
-PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display"}
+PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display",
+                    "web_ui.get_web_ui"}
 
 
 # --- secrets ----------------------------------------------------------------------------

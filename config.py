@@ -18,10 +18,19 @@ def from_environment():
         "CORS_ORIGIN": os.environ.get("CIRCUS_CORS_ORIGIN", "*"),
         # JSON request bodies larger than this are refused (CIRCUS: 1 MB).
         "JSON_BODY_MAX_BYTES": 1024 * 1024,
+        # Request JSON (bodies, filter, sort) nested deeper than this is refused before it is
+        # parsed; the deepest legitimate document, a case revision, stays far below it.
+        "JSON_MAX_DEPTH": int(os.environ.get("CIRCUS_JSON_MAX_DEPTH", 64)),
         # Per-file limit of multipart uploads (CIRCUS uploadFileSizeMaxBytes: 200 MiB).
         "UPLOAD_FILE_SIZE_MAX_BYTES": int(os.environ.get("CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES", 209715200)),
-        # Shown in login-info/full.
-        "DICOM_IMAGE_SERVER_URL": os.environ.get("CIRCUS_DICOM_IMAGE_SERVER_URL", "http://localhost:8080/rs"),
+        # login-info/full's dicomImageServer; unset: this server's own /rs, at the address the
+        # browser used (so the viewer works on any host and port without configuration).
+        "DICOM_IMAGE_SERVER_URL": os.environ.get("CIRCUS_DICOM_IMAGE_SERVER_URL") or None,
+        # Behind a reverse proxy: take the client address, scheme and host from its
+        # X-Forwarded-For/-Proto/-Host (one proxy). Never without a proxy that sets them.
+        "TRUST_FORWARDED_HEADERS": os.environ.get("CIRCUS_TRUST_FORWARDED_HEADERS", "") == "1",
+        # A built circus-web-ui (index.html, application.js, ...) served on / when set.
+        "WEB_UI_DIR": os.environ.get("CIRCUS_WEB_UI_DIR") or None,
         # Archive limits for uploads: total uncompressed bytes and entry count (zip bombs).
         "ARCHIVE_MAX_TOTAL_BYTES": int(os.environ.get("CIRCUS_ARCHIVE_MAX_TOTAL_BYTES", 20 * 1024**3)),
         "ARCHIVE_MAX_ENTRIES": int(os.environ.get("CIRCUS_ARCHIVE_MAX_ENTRIES", 200000)),

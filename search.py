@@ -9,7 +9,6 @@ and compiled to LIKE.
 Fields are SQLAlchemy column expressions, or ``ArrayField`` for stored arrays, which match
 when any element matches (MongoDB semantics) through an indexed EXISTS.
 """
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ import table_versions
 from errors import ApiError
 from memo import app_memo
 from models import db, parse_iso
+from validation import JsonTooDeep, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,6 @@ def _parse_int(text):
     return value if -INT64 <= value < INT64 else float(text)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
 def _json_depth(value):
     """Nesting depth of parsed JSON, computed without recursion."""
     deepest, stack = 0, [(value, 1)]
@@ -290,8 +286,8 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
     too_deep = ApiError(400, "The filter is nested too deeply "
                              f"(at most {config['FILTER_MAX_DEPTH']} levels).")
     try:
-        raw = json.loads(text, parse_int=_parse_int, parse_constant=_reject_constant)
-    except RecursionError:
+        raw = decode_json(text, parse_int=_parse_int)
+    except JsonTooDeep:
         raise too_deep from None
     except ValueError:
         raise ApiError(400, parse_error) from None
@@ -315,8 +311,8 @@ def compile_sort(text, fields, default, sort_error="Bad sort parameter. Invalid 
         spec = default
     else:
         try:
-            spec = json.loads(text)
-        except (ValueError, RecursionError):
+            spec = decode_json(text)
+        except ValueError:
             raise ApiError(400, sort_error) from None
         if not isinstance(spec, dict):
             raise ApiError(400, "Bad sort parameter. Non-object passed.")

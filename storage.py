@@ -2,7 +2,8 @@
 
 Layout: ``dicom/<seriesUid>/<8-digit instance>.dcm``, ``blobs/<sha1>``,
 ``plugin-results/<jobId>/``, ``downloads/<taskId>``, ``spool/<taskId>/``, ``work/<jobId>/``,
-``plugin-cache/<pluginId>/``. Nothing else in the project builds a file path; every path
+``plugin-cache/<pluginId>/``; and the files of the web UI folder, when one is configured
+(``web_ui_file``). Nothing else in the project builds a file path; every path
 built from request data goes through ``inside`` so it cannot leave its root.
 """
 import logging
@@ -96,6 +97,16 @@ def results_dir(job_id):
 
 def plugin_cache_dir(plugin_id):
     return os.path.join(root("plugin-cache"), _checked_id(plugin_id))
+
+
+def web_ui_file(path):
+    """The file ``path`` of the web UI folder (CIRCUS_WEB_UI_DIR), or None when no such
+    regular file is there; UnsafePathError for a path that would leave the folder or names
+    a hidden entry (``.htaccess`` of the UI's build folder is not for browsers)."""
+    if any(segment.startswith(".") for segment in path.split("/")):
+        raise UnsafePathError(path)
+    full = inside(current_app.config["WEB_UI_DIR"], path)
+    return full if os.path.isfile(full) else None
 
 
 def fsync_dir(path):

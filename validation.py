@@ -1,5 +1,9 @@
 """Request bodies: strict JSON parsing and JSON-schema validation with CIRCUS's errors.
 
+``decode_json`` is the one decoder of JSON sent by clients (bodies, ``filter`` and ``sort``):
+standard JSON only (no NaN or Infinity) and at most ``JSON_MAX_DEPTH`` levels deep, measured
+by a linear scan before the recursive parser runs.
+
 Schemas live in ``schemas/<name>.yaml`` (named as on the wire) and are loaded once; a schema
 may ``$ref`` another file by its file name (``pvd.yaml``). ``@expects`` validates the body
 and passes it to the view as ``body``; the schema is also what /api/openapi.json publishes.
@@ -7,6 +11,8 @@ and passes it to the view as ``body``; the schema is also what /api/openapi.json
 import functools
 import json
 import os
+import re
+from itertools import accumulate
 
 import yaml
 from flask import current_app, request
@@ -17,6 +23,57 @@ from referencing.jsonschema import DRAFT7
 from errors import ApiError
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
+
+# A string literal (an unterminated one runs to the end, so every match succeeds at once and
+# the scan stays linear), or a run of anything that is neither a bracket nor a quote.
+_NOT_A_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[^\[\]{}"]+', re.S)
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+class JsonTooDeep(ValueError):
+    """Raised when JSON nests more containers than allowed."""
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_depth(text):
+    """Deepest nesting of brackets outside string literals (0 for a scalar), without
+    parsing: one pass over ``text``, no recursion."""
+    skeleton = _NOT_A_BRACKET.sub("", text)
+    if not skeleton:
+        return 0
+    return max(0, max(accumulate(map(_BRACKET_STEP.__getitem__, skeleton))))
+
+
+def decode_json(text, max_depth=None, parse_int=None):
+    """Decode JSON sent by a client.
+
+    Parameters
+    ----------
+    text : str or bytes
+        The document; bytes must be UTF-8.
+    max_depth : int, optional
+        Deepest container nesting allowed; defaults to the ``JSON_MAX_DEPTH`` setting.
+    parse_int : callable, optional
+        Passed to ``json.loads``.
+
+    Raises
+    ------
+    JsonTooDeep
+        When nested deeper than ``max_depth``; checked before parsing, so the recursive
+        parser never goes deep.
+    ValueError
+        When not JSON: bad syntax or UTF-8, or NaN, Infinity and -Infinity.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    if max_depth is None:
+        max_depth = current_app.config["JSON_MAX_DEPTH"]
+    if json_depth(text) > max_depth:
+        raise JsonTooDeep(f"Nested more than {max_depth} levels deep")
+    return json.loads(text, parse_int=parse_int, parse_constant=_reject_constant)
 
 
 @functools.cache
@@ -79,8 +136,8 @@ def json_body():
     if len(raw) > current_app.config["JSON_BODY_MAX_BYTES"]:
         raise ApiError(400, "Invalid JSON as request body.\nrequest entity too large")
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        value = decode_json(raw)
+    except ValueError as exc:
         raise ApiError(400, f"Invalid JSON as request body.\n{exc}") from None
     if not isinstance(value, (dict, list)):
         raise ApiError(400, "Invalid JSON as request body.\nNot an object or an array")

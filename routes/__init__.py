@@ -1,5 +1,6 @@
 """Every blueprint of the API, in registration order (literal routes before :id routes
-are handled inside each blueprint by Werkzeug's rule ordering)."""
+are handled inside each blueprint by Werkzeug's rule ordering). ``web_ui`` is not listed:
+create_app registers it last, and only when CIRCUS_WEB_UI_DIR is set."""
 from routes import status
 from routes import login
 from routes import login_info

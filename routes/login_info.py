@@ -1,5 +1,5 @@
 """Who am I: /api/login-info, /api/login-info/full, /api/logout."""
-from flask import Blueprint, g
+from flask import Blueprint, current_app, g, request
 
 import accounts
 
@@ -15,7 +15,8 @@ def get_login_info():
 @bp.get("/login-info/full")
 def get_login_info_full():
     """The caller's user document, computed privileges and the settings the web UI needs."""
-    return accounts.full_login_info(g.user, g.privileges)
+    image_server = current_app.config["DICOM_IMAGE_SERVER_URL"] or request.host_url + "rs"
+    return accounts.full_login_info(g.user, g.privileges, image_server)
 
 
 @bp.get("/logout")

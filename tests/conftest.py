@@ -25,10 +25,17 @@ ALL_PRIVILEGES = ["createProject", "deleteProject", "manageServer", "personalInf
 
 
 @pytest.fixture
-def app(tmp_path):
+def app_config():
+    """Settings create_app gets on top of the test defaults; override this fixture (or
+    parametrize it) for settings read only when the app is built."""
+    return {}
+
+
+@pytest.fixture
+def app(tmp_path, app_config):
     config = {"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
               "DATABASE_URL": os.environ.get("DATABASE_URL"), "WORKER_POLL_INTERVAL": 0.05,
-              "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"}
+              "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000", **app_config}
     app = create_app(config)
     with app.app_context():
         if db.engine.dialect.name != "sqlite":

@@ -2,13 +2,14 @@
 import pytest
 
 from models import Project, db
+from tests.case_helpers import create_case, seed_series
 from tests.factories import make_group, make_project, make_token, make_user
 
 MANAGE_SERVER = "You do not have sufficient privilege to access this resource.manageServer"
 NEW_PROJECT = {
     "projectName": "Lung", "description": "Lung nodules",
     "icon": {"glyph": "lung-icon", "color": "#ffffff", "backgroundColor": "#008800"},
-    "tags": [{"caption": "urgent", "color": "#ff0000"}],
+    "tags": [{"name": "urgent", "color": "#ff0000"}],
     "caseAttributesSchema": {"type": "object", "properties": {
         "grade": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["grade"]},
     "labelAttributesSchema": {},
@@ -51,7 +52,11 @@ def test_create_project_bad_body(app, client, auth_headers):
         {"icon": {"glyph": "Not Kebab", "color": "#ffffff", "backgroundColor": "#000000"}},
         {"icon": {"glyph": "calc", "color": "white", "backgroundColor": "#000000"}},
         {"icon": {"glyph": "calc", "color": "#ffffff"}},
-        {"tags": [{"caption": "x", "color": "#FF0000"}]},
+        {"tags": [{"name": "x", "color": "#FF0000"}]},
+        {"tags": [{"name": "x"}]},
+        {"tags": [{"name": 1, "color": "#ff0000"}]},
+        {"tags": [{"label": "x", "color": "#ff0000"}]},
+        {"tags": ["x"]},
         {"windowPriority": "random"},
         {"windowPresets": [{"label": "a", "level": 1}]},
         {"caseAttributesSchema": {"type": "array"}},
@@ -88,6 +93,33 @@ def test_patch_project(app, client, auth_headers, default_project):
     with app.app_context():
         project = db.session.get(Project, default_project)
         assert project.description == "changed" and project.project_name == "default"
+
+
+def test_project_tags_as_the_ui_sends_them(app, client, auth_headers, default_project):
+    """API.md 4.8: the UI's {name, color}, a legacy caption, or neither; handed back as
+    stored; case tags are the names."""
+    palette = [{"name": "urgent", "color": "#ff0000"}, {"caption": "legacy", "color": "#00ff00"},
+               {"name": "both", "caption": "old", "color": "#0000ff"}, {"color": "#123456"}]
+    headers = auth_headers["alice"]
+    res = client.patch(f"/api/admin/projects/{default_project}", json={"tags": palette},
+                       headers=headers)
+    assert res.status_code == 204
+    for path in (f"/api/admin/projects/{default_project}", f"/api/projects/{default_project}"):
+        assert client.get(path, headers=headers).get_json()["tags"] == palette
+    [project] = client.get("/api/login-info/full", headers=headers).get_json()["accessibleProjects"]
+    assert project["project"]["tags"] == palette
+
+    seed_series(app)
+    case_id = create_case(client, headers, default_project, tags=["urgent"])
+    res = client.put(f"/api/cases/{case_id}/tags", json=["urgent", "both"], headers=headers)
+    assert res.status_code == 204
+    res = client.patch("/api/cases/tags", json={"operation": "add", "tags": ["legacy"],
+                                                "caseIds": [case_id]}, headers=headers)
+    assert res.status_code == 204
+    assert client.get(f"/api/cases/{case_id}", headers=headers).get_json()["tags"] == [
+        "urgent", "both", "legacy"]
+    found = client.get('/api/cases?filter={"tags": "both"}', headers=headers).get_json()
+    assert [c["caseId"] for c in found["items"]] == [case_id]
 
 
 @pytest.mark.parametrize("body, status, message", [

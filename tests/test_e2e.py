@@ -208,6 +208,13 @@ def test_malformed_json_is_a_400(server):
     assert res.status_code == 400 and "error" in res.json()
 
 
+def test_deeply_nested_json_is_a_400(server):
+    res = server.post("/api/mylists", data=b"[" * 100000 + b"]" * 100000,
+                      headers={"Content-Type": "application/json"})
+    assert res.status_code == 400
+    assert res.json() == {"error": "Invalid JSON as request body.\nNested more than 64 levels deep"}
+
+
 def test_token_issued_over_the_api_works(server):
     res = server.post("/api/tokens", json={"description": "e2e"})
     assert res.status_code == 201, res.text

@@ -1,6 +1,9 @@
 """Who am I: /api/login-info and /api/login-info/full."""
 from datetime import datetime
 
+import pytest
+
+import config
 from models import MyList, MyListEditor, PluginDefinition, ServerParam, db
 from tests.factories import make_group, make_project, make_token, make_user
 
@@ -45,7 +48,7 @@ def test_full_for_bob(app, client, auth_headers, default_project):
     assert project["project"]["icon"] == {"glyph": "calc", "color": "#ffffcc",
                                           "backgroundColor": "#248065"}
     assert doc["defaultDomain"] is None
-    assert doc["dicomImageServer"] == "http://localhost:8080/rs"
+    assert doc["dicomImageServer"] == "http://localhost/rs"  # this server, as addressed
     assert doc["uploadFileMax"] == 30
     assert doc["uploadFileSizeMaxBytes"] == 209715200
     assert set(doc) == {
@@ -167,3 +170,53 @@ def test_remote_plugin_secret_is_not_shown(app):
     assert plugin["plugin"]["runConfiguration"] == {
         "adapter": "x", "parameters": {"endpoint": "https://cad.example.com"}}
     assert b"s3cret" not in res.data
+
+
+# --- dicomImageServer ------------------------------------------------------------------------
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "circus.example.org",
+             "X-Forwarded-For": "203.0.113.9"}
+
+
+def image_server(client, headers, base_url="http://localhost", **extra):
+    res = client.get("/api/login-info/full", base_url=base_url, headers={**headers, **extra})
+    assert res.status_code == 200
+    return res.get_json()["dicomImageServer"]
+
+
+@pytest.mark.parametrize("base_url, expected", [
+    ("http://localhost", "http://localhost/rs"),
+    ("http://10.0.0.5:9000", "http://10.0.0.5:9000/rs"),
+    ("https://circus.example.org", "https://circus.example.org/rs"),
+    ("https://circus.example.org:8443", "https://circus.example.org:8443/rs"),
+])
+def test_image_server_is_this_server_as_the_browser_addressed_it(client, auth_headers,
+                                                                  base_url, expected):
+    assert image_server(client, auth_headers["bob"], base_url) == expected
+
+
+def test_forwarded_headers_are_ignored_unless_trusted(client, auth_headers):
+    assert image_server(client, auth_headers["bob"], "http://10.0.0.5:8080",
+                        **FORWARDED) == "http://10.0.0.5:8080/rs"
+
+
+@pytest.mark.parametrize("app_config", [{"TRUST_FORWARDED_HEADERS": True}])
+def test_forwarded_headers_when_trusted(client, auth_headers):
+    assert image_server(client, auth_headers["bob"], "http://10.0.0.5:8080",
+                        **FORWARDED) == "https://circus.example.org/rs"
+    assert image_server(client, auth_headers["bob"], "http://10.0.0.5:8080") == \
+        "http://10.0.0.5:8080/rs"
+
+
+@pytest.mark.parametrize("app_config", [
+    {"DICOM_IMAGE_SERVER_URL": "https://images.example.org/rs"}])
+def test_configured_image_server_wins(client, auth_headers):
+    assert image_server(client, auth_headers["bob"], "http://10.0.0.5:8080",
+                        **FORWARDED) == "https://images.example.org/rs"
+
+
+def test_image_server_setting_defaults_to_unset(monkeypatch):
+    monkeypatch.delenv("CIRCUS_DICOM_IMAGE_SERVER_URL", raising=False)
+    assert config.from_environment()["DICOM_IMAGE_SERVER_URL"] is None
+    monkeypatch.setenv("CIRCUS_DICOM_IMAGE_SERVER_URL", "http://x/rs")
+    assert config.from_environment()["DICOM_IMAGE_SERVER_URL"] == "http://x/rs"

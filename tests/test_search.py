@@ -176,7 +176,7 @@ def test_sort(get):
     ('{"seriesUid": "asc"}', "Bad sort parameter. Invalid key/value pair."),
     ('{"seriesUid": true}', "Bad sort parameter. Invalid key/value pair."),
     ('{"seriesUid": 1.5}', "Bad sort parameter. Invalid key/value pair."),
-    ('{"seriesUid": NaN}', "Bad sort parameter. Invalid key/value pair."),
+    ('{"seriesUid": NaN}', "Bad sort parameter. Invalid JSON."),  # NaN is not JSON
 ])
 def test_sort_errors(get, sort, message):
     res = get("series", sort=sort)
