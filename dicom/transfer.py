@@ -10,6 +10,7 @@ does, and never end the socket.
 """
 import json
 import logging
+import socket
 import threading
 
 import volumes
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 END_OF_JSON = b"\n"
 DECODE_AHEAD = 4  # slices of a transfer queued for decoding beyond the one being sent
 IDLE_WAIT = 1.0  # seconds an idle socket blocks on receive before checking for shutdown
+CLOSE_WAIT = 1.0  # seconds a stopping socket waits for the client's close answer
 DECODE_TIMEOUT = 120  # seconds a slice may take before its transfer is given up
 MESSAGE_TYPES = {"BEGIN_TRANSFER", "SET_PRIORITY", "PAUSE_TRANSFER", "RESUME_TRANSFER",
                  "ABORT_TRANSFER", "TRANSFER_IMAGE"}
@@ -230,3 +232,11 @@ def serve(ws, begin):
         elif busy:
             agent.step()
     ws.close(reason=1001, message="Server is shutting down")
+    # The reader thread ends with the client's answer; a client that does not answer must
+    # not keep the stopping process alive.
+    ws.thread.join(CLOSE_WAIT)
+    if ws.thread.is_alive():
+        try:
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

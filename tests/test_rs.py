@@ -498,3 +498,25 @@ def test_idle_sockets_leave_short_requests_served(rs_server):
     assert time.monotonic() - started < 5
     for ws in sockets:
         ws.close()
+
+
+@pytest.mark.e2e
+def test_open_socket_closes_on_shutdown(tmp_path):
+    """SIGTERM: an open socket gets 1001 and gunicorn exits 0 well within graceful_timeout."""
+    env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"), "WEB_CONCURRENCY": "1"}
+    env.pop("DATABASE_URL", None)
+    flask_cli(env, "init-db")
+    srv = Server(tmp_path, env)
+    srv.token = flask_cli(env, "add-permanent-token", "circus").strip().splitlines()[-1]
+    srv.start("gunicorn", [sys.executable, "-m", "gunicorn", "-b", srv.base[7:],
+                           "--no-control-socket", "app:create_app()"])
+    srv.wait_until_up()
+    srv.ws_base = srv.base.replace("http://", "ws://")
+    ws = connect(srv)
+    started = time.monotonic()
+    codes = srv.stop()
+    assert codes == {"gunicorn": 0} and time.monotonic() - started < 8, srv.log("gunicorn")
+    ws.settimeout(5)
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        ws.recv()
+        ws.recv()
