@@ -44,7 +44,10 @@ PLUGIN_ROLES = {"readPlugin": "read_plugin", "executePlugin": "execute_plugin",
 
 # Endpoints reachable without a token (OPTIONS is answered before routing).
 PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display",
-                    "web_ui.get_web_ui"}
+                    "web_ui.get_web_ui",
+                    # the image server: its views call check_series_token themselves
+                    # (token by header or ?token=; metadata may go without one, as CIRCUS)
+                    "rs.get_metadata", "rs.get_volume", "rs.volume_socket"}
 
 
 # --- secrets ----------------------------------------------------------------------------
@@ -260,6 +263,22 @@ def authenticate_request():
     g.user = user
     table_versions.remember(stamps)
     g.privileges = cached_privileges(user, stamps[GROUPS_STAMP])
+
+
+def rs_request_token():
+    """The token of an image server request: the bearer header, else ``?token=``, else None."""
+    if request.headers.get("Authorization"):
+        return _bearer_token()
+    return request.args.get("token") or None
+
+
+def check_series_token(token, domain):
+    """The owner of a valid token whose groups hold ``domain`` (the image server's check,
+    made outside the hook); ApiError 401 for the token, 403 for the domain."""
+    user, stamps = authenticate_token(token)
+    if not cached_privileges(user, stamps[GROUPS_STAMP]).has_domain(domain):
+        raise ApiError(403, "You do not have privilege to access this series.")
+    return user
 
 
 # --- checks used by views ---------------------------------------------------------------

@@ -54,6 +54,13 @@ def from_environment():
         "DOWNLOAD_RETENTION_SECONDS": int(os.environ.get("CIRCUS_DOWNLOAD_RETENTION_SECONDS", 7 * 86400)),
         # werkzeug password hash method (tests use a cheap one; never lower it in production).
         "PASSWORD_HASH_METHOD": "scrypt",
+        # Image server (/rs): bytes of decoded volumes kept in memory per worker process.
+        "CIRCUS_RS_CACHE_BYTES": int(os.environ.get("CIRCUS_RS_CACHE_BYTES", 1024**3)),
+        # Image server: threads per process decoding slices (shared by every viewer).
+        "CIRCUS_RS_DECODE_THREADS": int(os.environ.get("CIRCUS_RS_DECODE_THREADS", 2)),
+        # Image server WebSocket (flask-sock): a client message over 64 KiB closes the socket
+        # (1009); a ping every 30 s ends sockets of vanished clients (their thread with them).
+        "SOCK_SERVER_OPTIONS": {"max_message_size": 64 * 1024, "ping_interval": 30},
         # Fixed-user mode for debugging (never in production): every request runs as this user.
         "FIX_USER": os.environ.get("CIRCUS_API_FIX_USER"),
     }

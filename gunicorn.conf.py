@@ -9,7 +9,8 @@ this server must keep while short requests go on. With gthread each stream holds
 of a worker (it sleeps between cheap polls of the tasks table); the other threads keep
 serving short requests. A worker accepts connections beyond its free threads and queues
 them behind the streams, so each worker needs more threads than streams it may hold:
-``threads`` is sized for all streams landing on one worker. Measured with
+``threads`` is sized for all streams landing on one worker. The image server's volume
+WebSockets (/rs/ws/volume, one per logged-in UI) hold a thread each in the same way. Measured with
 ``bench/streams.py`` (figures in its docstring and the export issue's report).
 """
 import os
@@ -30,3 +31,24 @@ graceful_timeout = 10
 # A worker silent for this long is restarted (uploads and downloads stream; nothing long
 # runs inside a request, see DESIGN.md).
 timeout = 60
+
+
+def post_worker_init(worker):
+    """Image server sockets (/rs/ws/volume) never end by themselves: on SIGTERM tell them to
+    close (1001) so the worker stops within ``graceful_timeout`` without cutting them.
+
+    A gthread worker's timeout does not cover its request threads (the main loop notifies
+    the arbiter), so a long-lived socket is never killed as a "silent" worker.
+    """
+    import signal
+
+    from dicom import transfer  # imported in the worker: the arbiter never loads app code
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        transfer.stopping.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)

@@ -651,3 +651,28 @@ def _remove(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+# --- single images for the image server (/rs) -----------------------------------------------
+
+def read_slice(path, number, series_uid):
+    """Decode one stored image (``storage.instance_path``): the image server's unit of work,
+    run on threads without an app context."""
+    return _load(path, number, series_uid, False)
+
+
+def image_attributes(path, number, series_uid):
+    """What the image server reads besides the pixels, as CIRCUS's extractor does:
+    ``window`` ({level, width} from the first values of Window Center/Width, or None),
+    ``orientation`` (Image Orientation (Patient) text) and ``imageType`` (the first value
+    of Image Type, e.g. ``DERIVED``)."""
+    where = f"image #{number} of series {series_uid}"
+    ds, _ = _read_header(_read(path, number, series_uid), where)
+    center, width = _text(ds, 0x00281050), _text(ds, 0x00281051)
+    window = None
+    if center is not None and width is not None:
+        window = {"level": js_parse_float(center.split("\\")[0]),
+                  "width": js_parse_float(width.split("\\")[0])}
+    image_type = _text(ds, 0x00080008)
+    return {"window": window, "orientation": _text(ds, 0x00200037),
+            "imageType": image_type.split("\\")[0] if image_type is not None else None}
