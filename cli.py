@@ -129,19 +129,19 @@ def register(app):
         /plugin.json manifest."""
         import json
 
-        import plugin_definitions
-        import plugin_runners
+        from plugins import definitions
+        from plugins import runner
         try:
-            plugin_definitions.check_new_cad_id(image_id)
-            manifest = plugin_runners.read_manifest(
+            definitions.check_new_cad_id(image_id)
+            manifest = runner.read_manifest(
                 image_id, current_app.config["PLUGIN_DOCKER_COMMAND"])
-            doc = plugin_definitions.cad_definition_from_manifest(image_id, manifest)
-        except (ApiError, plugin_runners.PluginRunError) as exc:
+            doc = definitions.cad_definition_from_manifest(image_id, manifest)
+        except (ApiError, runner.PluginRunError) as exc:
             raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
         click.echo(json.dumps(doc, indent=2))
         if not yes and not click.confirm("Is this OK?"):
             return
-        plugin_definitions.create_plugin(doc)
+        definitions.create_plugin(doc)
         click.echo(f"Registered {doc['pluginName']} v{doc['version']}")
 
     @app.cli.command("register-plugin-job")
@@ -152,9 +152,9 @@ def register(app):
     def register_plugin_job_command(plugin, series, user_ref, priority):
         """Queue a job of PLUGIN (ID or name) on SERIES (UID[:start:end:delta]...) as a user,
         with the rules of POST /api/plugin-jobs; print the job ID."""
-        import plugin_jobs
+        from plugins import jobs
         try:
-            click.echo(plugin_jobs.register_job_as(plugin, user_ref, series, priority))
+            click.echo(jobs.register_job_as(plugin, user_ref, series, priority))
         except ApiError as exc:
             raise click.ClickException(exc.message) from None
 
@@ -169,11 +169,11 @@ def register(app):
     def run_plugin_command(plugin_id, series, out_dir, keep, work_root):
         """Run one plug-in on SERIES (UID[:start:end:delta]...) without the queue and write
         its output to --out (what plug-in authors use to test)."""
-        import plugin_runners
+        from plugins import runner
         try:
-            results, kept = plugin_runners.run_standalone(plugin_id, series, out_dir, keep,
+            results, kept = runner.run_standalone(plugin_id, series, out_dir, keep,
                                                           work_root)
-        except (ApiError, plugin_runners.PluginRunError) as exc:
+        except (ApiError, runner.PluginRunError) as exc:
             raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
         click.echo(f"Finished: {len((results.get('results') or {}).get('lesionCandidates') or [])}"
                    f" lesion candidate(s); output in {out_dir}")

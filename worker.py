@@ -80,7 +80,7 @@ def _load_handlers():
     """Import the modules whose handlers and sources register themselves on import."""
     import dicom_import  # noqa: F401  (series_import)
     import exports  # noqa: F401  (export-mhd, export-cs-volume)
-    import plugin_worker  # noqa: F401  (run_plugin_jobs)
+    from plugins import job_source  # noqa: F401  (run_plugin_jobs)
 
 
 def run_forever(app, poll_interval=None):

@@ -10,7 +10,7 @@ import subprocess
 import tarfile
 import threading
 
-from plugin_job_log import PluginRunError
+from plugins.job_log import PluginRunError
 
 DOCKER_DEFAULT_TIMEOUT = 3000  # seconds, when runConfiguration.timeout is absent (5.4)
 DOCKER_STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL when a container is stopped

@@ -11,7 +11,7 @@ import os
 import sqlalchemy as sa
 from flask import g
 
-import plugin_definitions
+from plugins import definitions
 import queue_claims
 import series_access
 import storage
@@ -168,7 +168,7 @@ def register_job(user_email, privileges, body):
         if "requiredPrivateTags" in item:
             entry["requiredPrivateTags"] = item["requiredPrivateTags"]
         entries.append(entry)
-    plugin = plugin_definitions.get_plugin(body["pluginId"])
+    plugin = definitions.get_plugin(body["pluginId"])
     for role in ("readPlugin", "executePlugin"):
         if not privileges.has_plugin_role(plugin.plugin_id, role):
             raise ApiError(401, 'You do not have "executePlugin" privilege of this plugin.')

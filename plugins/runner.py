@@ -16,14 +16,14 @@ import time
 
 from flask import current_app
 
-import plugin_definitions
-import plugin_jobs
+from plugins import definitions
+from plugins import jobs
 import storage
 from models import PluginDefinition, PluginJob, db
-from plugin_docker import docker_read_file, run_docker
-from plugin_job_log import LOG_NAME, JobLog, PluginRunError, short_message
-from plugin_remote import run_remote
-from plugin_results import copy_outputs, read_results, wait_for_results
+from plugins.docker_runner import docker_read_file, run_docker
+from plugins.job_log import LOG_NAME, JobLog, PluginRunError, short_message
+from plugins.remote_runner import run_remote
+from plugins.results import copy_outputs, read_results, wait_for_results
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,15 @@ def run_job(job_id):
             results, out_dir = execute(plugin, series, work_dir, job_log, job_id, docker)
             job_log.line("Copying the result files")
             copy_outputs(out_dir, results_dir, job_log)
-            plugin_jobs.finish_job(job_id, results)
+            jobs.finish_job(job_id, results)
             job_log.line("Job execution done.")
         except PluginRunError as exc:
             job_log.line(f"Error: {exc}")
-            plugin_jobs.fail_job(job_id, str(exc))
+            jobs.fail_job(job_id, str(exc))
         except Exception as exc:
             log.exception("Plug-in job %s failed unexpectedly", job_id)
             job_log.line(f"Error: {type(exc).__name__}: {exc}")
-            plugin_jobs.fail_job(
+            jobs.fail_job(
                 job_id, f"Internal error: {type(exc).__name__}: {short_message(exc)}")
         finally:
             if not current_app.config.get("PLUGIN_KEEP_WORK_DIR"):
@@ -114,10 +114,10 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
     Raises ApiError for a bad plug-in or series argument, PluginRunError when the run fails.
     """
     import series_access
-    plugin = plugin_definitions.get_plugin(plugin_id)
+    plugin = definitions.get_plugin(plugin_id)
     entries = []
     for text in series_arguments:
-        entry = plugin_jobs.parse_series_argument(text)
+        entry = jobs.parse_series_argument(text)
         pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
         series_access.check_pvd_range(series_access.get_series(entry["seriesUid"]), pvd)
         entries.append(entry)

@@ -13,9 +13,9 @@ import tarfile
 
 import requests
 
-import plugin_definitions
+from plugins import definitions
 import storage
-from plugin_job_log import PluginRunError, short_message
+from plugins.job_log import PluginRunError, short_message
 
 REMOTE_ADAPTERS = ("default", "defaultHttpAdapter")
 REMOTE_DEFAULT_TIMEOUT = 300  # seconds until the headers of POST <endpoint>/run (5.5)
@@ -110,7 +110,7 @@ def _remote_settings(plugin):
     if not endpoint.startswith(("http://", "https://")):
         raise PluginRunError("Remote CAD failed: Internal error: No endpoint is configured.")
     timeout = parameters.get("timeout", REMOTE_DEFAULT_TIMEOUT)
-    return endpoint, plugin_definitions.remote_secret(plugin), (int(timeout) if timeout else None)
+    return endpoint, definitions.remote_secret(plugin), (int(timeout) if timeout else None)
 
 
 def _remote_failed(message):

@@ -27,12 +27,12 @@ from datetime import timedelta
 import sqlalchemy as sa
 from flask import current_app
 
-import plugin_jobs
+from plugins import jobs
 import storage
 import worker
 from models import PluginJob, SystemState, db, iso, parse_iso, utcnow
-from plugin_job_log import LOG_NAME, JobLog
-from plugin_runners import remove_work_dir, run_job
+from plugins.job_log import LOG_NAME, JobLog
+from plugins.runner import remove_work_dir, run_job
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def recover_interrupted_jobs(worker_id, running=()):
 
 def _interrupted(job_id):
     """Fail a job whose runner stopped before ending it; return whether it was failed."""
-    if not plugin_jobs.fail_job(job_id, INTERRUPTED):
+    if not jobs.fail_job(job_id, INTERRUPTED):
         return False
     try:
         with JobLog(os.path.join(storage.results_dir(job_id), LOG_NAME)) as job_log:
@@ -181,7 +181,7 @@ def _job_process_run(job_id):
 def _job_processes(app, size):
     """``size`` job processes, forked from a server that has imported the app once."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["app", "plugin_runners"])
+    context.set_forkserver_preload(["app", "plugins.runner"])
     executor = ProcessPoolExecutor(size, mp_context=context, initializer=_job_process_start,
                                    initargs=(os.getpid(), _app_settings(app)))
     # Started now, and ready before the worker claims a job for them.
@@ -293,7 +293,7 @@ def run_plugin_jobs(worker_id):
     pool.sweep()
     progressed = pool.reap() > 0
     while len(pool.futures) < pool.size:
-        job_id = plugin_jobs.claim_next_job(worker_id)
+        job_id = jobs.claim_next_job(worker_id)
         if job_id is None:
             break
         pool.submit(job_id)
