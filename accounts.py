@@ -7,11 +7,11 @@ from datetime import timedelta
 
 from flask import current_app
 
-from plugins import definitions
 from auth import check_password, digest, find_user, issue_login_token
 from errors import ApiError, not_found
 from models import (MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project, ServerParam,
                     Token, User, db, utcnow)
+from plugins import definitions
 
 log = logging.getLogger(__name__)
 ONETIME_LIFETIME = timedelta(seconds=60)

@@ -10,11 +10,11 @@ import logging
 from sqlalchemy.exc import IntegrityError
 
 import accounts
-from plugins import definitions
 from auth import hash_password
 from errors import ApiError, not_found
 from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, PluginDefinition, Project,
                     Series, ServerParam, User, db, new_ulid, get_or_404, put_value)
+from plugins import definitions
 from validation import validate
 
 log = logging.getLogger(__name__)

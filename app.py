@@ -91,6 +91,9 @@ def create_app(config=None):
     app.config.update(config_module.from_environment())
     if config:
         app.config.update(config)
+    # The worker's job processes rebuild this app from its settings (plugins/job_source.py):
+    # they are handed the factory, so nothing below imports this module.
+    app.config["APP_FACTORY"] = create_app
     app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
     os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
@@ -120,6 +123,6 @@ def create_app(config=None):
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    cli.register(app)
+    app.cli.commands.update(cli.commands.commands)
     app.wsgi_app = CaseInsensitiveRouting(app, app.wsgi_app)
     return app

@@ -13,8 +13,8 @@ import tarfile
 
 import requests
 
-from plugins import definitions
 import storage
+from plugins import definitions
 from plugins.job_log import PluginRunError, short_message
 
 REMOTE_ADAPTERS = ("default", "defaultHttpAdapter")
@@ -117,8 +117,9 @@ def _remote_failed(message):
     return PluginRunError(f"Remote CAD failed: {message}")
 
 
-def run_remote(plugin, in_dir, out_dir, work_dir, job_log):
-    """Run a CAD+remote plug-in with the HTTP protocol of 5.5; the result tar ends in out/."""
+def run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config):
+    """The runner of "CAD+remote" plug-ins (``plugins.runner.RUNNERS``): the HTTP protocol
+    of 5.5; the result tar ends in out/."""
     endpoint, secret, timeout = _remote_settings(plugin)
     headers = {"Authorization": f"Bearer {secret}"}
     files = sorted(os.path.join(in_dir, name) for name in os.listdir(in_dir)

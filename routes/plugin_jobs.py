@@ -4,8 +4,8 @@ import mimetypes
 from flask import Blueprint, g, send_file
 
 import my_lists
-from plugins import jobs
 from auth import can_view_personal_info
+from plugins import jobs
 from search import search
 from validation import expects
 

@@ -1,8 +1,8 @@
 """Plug-in definitions the caller may read: /api/plugins."""
 from flask import Blueprint, g
 
-from plugins import definitions
 from errors import ApiError
+from plugins import definitions
 
 bp = Blueprint("plugins", __name__, url_prefix="/api/plugins")
 

@@ -17,10 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from plugins import docker_runner
-from plugins import runner
 import worker
 from models import PluginDefinition, db
+from plugins import docker_runner, runner
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 
@@ -262,15 +261,15 @@ def test_plugin_displays_not_found(env):
 # --- register-cad-plugin ------------------------------------------------------------------
 
 def test_register_cad_plugin_command(env):
-    runner = env.app.test_cli_runner()
-    result = runner.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
+    cli = env.app.test_cli_runner()
+    result = cli.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
     assert result.exit_code == 0, result.output
     assert "Registered Fake CAD v2.0.0" in result.output
     with env.app.app_context():
         plugin = db.session.get(PluginDefinition, GOOD_IMAGE)
         assert plugin.run_configuration == {"timeout": 900, "gpus": ""}
         assert plugin.icon["glyph"] == "calc" and plugin.description == "from the manifest"
-    result = runner.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
+    result = cli.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
     assert result.exit_code != 0 and "This plug-in is already installed." in result.output
 
 

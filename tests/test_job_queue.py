@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from plugins import jobs
 from models import PluginJob, SystemState, db
+from plugins import jobs
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 

@@ -1,4 +1,4 @@
-"""plugin_worker and plugin_runners: the worker source (concurrency, stopped manager, crash
+"""plugins.job_source and plugins.runner: the worker source (concurrency, stopped manager, crash
 recovery), input preparation, and the plug-in CLI commands."""
 import json
 import os
@@ -15,12 +15,10 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from plugins import jobs
-from plugins import runner
-from plugins import job_source
 import storage
 import worker
 from models import PluginDefinition, PluginJob, db, utcnow
+from plugins import job_source, jobs, runner
 from tests.plugin_helpers import grant, remote_definition, store_sample_series
 from tests.remote_plugin_server import RemotePlugin
 
@@ -82,7 +80,7 @@ def test_a_job_process_that_dies_fails_its_jobs_and_is_replaced(env):
     env.server.run_delay = 1.0
     first, second, third = queue_jobs(env, 3)
     with env.app.app_context():
-        assert job_source.run_plugin_jobs("w1") is True       # two jobs, two processes
+        assert job_source.run_plugin_jobs(env.app, "w1") is True  # two jobs, two processes
         pool = job_source.job_pool(env.app, "w1")
         assert sorted(pool.futures.values()) == sorted([first, second])
         deadline = time.monotonic() + 30
@@ -90,7 +88,7 @@ def test_a_job_process_that_dies_fails_its_jobs_and_is_replaced(env):
             time.sleep(0.02)
         assert os.getpid() not in pool.executor._processes       # jobs run elsewhere
         os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
-        while job_source.run_plugin_jobs("w1"):
+        while job_source.run_plugin_jobs(env.app, "w1"):
             pass
     # The pool of a dead process is broken as a whole: both its jobs end failed, at once,
     # and the next job runs in new processes.
@@ -107,10 +105,10 @@ def test_stopped_manager_finishes_the_current_job_and_takes_no_new_one(env):
     env.server.run_delay = 0.3
     first, second = queue_jobs(env, 2)
     with env.app.app_context():
-        assert job_source.run_plugin_jobs("w1") is True       # takes the first job
+        assert job_source.run_plugin_jobs(env.app, "w1") is True  # takes the first job
         assert statuses(env, [first, second]) == ["processing", "in_queue"]
         jobs.set_manager_status("stopped")
-        while job_source.run_plugin_jobs("w1"):
+        while job_source.run_plugin_jobs(env.app, "w1"):
             pass
     assert statuses(env, [first, second]) == ["finished", "in_queue"]
     with env.app.app_context():
@@ -207,8 +205,8 @@ def test_prepare_input_with_a_missing_file(env, tmp_path):
 # --- CLI --------------------------------------------------------------------------------------
 
 def test_register_plugin_job_command(env):
-    runner = env.app.test_cli_runner()
-    result = runner.invoke(args=["register-plugin-job", "Remote CAD", "--user=bob",
+    cli = env.app.test_cli_runner()
+    result = cli.invoke(args=["register-plugin-job", "Remote CAD", "--user=bob",
                                  "--priority=7", f"{env.series_uid}:1:5:1"])
     assert result.exit_code == 0, result.output
     job_id = result.output.strip()
@@ -216,7 +214,7 @@ def test_register_plugin_job_command(env):
         job = db.session.get(PluginJob, job_id)
         assert (job.user_email, job.priority, job.status) == ("bob@example.com", 7, "in_queue")
         assert job.series[0]["partialVolumeDescriptor"] == {"start": 1, "end": 5, "delta": 1}
-    result = runner.invoke(args=["register-plugin-job", env.plugin_id, "--user=bob@example.com",
+    result = cli.invoke(args=["register-plugin-job", env.plugin_id, "--user=bob@example.com",
                                  env.series_uid])
     assert result.exit_code == 0, result.output
     with env.app.app_context():

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from plugins import jobs
 import storage
 from models import MyList, MyListItem, PluginJob, Series, User, db
+from plugins import jobs
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 

@@ -1,4 +1,4 @@
-"""plugin_results: results.json waiting and validation, and the copy of out/ that never
+"""plugins.results: results.json waiting and validation, and the copy of out/ that never
 follows links."""
 import json
 import threading

@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from plugins import remote_runner
 import storage
 import worker
 from models import PluginJob, db
+from plugins import remote_runner
 from plugins.job_log import PluginRunError
 from tests.plugin_helpers import grant, remote_definition, store_sample_series
 from tests.remote_plugin_server import RemotePlugin

@@ -1,9 +1,9 @@
 """Plug-in definitions: /api/admin/plugins (manageServer on every route, quirk 5)."""
 from flask import Blueprint
 
-from plugins import definitions
 from auth import require_global
 from models import PluginDefinition, db
+from plugins import definitions
 from search import search
 from validation import expects
 
