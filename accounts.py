@@ -7,11 +7,11 @@ from datetime import timedelta
 
 from flask import current_app
 
-import plugin_definitions
 from auth import check_password, digest, find_user, issue_login_token
 from errors import ApiError, not_found
 from models import (MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project, ServerParam,
                     Token, User, db, utcnow)
+from plugins import definitions
 
 log = logging.getLogger(__name__)
 ONETIME_LIFETIME = timedelta(seconds=60)
@@ -201,7 +201,7 @@ def privilege_document(privileges):
             {"projectId": pid, "roles": list(roles), "project": projects[pid].to_json()}
             for pid, roles in privileges.project_roles.items() if pid in projects],
         "accessiblePlugins": [
-            {"pluginId": pid, "roles": list(roles), "plugin": plugin_definitions.public_json(plugins[pid])}
+            {"pluginId": pid, "roles": list(roles), "plugin": definitions.public_json(plugins[pid])}
             for pid, roles in privileges.plugin_roles.items() if pid in plugins],
     }
 

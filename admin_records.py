@@ -10,11 +10,11 @@ import logging
 from sqlalchemy.exc import IntegrityError
 
 import accounts
-import plugin_definitions
 from auth import hash_password
 from errors import ApiError, not_found
 from models import (GROUP_ARRAY_FIELDS, ClinicalCase, Group, MyList, PluginDefinition, Project,
                     Series, ServerParam, User, db, new_ulid, get_or_404, put_value)
+from plugins import definitions
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ RECORD_CHECKS = {
     "clinicalCases": (ClinicalCase, ClinicalCase.case_id, _stored_case, STORED_CASE),
     "myLists": (MyList, MyList.my_list_id, lambda m: m.to_json(), STORED_MY_LIST),
     "pluginDefinitions": (PluginDefinition, PluginDefinition.plugin_id,
-                          plugin_definitions.document, plugin_definitions.validate_definition),
+                          definitions.document, definitions.validate_definition),
 }
 CHECK_BATCH = 500
 

@@ -92,6 +92,9 @@ def create_app(config=None):
     app.config.update(config_module.from_environment())
     if config:
         app.config.update(config)
+    # The worker's job processes rebuild this app from its settings (plugins/job_source.py):
+    # they are handed the factory, so nothing below imports this module.
+    app.config["APP_FACTORY"] = create_app
     app.config["CIRCUS_DATA_DIR"] = os.path.abspath(app.config["CIRCUS_DATA_DIR"])
     if app.config.get("WEB_UI_DIR"):
         app.config["WEB_UI_DIR"] = os.path.abspath(app.config["WEB_UI_DIR"])
@@ -128,7 +131,7 @@ def create_app(config=None):
     if app.config.get("WEB_UI_DIR"):
         # Last, and only when configured: otherwise every other path stays a 404 (any method).
         app.register_blueprint(web_ui.bp)
-    cli.register(app)
+    app.cli.commands.update(cli.commands.commands)
     app.wsgi_app = CaseInsensitiveRouting(app, app.wsgi_app)
     if app.config.get("TRUST_FORWARDED_HEADERS"):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)

@@ -1,18 +1,33 @@
-"""The admin commands of `flask --app app ...`."""
+"""The admin commands of `flask --app app ...`, each a module-level command of ``commands``
+(create_app adds them all to the app's CLI)."""
+import json
+
 import click
 from flask import current_app
+from flask.cli import AppGroup
 
 import accounts
 import admin_records
+import clinical_cases
 import dbmigrate
+import exports
 import table_versions
-from auth import GLOBAL_PRIVILEGES, find_user, hash_password, issue_permanent_token
+import worker
+from auth import (GLOBAL_PRIVILEGES, compute_privileges, find_user, hash_password,
+                  issue_permanent_token)
+from dicom import importer, instance
+from dicom.errors import DicomImportError
 from errors import ApiError
-from validation import validate
 from models import (GROUPS_STAMP, Group, Project, ServerParam, SystemState, User, db,
-                    new_ulid)
+                    new_ulid, parse_iso)
+from plugins import definitions, jobs, runner
+from plugins.job_log import PluginRunError
+from validation import validate
 
 DEFAULT_TOKEN_DESCRIPTION = "A permanent token for API access"
+
+# An AppGroup's commands run inside the app context, as ``@app.cli.command`` ones do.
+commands = AppGroup("circus", help="The admin commands of CIRCUS.")
 
 
 def create_initial_data():
@@ -77,276 +92,272 @@ def _sync_group_sequence():
         db.session.commit()
 
 
-def register(app):
-    """Attach every command to the app's CLI."""
+@commands.command("init-db")
+def init_db_command():
+    """Create (or upgrade) the schema and the initial data if absent (idempotent)."""
+    click.echo("Schema: " + _prepare_schema())
+    created = create_initial_data()
+    click.echo("Created: " + ", ".join(created) if created else "Nothing to do: the database is initialised.")
+    click.echo("Data directory: " + current_app.config["CIRCUS_DATA_DIR"])
 
-    @app.cli.command("init-db")
-    def init_db_command():
-        """Create (or upgrade) the schema and the initial data if absent (idempotent)."""
-        click.echo("Schema: " + _prepare_schema())
-        created = create_initial_data()
-        click.echo("Created: " + ", ".join(created) if created else "Nothing to do: the database is initialised.")
-        click.echo("Data directory: " + current_app.config["CIRCUS_DATA_DIR"])
 
-    @app.cli.command("add-permanent-token")
-    @click.argument("user")
-    @click.option("-d", "--description", default=DEFAULT_TOKEN_DESCRIPTION, show_default=True)
-    def add_permanent_token_command(user, description):
-        """Issue a permanent token for USER (e-mail or login ID); the token is the last line."""
-        account = find_user(user)
-        if account is None:
-            raise click.ClickException(f"No user with e-mail or login ID {user!r}.")
-        _token_id, token = issue_permanent_token(account.user_email, description)
-        db.session.commit()
-        click.echo(f"Your permanent access token for {account.user_email} is:")
-        click.echo(token)
+@commands.command("add-permanent-token")
+@click.argument("user")
+@click.option("-d", "--description", default=DEFAULT_TOKEN_DESCRIPTION, show_default=True)
+def add_permanent_token_command(user, description):
+    """Issue a permanent token for USER (e-mail or login ID); the token is the last line."""
+    account = find_user(user)
+    if account is None:
+        raise click.ClickException(f"No user with e-mail or login ID {user!r}.")
+    _token_id, token = issue_permanent_token(account.user_email, description)
+    db.session.commit()
+    click.echo(f"Your permanent access token for {account.user_email} is:")
+    click.echo(token)
 
-    @app.cli.command("ulid")
-    def ulid_command():
-        """Print a new lowercase ULID."""
-        click.echo(new_ulid())
 
-    @app.cli.command("worker")
-    @click.option("--once", is_flag=True, help="Run what is queued now, then exit.")
-    def worker_command(once):
-        """Run queued tasks and plug-in jobs until SIGTERM."""
-        import worker
-        if once:
-            click.echo(f"Ran {worker.run_pending(worker.worker_id())} unit(s) of work.")
-        else:
-            worker.run_forever(current_app._get_current_object())
+@commands.command("ulid")
+def ulid_command():
+    """Print a new lowercase ULID."""
+    click.echo(new_ulid())
 
-    @app.cli.command("migrate")
-    def migrate_command():
-        """Upgrade the database schema to the newest revision, keeping every row."""
-        click.echo("Schema: " + _prepare_schema())
 
-    @app.cli.command("register-cad-plugin")
-    @click.argument("image_id")
-    @click.option("-y", "--yes", is_flag=True, help="Register without asking for confirmation.")
-    def register_cad_plugin_command(image_id, yes):
-        """Register the CAD plug-in of a local Docker image (IMAGE_ID: 64 hex) from its
-        /plugin.json manifest."""
-        import json
+@commands.command("worker")
+@click.option("--once", is_flag=True, help="Run what is queued now, then exit.")
+def worker_command(once):
+    """Run queued tasks and plug-in jobs until SIGTERM."""
+    if once:
+        click.echo(f"Ran {worker.run_pending(worker.worker_id())} unit(s) of work.")
+    else:
+        worker.run_forever(current_app._get_current_object())
 
-        import plugin_definitions
-        import plugin_runners
-        try:
-            plugin_definitions.check_new_cad_id(image_id)
-            manifest = plugin_runners.read_manifest(
-                image_id, current_app.config["PLUGIN_DOCKER_COMMAND"])
-            doc = plugin_definitions.cad_definition_from_manifest(image_id, manifest)
-        except (ApiError, plugin_runners.PluginRunError) as exc:
-            raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
-        click.echo(json.dumps(doc, indent=2))
-        if not yes and not click.confirm("Is this OK?"):
-            return
-        plugin_definitions.create_plugin(doc)
-        click.echo(f"Registered {doc['pluginName']} v{doc['version']}")
 
-    @app.cli.command("register-plugin-job")
-    @click.argument("plugin")
-    @click.argument("series", nargs=-1, required=True)
-    @click.option("--user", "user_ref", required=True, help="E-mail or login ID of the owner.")
-    @click.option("--priority", type=int, default=0, show_default=True)
-    def register_plugin_job_command(plugin, series, user_ref, priority):
-        """Queue a job of PLUGIN (ID or name) on SERIES (UID[:start:end:delta]...) as a user,
-        with the rules of POST /api/plugin-jobs; print the job ID."""
-        import plugin_jobs
-        try:
-            click.echo(plugin_jobs.register_job_as(plugin, user_ref, series, priority))
-        except ApiError as exc:
-            raise click.ClickException(exc.message) from None
+@commands.command("migrate")
+def migrate_command():
+    """Upgrade the database schema to the newest revision, keeping every row."""
+    click.echo("Schema: " + _prepare_schema())
 
-    @app.cli.command("run-plugin")
-    @click.argument("plugin_id")
-    @click.argument("series", nargs=-1, required=True)
-    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                  help="Folder that receives the plug-in's output and plugin-log.txt.")
-    @click.option("--keep", is_flag=True, help="Keep the work folder (in/, out/).")
-    @click.option("--work", "work_root", type=click.Path(file_okay=False),
-                  help="Where the work folder is made (default: the data folder's work/).")
-    def run_plugin_command(plugin_id, series, out_dir, keep, work_root):
-        """Run one plug-in on SERIES (UID[:start:end:delta]...) without the queue and write
-        its output to --out (what plug-in authors use to test)."""
-        import plugin_runners
-        try:
-            results, kept = plugin_runners.run_standalone(plugin_id, series, out_dir, keep,
-                                                          work_root)
-        except (ApiError, plugin_runners.PluginRunError) as exc:
-            raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
-        click.echo(f"Finished: {len((results.get('results') or {}).get('lesionCandidates') or [])}"
-                   f" lesion candidate(s); output in {out_dir}")
-        if kept:
-            click.echo(f"Work folder kept: {kept}")
 
-    @app.cli.command("clear-token")
-    @click.option("-a", "--all", "include_permanent", is_flag=True,
-                  help="Also delete permanent tokens.")
-    @click.option("--expired", is_flag=True,
-                  help="Only delete tokens whose access token has expired (housekeeping).")
-    def clear_token_command(include_permanent, expired):
-        """Delete every session token (all users must log in again) and print the count."""
-        count = accounts.clear_tokens(include_permanent, expired_only=expired)
-        click.echo(f"Deleted {count} access token(s).")
-        if not include_permanent:
-            click.echo("Use --all flag to also delete permanent tokens.")
+@commands.command("register-cad-plugin")
+@click.argument("image_id")
+@click.option("-y", "--yes", is_flag=True, help="Register without asking for confirmation.")
+def register_cad_plugin_command(image_id, yes):
+    """Register the CAD plug-in of a local Docker image (IMAGE_ID: 64 hex) from its
+    /plugin.json manifest."""
+    try:
+        definitions.check_new_cad_id(image_id)
+        manifest = runner.read_manifest(
+            image_id, current_app.config["PLUGIN_DOCKER_COMMAND"])
+        doc = definitions.cad_definition_from_manifest(image_id, manifest)
+    except (ApiError, PluginRunError) as exc:
+        raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
+    click.echo(json.dumps(doc, indent=2))
+    if not yes and not click.confirm("Is this OK?"):
+        return
+    definitions.create_plugin(doc)
+    click.echo(f"Registered {doc['pluginName']} v{doc['version']}")
 
-    @app.cli.command("generate-password-hash")
-    def generate_password_hash_command():
-        """Ask for a password twice and print its hash (a value for users.password)."""
-        first = click.prompt("Input raw password", hide_input=True)
-        if click.prompt("Retype the same password", hide_input=True) != first:
-            raise click.ClickException("Password mismatch.")
-        click.echo(hash_password(first))
 
-    @app.cli.command("db-check")
-    @click.option("-t", "--target", multiple=True,
-                  type=click.Choice(list(admin_records.RECORD_CHECKS)),
-                  help="Check only this collection (repeatable).")
-    def db_check_command(target):
-        """Validate every stored record against its schema; stop at the first invalid one."""
-        def progress(name, count):
-            click.echo(f"Validating: {name}" if count is None else
-                       f"  Validated: {count} {'item' if count == 1 else 'items'}.")
-        try:
-            admin_records.check_records(list(target) or None, progress)
-        except admin_records.InvalidRecord as exc:
-            click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
-            for error in exc.errors:
-                click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)
-            raise click.exceptions.Exit(1) from None
+@commands.command("register-plugin-job")
+@click.argument("plugin")
+@click.argument("series", nargs=-1, required=True)
+@click.option("--user", "user_ref", required=True, help="E-mail or login ID of the owner.")
+@click.option("--priority", type=int, default=0, show_default=True)
+def register_plugin_job_command(plugin, series, user_ref, priority):
+    """Queue a job of PLUGIN (ID or name) on SERIES (UID[:start:end:delta]...) as a user,
+    with the rules of POST /api/plugin-jobs; print the job ID."""
+    try:
+        click.echo(jobs.register_job_as(plugin, user_ref, series, priority))
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
 
-    @app.cli.command("create-user")
-    @click.argument("email")
-    @click.argument("login_id")
-    @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
-    @click.option("--group", "groups", multiple=True, help="Group ID or name (repeatable).")
-    @click.option("--description", default="", help="Free text shown to administrators.")
-    def create_user_command(email, login_id, password, groups, description):
-        """Create a user, as POST /api/admin/users does."""
-        group_ids = []
-        for reference in groups:
-            group = admin_records.find_group(reference)
-            if group is None:
-                raise click.ClickException(f"No group {reference!r}.")
-            group_ids.append(group.group_id)
-        body = {"userEmail": email, "loginId": login_id, "password": password,
-                "loginEnabled": True, "description": description, "groups": group_ids}
-        _run_api_call(admin_records.create_user, body, "user-create")
-        click.echo(f"Created user {email} ({login_id}).")
 
-    @app.cli.command("create-group")
-    @click.argument("name")
-    @click.option("--privilege", "privileges", multiple=True,
-                  type=click.Choice([name for name, _caption in GLOBAL_PRIVILEGES]),
-                  help="Global privilege to grant (repeatable).")
-    @click.option("--domain", "domains", multiple=True, help="Series domain (repeatable).")
-    def create_group_command(name, privileges, domains):
-        """Create a group granting the given privileges and domains (no project roles)."""
-        body = {**admin_records.empty_group(name), "privileges": list(dict.fromkeys(privileges)),
-                "domains": list(dict.fromkeys(domains))}
-        group_id = _run_api_call(admin_records.create_group, body, "group-create")
-        click.echo(f"Created group {group_id} ({name}).")
+@commands.command("run-plugin")
+@click.argument("plugin_id")
+@click.argument("series", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder that receives the plug-in's output and plugin-log.txt.")
+@click.option("--keep", is_flag=True, help="Keep the work folder (in/, out/).")
+@click.option("--work", "work_root", type=click.Path(file_okay=False),
+              help="Where the work folder is made (default: the data folder's work/).")
+def run_plugin_command(plugin_id, series, out_dir, keep, work_root):
+    """Run one plug-in on SERIES (UID[:start:end:delta]...) without the queue and write
+    its output to --out (what plug-in authors use to test)."""
+    try:
+        results, kept = runner.run_standalone(plugin_id, series, out_dir, keep,
+                                                      work_root)
+    except (ApiError, PluginRunError) as exc:
+        raise click.ClickException(getattr(exc, "message", None) or str(exc)) from None
+    click.echo(f"Finished: {len((results.get('results') or {}).get('lesionCandidates') or [])}"
+               f" lesion candidate(s); output in {out_dir}")
+    if kept:
+        click.echo(f"Work folder kept: {kept}")
 
-    @app.cli.command("register-case")
-    @click.argument("project")
-    @click.argument("series", nargs=-1, required=True)
-    @click.option("--user", "user_ref", required=True, help="E-mail or login ID of the creator.")
-    @click.option("--tags", default="", help="Comma-separated tags.")
-    def register_case_command(project, series, user_ref, tags):
-        """Create a case in PROJECT (ID or name) from SERIES (UID[:start:end:delta]...)
-        as a user, with the rules of POST /api/cases; print the case ID."""
-        import clinical_cases
-        from auth import compute_privileges
-        account = find_user(user_ref)
-        if account is None:
-            raise click.ClickException(f"No user with e-mail or login ID {user_ref!r}.")
-        tag_list = [t.strip() for t in tags.split(",") if t.strip()]
-        try:
-            project_id = clinical_cases.find_project(project).project_id
-            entries = [clinical_cases.series_entry_from_text(text) for text in series]
-            case_id = clinical_cases.create_case(account.user_email, compute_privileges(account),
-                                                 project_id, entries, tag_list)
-        except ApiError as exc:
-            db.session.rollback()
-            raise click.ClickException(exc.message) from None
-        click.echo(case_id)
 
-    @app.cli.command("import-series")
-    @click.option("-d", "--domain", required=True, help="Domain of the imported series.")
-    @click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
-    @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-    def import_series_command(domain, recursive, paths):
-        """Import DICOM files, folders, zip and tar.gz archives into DOMAIN."""
-        from dicom import importer as dicom_importer
-        from dicom.errors import DicomImportError
-        param = db.session.get(ServerParam, "domains")
-        if domain not in (param.value if param is not None else []):
-            raise click.ClickException(f'The domain "{domain}" is not in the server '
-                                       'parameter "domains".')
-        files = dicom_importer.collect_paths(paths, recursive)
-        importer = dicom_importer.Importer(domain)
-        try:
-            with click.progressbar(files, label="Importing", show_pos=True) as bar:
-                for path in bar:
-                    importer.import_file(path)
-            entities, _files, skipped, series = importer.finish()
-        except DicomImportError as exc:
-            raise click.ClickException(f"{exc} (after {importer.entities} imported)") from None
-        finally:
-            importer.close()
-        click.echo(f"{entities} files imported into {series} series, {skipped} skipped")
+@commands.command("clear-token")
+@click.option("-a", "--all", "include_permanent", is_flag=True,
+              help="Also delete permanent tokens.")
+@click.option("--expired", is_flag=True,
+              help="Only delete tokens whose access token has expired (housekeeping).")
+def clear_token_command(include_permanent, expired):
+    """Delete every session token (all users must log in again) and print the count."""
+    count = accounts.clear_tokens(include_permanent, expired_only=expired)
+    click.echo(f"Deleted {count} access token(s).")
+    if not include_permanent:
+        click.echo("Use --all flag to also delete permanent tokens.")
 
-    @app.cli.command("dump-dicom")
-    @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-    def dump_dicom_command(path):
-        """Print, as JSON, what the importer extracts from a DICOM file."""
-        import json
 
-        from dicom import instance
-        from dicom.errors import DicomImportError
-        try:
-            record = instance.read_record(path)
-        except DicomImportError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(json.dumps(instance.record_json(record), indent=2, ensure_ascii=False))
+@commands.command("generate-password-hash")
+def generate_password_hash_command():
+    """Ask for a password twice and print its hash (a value for users.password)."""
+    first = click.prompt("Input raw password", hide_input=True)
+    if click.prompt("Retype the same password", hide_input=True) != first:
+        raise click.ClickException("Password mismatch.")
+    click.echo(hash_password(first))
 
-    @app.cli.command("refresh-series-parameters")
-    @click.option("--max-date", "--maxDate", "max_date", default=None,
-                  help="Only series created at or before this ISO date.")
-    def refresh_series_parameters_command(max_date):
-        """Re-read the parameters of stored series from their first image (updatedAt kept)."""
-        from dicom import importer
-        from models import parse_iso
-        try:
-            limit = parse_iso(max_date) if max_date else None
-        except ValueError:
-            raise click.ClickException(f"Invalid date {max_date!r}.") from None
-        refreshed, failed = importer.refresh_parameters(limit)
-        click.echo(f"Refreshed {refreshed} series, {failed} failed.")
 
-    @app.cli.command("export-case")
-    @click.argument("case_ids", nargs=-1, required=True)
-    @click.option("-o", "--out", default="case-exports", show_default=True,
-                  help="One archive (.tar.gz, .tgz or .zip) for all cases, or a folder "
-                       "that receives <caseId>.tar.gz per case.")
-    @click.option("-t", "--type", "label_pack_type", default="isolated", show_default=True,
-                  type=click.Choice(["isolated", "combined"]), help="Label packing.")
-    @click.option("--zip", "use_zip", is_flag=True, help="Write zip instead of tar.gz.")
-    @click.option("--crlf", is_flag=True, help="CRLF line endings in the MHD headers.")
-    @click.option("-c", "--continue", "keep_going", is_flag=True,
-                  help="Go on with the next case after an error (folder output).")
-    def export_case_command(case_ids, out, label_pack_type, use_zip, crlf, keep_going):
-        """Export cases in the MHD format of POST /api/cases/export-mhd."""
-        import exports
-        try:
-            files = exports.export_case_files(list(case_ids), out, label_pack_type, use_zip,
-                                              "crlf" if crlf else "lf", keep_going, click.echo)
-        except exports.ExportError as exc:
-            raise click.ClickException(str(exc)) from None
-        for path in files:
-            click.echo(f"Written: {path}")
+@commands.command("db-check")
+@click.option("-t", "--target", multiple=True,
+              type=click.Choice(list(admin_records.RECORD_CHECKS)),
+              help="Check only this collection (repeatable).")
+def db_check_command(target):
+    """Validate every stored record against its schema; stop at the first invalid one."""
+    def progress(name, count):
+        click.echo(f"Validating: {name}" if count is None else
+                   f"  Validated: {count} {'item' if count == 1 else 'items'}.")
+    try:
+        admin_records.check_records(list(target) or None, progress)
+    except admin_records.InvalidRecord as exc:
+        click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
+        for error in exc.errors:
+            click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)
+        raise click.exceptions.Exit(1) from None
+
+
+@commands.command("create-user")
+@click.argument("email")
+@click.argument("login_id")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--group", "groups", multiple=True, help="Group ID or name (repeatable).")
+@click.option("--description", default="", help="Free text shown to administrators.")
+def create_user_command(email, login_id, password, groups, description):
+    """Create a user, as POST /api/admin/users does."""
+    group_ids = []
+    for reference in groups:
+        group = admin_records.find_group(reference)
+        if group is None:
+            raise click.ClickException(f"No group {reference!r}.")
+        group_ids.append(group.group_id)
+    body = {"userEmail": email, "loginId": login_id, "password": password,
+            "loginEnabled": True, "description": description, "groups": group_ids}
+    _run_api_call(admin_records.create_user, body, "user-create")
+    click.echo(f"Created user {email} ({login_id}).")
+
+
+@commands.command("create-group")
+@click.argument("name")
+@click.option("--privilege", "privileges", multiple=True,
+              type=click.Choice([name for name, _caption in GLOBAL_PRIVILEGES]),
+              help="Global privilege to grant (repeatable).")
+@click.option("--domain", "domains", multiple=True, help="Series domain (repeatable).")
+def create_group_command(name, privileges, domains):
+    """Create a group granting the given privileges and domains (no project roles)."""
+    body = {**admin_records.empty_group(name), "privileges": list(dict.fromkeys(privileges)),
+            "domains": list(dict.fromkeys(domains))}
+    group_id = _run_api_call(admin_records.create_group, body, "group-create")
+    click.echo(f"Created group {group_id} ({name}).")
+
+
+@commands.command("register-case")
+@click.argument("project")
+@click.argument("series", nargs=-1, required=True)
+@click.option("--user", "user_ref", required=True, help="E-mail or login ID of the creator.")
+@click.option("--tags", default="", help="Comma-separated tags.")
+def register_case_command(project, series, user_ref, tags):
+    """Create a case in PROJECT (ID or name) from SERIES (UID[:start:end:delta]...)
+    as a user, with the rules of POST /api/cases; print the case ID."""
+    account = find_user(user_ref)
+    if account is None:
+        raise click.ClickException(f"No user with e-mail or login ID {user_ref!r}.")
+    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+    try:
+        project_id = clinical_cases.find_project(project).project_id
+        entries = [clinical_cases.series_entry_from_text(text) for text in series]
+        case_id = clinical_cases.create_case(account.user_email, compute_privileges(account),
+                                             project_id, entries, tag_list)
+    except ApiError as exc:
+        db.session.rollback()
+        raise click.ClickException(exc.message) from None
+    click.echo(case_id)
+
+
+@commands.command("import-series")
+@click.option("-d", "--domain", required=True, help="Domain of the imported series.")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+def import_series_command(domain, recursive, paths):
+    """Import DICOM files, folders, zip and tar.gz archives into DOMAIN."""
+    param = db.session.get(ServerParam, "domains")
+    if domain not in (param.value if param is not None else []):
+        raise click.ClickException(f'The domain "{domain}" is not in the server '
+                                   'parameter "domains".')
+    files = importer.collect_paths(paths, recursive)
+    run = importer.Importer(domain)
+    try:
+        with click.progressbar(files, label="Importing", show_pos=True) as bar:
+            for path in bar:
+                run.import_file(path)
+        entities, _files, skipped, series = run.finish()
+    except DicomImportError as exc:
+        raise click.ClickException(f"{exc} (after {run.entities} imported)") from None
+    finally:
+        run.close()
+    click.echo(f"{entities} files imported into {series} series, {skipped} skipped")
+
+
+@commands.command("dump-dicom")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def dump_dicom_command(path):
+    """Print, as JSON, what the importer extracts from a DICOM file."""
+    try:
+        record = instance.read_record(path)
+    except DicomImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(instance.record_json(record), indent=2, ensure_ascii=False))
+
+
+@commands.command("refresh-series-parameters")
+@click.option("--max-date", "--maxDate", "max_date", default=None,
+              help="Only series created at or before this ISO date.")
+def refresh_series_parameters_command(max_date):
+    """Re-read the parameters of stored series from their first image (updatedAt kept)."""
+    try:
+        limit = parse_iso(max_date) if max_date else None
+    except ValueError:
+        raise click.ClickException(f"Invalid date {max_date!r}.") from None
+    refreshed, failed = importer.refresh_parameters(limit)
+    click.echo(f"Refreshed {refreshed} series, {failed} failed.")
+
+
+@commands.command("export-case")
+@click.argument("case_ids", nargs=-1, required=True)
+@click.option("-o", "--out", default="case-exports", show_default=True,
+              help="One archive (.tar.gz, .tgz or .zip) for all cases, or a folder "
+                   "that receives <caseId>.tar.gz per case.")
+@click.option("-t", "--type", "label_pack_type", default="isolated", show_default=True,
+              type=click.Choice(["isolated", "combined"]), help="Label packing.")
+@click.option("--zip", "use_zip", is_flag=True, help="Write zip instead of tar.gz.")
+@click.option("--crlf", is_flag=True, help="CRLF line endings in the MHD headers.")
+@click.option("-c", "--continue", "keep_going", is_flag=True,
+              help="Go on with the next case after an error (folder output).")
+def export_case_command(case_ids, out, label_pack_type, use_zip, crlf, keep_going):
+    """Export cases in the MHD format of POST /api/cases/export-mhd."""
+    try:
+        files = exports.export_case_files(list(case_ids), out, label_pack_type, use_zip,
+                                          "crlf" if crlf else "lf", keep_going, click.echo)
+    except exports.ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in files:
+        click.echo(f"Written: {path}")
 
 
 def _run_api_call(function, body, schema):

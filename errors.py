@@ -1,7 +1,7 @@
 """ApiError and the handlers that turn every failure into CIRCUS's JSON error body."""
 import logging
 
-from flask import jsonify, request
+from flask import current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def register_error_handlers(app):
     def handle_unexpected(error):
         # Never leak a stack trace or secrets; the log keeps the details.
         log.exception("Unexpected error on %s %s", request.method, request.path)
-        from models import db
-        db.session.rollback()
+        # The app's Flask-SQLAlchemy instance, found without importing models (which
+        # imports this module).
+        current_app.extensions["sqlalchemy"].session.rollback()
         return error_response(500, "Internal server error.")

@@ -190,7 +190,6 @@ def add_plugin_volume(archive, series_uid, pvd, index):
     archive.add_bytes(f"{index}.json", text.encode("utf-8"))
 
 
-@tasks.handler("export-cs-volume")
 def run_cs_volume_export(task, progress):
     """The worker side of POST /api/series/export-cs-volume."""
     entries = task.params["series"]
@@ -355,7 +354,6 @@ def export_cases(archive, targets, label_pack_type="isolated", line_ending="lf",
         progress("Performing compression...")
 
 
-@tasks.handler("export-mhd")
 def run_mhd_export(task, progress):
     """The worker side of POST /api/cases/export-mhd."""
     params = task.params

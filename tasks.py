@@ -1,11 +1,12 @@
-"""Task rows: create, progress, finish, fail; and the registry of what the worker runs.
+"""Task rows: create, claim, progress, finish, fail; and the exactly-once claim of queued
+rows that tasks and plug-in jobs share.
 
 A task is created by a request (status ``processing``, unclaimed) and run later by
 ``flask --app app worker``, which claims it atomically. Progress is written to the task
 row through its own short transaction, so the handler's own transaction (e.g. an import
 batch) is never committed half-way by a progress report.
 
-A handler is registered with ``@handler("kind")`` and called as ``fn(task, progress)``;
+A handler (listed by kind in ``worker.TASK_HANDLERS``) is called as ``fn(task, progress)``;
 it returns the finish message, or raises ``TaskError`` (its message is shown to the user).
 """
 import json
@@ -18,14 +19,13 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-import queue_claims
 import storage
 from models import Task, db, utcnow
 
 log = logging.getLogger(__name__)
 
-HANDLERS = {}
 PROGRESS_INTERVAL = 0.15  # seconds between persisted progress reports (CIRCUS: 150 ms)
+HEARTBEAT_SECONDS = 15  # how often running work (a task, a worker's plug-in jobs) says it lives
 STALE_AFTER = timedelta(seconds=120)  # a claimed task without heartbeat for this long died
 INTERRUPTED = "The task was interrupted because the worker running it stopped."
 # Set by the worker when told twice to stop: running handlers give up at their next report.
@@ -34,14 +34,6 @@ ABORT = threading.Event()
 
 class TaskError(Exception):
     """Raised by a handler to end its task with this (user-facing) error message."""
-
-
-def handler(kind):
-    """Decorator: register the worker function for tasks of ``kind``."""
-    def register(fn):
-        HANDLERS[kind] = fn
-        return fn
-    return register
 
 
 def create_task(user_email, name, kind, params=None, download_file_type=None):
@@ -94,6 +86,33 @@ def fail(task_id, message):
             ended_at=utcnow(), heartbeat_at=utcnow())
 
 
+def claim_first(candidate, claim):
+    """Take the first row of ``candidate``; return its key, or None when there is none or
+    another worker took it first.
+
+    The claim reads the candidate row and, in the same transaction, takes it with a
+    conditional UPDATE that only matches while the row is still unclaimed: of any number of
+    workers racing for one row, exactly one sees its UPDATE change the row. On PostgreSQL
+    the candidate is read FOR UPDATE SKIP LOCKED, so racing workers pass over a row being
+    taken instead of waiting for it. Tasks and plug-in jobs (``plugins.jobs``) claim with it.
+
+    Parameters
+    ----------
+    candidate : sqlalchemy.Select
+        One key column, ordered and limited to one row: the row to try.
+    claim : callable
+        ``key -> sqlalchemy.Update`` that takes the row only while it is still unclaimed.
+    """
+    if db.engine.dialect.name == "postgresql":
+        candidate = candidate.with_for_update(skip_locked=True)
+    with db.engine.begin() as conn:
+        key = conn.execute(candidate).scalar()
+        if key is None:
+            return None
+        claimed = conn.execute(claim(key)).rowcount
+    return key if claimed == 1 else None
+
+
 def claim_next(worker_id):
     """Atomically claim the oldest queued task for this worker; return its id or None.
 
@@ -102,15 +121,16 @@ def claim_next(worker_id):
     """
     candidate = sa.select(Task.task_id).where(
         Task.status == "processing", Task.claimed_by.is_(None)).order_by(Task.created_at).limit(1)
-    return queue_claims.claim_first(candidate, lambda task_id: sa.update(Task).where(
+    return claim_first(candidate, lambda task_id: sa.update(Task).where(
         Task.task_id == task_id, Task.claimed_by.is_(None)).values(
         claimed_by=worker_id, heartbeat_at=utcnow()))
 
 
-def run_task(task_id):
-    """Run one claimed task to its end; every failure ends it with an error message."""
+def run_task(task_id, handlers):
+    """Run one claimed task to its end with ``handlers[task.kind]``; every failure (an
+    unknown kind too) ends it with an error message."""
     task = db.session.get(Task, task_id)
-    fn = HANDLERS.get(task.kind)
+    fn = handlers.get(task.kind)
     progress = Progress(task_id)
     try:
         if fn is None:

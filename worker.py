@@ -1,9 +1,10 @@
 """The worker (`flask --app app worker`): claims queued work from the database and runs it.
 
-Work comes from *sources*: functions ``fn(worker_id) -> bool`` that claim one unit of work
-atomically, run it, and say whether they did anything. Tasks are one source; plug-in jobs
-another. Several workers (on several hosts) can run at once: every claim is exactly-once.
-SIGTERM stops the loop after the current unit of work.
+Work comes from *sources* (``JOB_SOURCES``): functions ``fn(app, worker_id) -> bool`` that
+claim one unit of work atomically, run it, and say whether they did anything. Tasks are one
+source, run by kind with ``TASK_HANDLERS``; plug-in jobs another. Both tables are here, so
+what the worker runs is read in one place. Several workers (on several hosts) can run at
+once: every claim is exactly-once. SIGTERM stops the loop after the current unit of work.
 """
 import logging
 import os
@@ -14,21 +15,17 @@ import time
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from flask import current_app
 
+from dicom import importer
+import exports
 import tasks
 from models import Task, db, utcnow
+from plugins import job_source
 
 log = logging.getLogger(__name__)
 
-SOURCES = []
-HEARTBEAT_SECONDS = 15
 DOWNLOAD_SWEEP_SECONDS = 3600  # how often old task downloads are looked for
-
-
-def source(fn):
-    """Decorator: register a source of work."""
-    SOURCES.append(fn)
-    return fn
 
 
 def worker_id():
@@ -42,7 +39,7 @@ def heartbeat(app, task_id):
 
     def beat():
         with app.app_context():
-            while not stop.wait(HEARTBEAT_SECONDS):
+            while not stop.wait(tasks.HEARTBEAT_SECONDS):
                 with db.engine.begin() as conn:
                     conn.execute(sa.update(Task).where(Task.task_id == task_id)
                                  .values(heartbeat_at=utcnow()))
@@ -55,37 +52,40 @@ def heartbeat(app, task_id):
         thread.join()
 
 
-@source
-def run_one_task(wid):
+# Task kind (``Task.kind``, set where the task is created) -> ``fn(task, progress)``.
+TASK_HANDLERS = {
+    "series_import": importer.run_import_task,
+    "export-cs-volume": exports.run_cs_volume_export,
+    "export-mhd": exports.run_mhd_export,
+}
+
+
+def run_one_task(app, wid):
     """Claim and run the oldest queued task."""
-    from flask import current_app
     task_id = tasks.claim_next(wid)
     if task_id is None:
         return False
-    with heartbeat(current_app._get_current_object(), task_id):
-        tasks.run_task(task_id)
+    with heartbeat(app, task_id):
+        tasks.run_task(task_id, TASK_HANDLERS)
     return True
 
 
+# Asked in this order on every round of the loop.
+JOB_SOURCES = [run_one_task, job_source.run_plugin_jobs]
+
+
 def run_pending(wid="inline", max_units=10000):
-    """Run queued work until none is left (what tests and one-shot runs use)."""
-    _load_handlers()
+    """Run queued work until none is left (what tests and one-shot runs use); needs an app
+    context."""
+    app = current_app._get_current_object()
     done = 0
-    while done < max_units and any(src(wid) for src in list(SOURCES)):
+    while done < max_units and any(src(app, wid) for src in JOB_SOURCES):
         done += 1
     return done
 
 
-def _load_handlers():
-    """Import the modules whose handlers and sources register themselves on import."""
-    import dicom.importer  # noqa: F401  (series_import)
-    import exports  # noqa: F401  (export-mhd, export-cs-volume)
-    import plugin_worker  # noqa: F401  (run_plugin_jobs)
-
-
 def run_forever(app, poll_interval=None):
     """The worker loop; returns after SIGTERM or SIGINT once the current work is done."""
-    _load_handlers()
     stopping = threading.Event()
 
     def stop(signum, _frame):
@@ -113,11 +113,11 @@ def run_forever(app, poll_interval=None):
                 log.exception("Sweeping old downloads failed")
             last_download_sweep = time.monotonic()
         did_work = False
-        for src in list(SOURCES):
+        for src in JOB_SOURCES:
             if stopping.is_set():
                 break
             try:
-                did_work = src(wid) or did_work
+                did_work = src(app, wid) or did_work
             except Exception:
                 log.exception("Worker source %s failed", src.__name__)
                 db.session.rollback()

@@ -13,7 +13,7 @@ run it. The API is called in-process (Flask test client); the worker is the real
    at random moments; the delay POST -> processing (startedAt - createdAt) and
    POST -> finished (finishedAt - createdAt), medians.
 3. Input preparation: a synthetic 300-slice 512x512 int16 CT; MB/s of .raw written by
-   plugin_runners.prepare_input (volumes.write_plugin_input), beside ``cp`` of a file of the
+   plugins.runner.prepare_input (volumes.write_plugin_input), beside ``cp`` of a file of the
    same bytes on the same disk in the same run.
 
 Usage (from the project root)::
@@ -77,8 +77,8 @@ def setup(app, endpoint):
         db.session.commit()
         token = make_token("runner@example.com")
         series_uid = store_sample_series(Path(SHARED_DICOM))
-        import plugin_definitions
-        plugin_id = plugin_definitions.create_plugin(remote_definition(
+        from plugins import definitions
+        plugin_id = definitions.create_plugin(remote_definition(
             endpoint=endpoint, secret="bench"))
         grant("runner@example.com", plugin_id)
     return {"Authorization": f"Bearer {token}"}, series_uid, plugin_id
@@ -121,7 +121,7 @@ def wait_ready(app, worker, timeout=120):
     import socket
 
     from models import SystemState, db
-    from plugin_worker import _heartbeat_key
+    from plugins.job_source import _heartbeat_key
     key = _heartbeat_key(f"{socket.gethostname()}:{worker.pid}")
     deadline = time.monotonic() + timeout
     with app.app_context():
@@ -179,9 +179,9 @@ def wait_done(app, ids, timeout=1800):
 
 
 def switch(app, status):
-    import plugin_jobs
+    import plugins.jobs
     with app.app_context():
-        plugin_jobs.set_manager_status(status)
+        plugins.jobs.set_manager_status(status)
 
 
 def throughput(app, client, headers, plugin_id, series_uid, data_dir, jobs, poll, concurrency,
@@ -231,7 +231,7 @@ def queue_capacity(app, jobs, threads):
     """Jobs/s the queue alone moves (claim + finish, no work) with ``threads`` claimers."""
     import threading
 
-    import plugin_jobs
+    import plugins.jobs
     from models import PluginJob, db
     with app.app_context():
         db.session.execute(db.update(PluginJob).where(PluginJob.queue_state.is_not(None))
@@ -246,8 +246,8 @@ def queue_capacity(app, jobs, threads):
 
     def claimer(name):
         with app.app_context():
-            while (job_id := plugin_jobs.claim_next_job(name)) is not None:
-                plugin_jobs.finish_job(job_id, {})
+            while (job_id := plugins.jobs.claim_next_job(name)) is not None:
+                plugins.jobs.finish_job(job_id, {})
     started = time.perf_counter()
     workers = [threading.Thread(target=claimer, args=(f"q{i}",)) for i in range(threads)]
     for worker in workers:
@@ -264,7 +264,7 @@ def generate_ct(folder, slices):
 
 
 def input_preparation(app, scratch, slices):
-    import plugin_runners
+    from plugins import runner
     import storage
     from models import db
     from tests.factories import make_series
@@ -275,9 +275,9 @@ def input_preparation(app, scratch, slices):
         in_dir = os.path.join(scratch, "prep-in")
         entry = {"seriesUid": CT_UID,
                  "partialVolumeDescriptor": {"start": 1, "end": slices, "delta": 1}}
-        with plugin_runners.JobLog(os.path.join(scratch, "prep-log.txt")) as job_log:
+        with runner.JobLog(os.path.join(scratch, "prep-log.txt")) as job_log:
             started = time.perf_counter()
-            plugin_runners.prepare_input([entry], in_dir, job_log)
+            runner.prepare_input([entry], in_dir, job_log)
             prep_seconds = time.perf_counter() - started
     raw = os.path.join(in_dir, "0.raw")
     size = os.path.getsize(raw)

@@ -205,7 +205,6 @@ def collect_paths(paths, recursive):
 TASK_NAME = "Series import"
 
 
-@tasks.handler("series_import")
 def run_import_task(task, progress):
     """Worker: import the files spooled for an upload task (POST /series/domain/:domain)."""
     spool = storage.spool_dir(task.task_id)

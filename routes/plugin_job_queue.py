@@ -1,7 +1,7 @@
 """The caller's queued plug-in jobs: /api/plugin-job-queue."""
 from flask import Blueprint, g, request
 
-import plugin_jobs
+from plugins import jobs
 
 bp = Blueprint("plugin_job_queue", __name__, url_prefix="/api/plugin-job-queue")
 
@@ -9,4 +9,4 @@ bp = Blueprint("plugin_job_queue", __name__, url_prefix="/api/plugin-job-queue")
 @bp.get("")
 def list_my_queue():
     """The caller's jobs in the queue (state wait, processing or all), priority first."""
-    return plugin_jobs.queue_page(request.args, user_email=g.user.user_email)
+    return jobs.queue_page(request.args, user_email=g.user.user_email)

@@ -1,8 +1,8 @@
 """Plug-in definitions the caller may read: /api/plugins."""
 from flask import Blueprint, g
 
-import plugin_definitions
 from errors import ApiError
+from plugins import definitions
 
 bp = Blueprint("plugins", __name__, url_prefix="/api/plugins")
 
@@ -10,8 +10,8 @@ bp = Blueprint("plugins", __name__, url_prefix="/api/plugins")
 @bp.get("")
 def list_plugins():
     """The plug-ins the caller holds `readPlugin` on (a plain array)."""
-    return [plugin_definitions.public_json(p)
-            for p in plugin_definitions.readable_plugins(g.privileges)]
+    return [definitions.public_json(p)
+            for p in definitions.readable_plugins(g.privileges)]
 
 
 @bp.get("/<plugin_id>")
@@ -19,4 +19,4 @@ def get_plugin(plugin_id):
     """One plug-in definition the caller holds `readPlugin` on."""
     if not g.privileges.has_plugin_role(plugin_id, "readPlugin"):
         raise ApiError(401, "You do not have permission to get this plugin.")
-    return plugin_definitions.public_json(plugin_definitions.get_plugin(plugin_id))
+    return definitions.public_json(definitions.get_plugin(plugin_id))

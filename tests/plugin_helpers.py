@@ -1,7 +1,13 @@
 """Helpers shared by the plug-in test modules: roles on plug-ins, definitions as JSON."""
+import os
+import shutil
+
+import pydicom
+
+import storage
 from auth import PLUGIN_ROLES
 from models import User, db
-from tests.factories import make_group
+from tests.factories import make_group, make_series
 
 ALL_ROLES = list(PLUGIN_ROLES)
 
@@ -44,13 +50,6 @@ def remote_definition(endpoint="http://127.0.0.1:9/", secret="s3cret", key="auth
 def store_sample_series(folder, series_uid=None, domain="default", patient_info=None):
     """Copy the real DICOM files of ``folder`` into storage as instances 1..n of one series
     (as the importer stores them) and add its row; return the series UID."""
-    import os
-    import shutil
-
-    import pydicom
-
-    import storage
-    from tests.factories import make_series
     files = sorted(str(p) for p in folder.iterdir() if p.suffix == ".dcm")
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     series_uid = series_uid or str(first.SeriesInstanceUID)

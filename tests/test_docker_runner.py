@@ -17,10 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import plugin_docker
-import plugin_runners
 import worker
 from models import PluginDefinition, db
+from plugins import docker_runner, runner
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 
@@ -148,7 +147,7 @@ def run_cad_job(env, image, **run_configuration):
 def test_docker_command():
     plugin = PluginDefinition(plugin_id=GOOD_IMAGE, run_configuration={"timeout": 60,
                                                                        "gpus": "all"})
-    command = plugin_docker.docker_command(plugin, "circus-job-01abc", "/data/work/01abc/in",
+    command = docker_runner.docker_command(plugin, "circus-job-01abc", "/data/work/01abc/in",
                                             "/data/work/01abc/out", uid=1000, gid=100)
     assert command == [
         "docker", "run", "--rm", "--name", "circus-job-01abc", "--network", "none",
@@ -159,18 +158,18 @@ def test_docker_command():
 
 def test_docker_command_without_gpus_uses_our_uid():
     plugin = PluginDefinition(plugin_id=GOOD_IMAGE, run_configuration={"gpus": ""})
-    command = plugin_docker.docker_command(plugin, "n", "/in", "/out", docker="/usr/bin/docker")
+    command = docker_runner.docker_command(plugin, "n", "/in", "/out", docker="/usr/bin/docker")
     assert command[0] == "/usr/bin/docker" and "--gpus" not in command
     assert command[command.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
-    with pytest.raises(plugin_runners.PluginRunError):
-        plugin_docker.docker_command(plugin, "n", "/a:b/in", "/out")
+    with pytest.raises(runner.PluginRunError):
+        docker_runner.docker_command(plugin, "n", "/a:b/in", "/out")
 
 
 @pytest.mark.parametrize("configuration, seconds", [
     ({"timeout": 900}, 900), ({"timeout": 0}, None), ({}, 3000), ({"gpus": "1"}, 3000)])
 def test_docker_timeout(configuration, seconds):
     plugin = PluginDefinition(plugin_id=GOOD_IMAGE, run_configuration=configuration)
-    assert plugin_docker.docker_timeout(plugin) == seconds
+    assert docker_runner.docker_timeout(plugin) == seconds
 
 
 # --- the runner with a stand-in docker ----------------------------------------------------
@@ -262,15 +261,15 @@ def test_plugin_displays_not_found(env):
 # --- register-cad-plugin ------------------------------------------------------------------
 
 def test_register_cad_plugin_command(env):
-    runner = env.app.test_cli_runner()
-    result = runner.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
+    cli = env.app.test_cli_runner()
+    result = cli.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
     assert result.exit_code == 0, result.output
     assert "Registered Fake CAD v2.0.0" in result.output
     with env.app.app_context():
         plugin = db.session.get(PluginDefinition, GOOD_IMAGE)
         assert plugin.run_configuration == {"timeout": 900, "gpus": ""}
         assert plugin.icon["glyph"] == "calc" and plugin.description == "from the manifest"
-    result = runner.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
+    result = cli.invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
     assert result.exit_code != 0 and "This plug-in is already installed." in result.output
 
 

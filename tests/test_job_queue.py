@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-import plugin_jobs
 from models import PluginJob, SystemState, db
+from plugins import jobs
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 
@@ -48,7 +48,7 @@ def test_user_queue_shows_own_jobs_by_priority(client, auth_headers, queue):
 
 def test_queue_states(client, auth_headers, queue, app):
     with app.app_context():
-        assert plugin_jobs.claim_next_job("w1") == queue.ids[1]
+        assert jobs.claim_next_job("w1") == queue.ids[1]
     def ids(state):
         res = client.get(f"/api/plugin-job-queue?state={state}", headers=auth_headers["bob"])
         return [i["jobId"] for i in res.get_json()["items"]]
@@ -73,7 +73,7 @@ def test_admin_queue(client, auth_headers, queue):
 def test_claim_order_is_priority_then_fifo(app, queue):
     b0, b5, b0b, a1 = queue.ids
     with app.app_context():
-        assert [plugin_jobs.claim_next_job("w") for _ in range(5)] == [b5, a1, b0, b0b, None]
+        assert [jobs.claim_next_job("w") for _ in range(5)] == [b5, a1, b0, b0b, None]
         job = db.session.get(PluginJob, b5)
         assert (job.status, job.queue_state, job.claimed_by) == ("processing", "processing", "w")
         assert job.started_at is not None and job.updated_at == job.created_at
@@ -86,7 +86,7 @@ def test_claim_is_exactly_once_among_racing_workers(app, queue):
         with app.app_context():
             barrier.wait()
             while True:
-                job_id = plugin_jobs.claim_next_job(name)
+                job_id = jobs.claim_next_job(name)
                 if job_id is None:
                     remaining = db.session.execute(sa.select(sa.func.count()).where(
                         PluginJob.queue_state == "wait")).scalar()
@@ -116,13 +116,13 @@ def test_manager_switch(client, auth_headers, queue, app):
                       headers=auth_headers["alice"]).get_json() == {"status": "stopped"}
     with app.app_context():
         assert db.session.get(SystemState, "plugin_job_manager").value == "stopped"
-        assert plugin_jobs.claim_next_job("w") is None          # a stopped manager takes nothing
+        assert jobs.claim_next_job("w") is None          # a stopped manager takes nothing
         assert db.session.execute(sa.select(sa.func.count()).where(
             PluginJob.queue_state == "wait")).scalar() == 4      # and the queue stays
     client.put("/api/admin/plugin-job-manager/switch", json={"status": "running"},
                headers=auth_headers["alice"])
     with app.app_context():
-        assert plugin_jobs.claim_next_job("w") == queue.ids[1]
+        assert jobs.claim_next_job("w") == queue.ids[1]
 
 
 @pytest.mark.parametrize("body, message", [

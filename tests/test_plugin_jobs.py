@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-import plugin_jobs
 import storage
 from models import MyList, MyListItem, PluginJob, Series, User, db
+from plugins import jobs
 from tests.factories import make_plugin
 from tests.plugin_helpers import grant, store_sample_series
 
@@ -201,7 +201,7 @@ def test_cancel_queued_job(client, auth_headers, env, app):
     with app.app_context():
         row = db.session.get(PluginJob, job_id)
         assert (row.status, row.queue_state) == ("cancelled", None)
-        assert plugin_jobs.claim_next_job("w1") is None
+        assert jobs.claim_next_job("w1") is None
 
 
 @pytest.mark.parametrize("status", ["finished", "processing", "failed", "cancelled"])
@@ -224,11 +224,11 @@ def test_cancel_loses_the_race_against_a_worker(client, auth_headers, env, app):
         from flask import g
         g.user = db.session.get(User, "bob@example.com")
         g.privileges = auth.compute_privileges(g.user)
-        job = plugin_jobs.get_job(job_id)          # read while still in the queue
+        job = jobs.get_job(job_id)          # read while still in the queue
         with app.app_context():                    # a worker, with a session of its own
-            assert plugin_jobs.claim_next_job("worker-a") == job_id
-        with pytest.raises(plugin_jobs.JobStateError) as caught:
-            plugin_jobs.change_status(job, "cancelled")
+            assert jobs.claim_next_job("worker-a") == job_id
+        with pytest.raises(jobs.JobStateError) as caught:
+            jobs.change_status(job, "cancelled")
         assert caught.value.message == (
             "You cannot cancel this job because it is already being processed.")
         db.session.expire_all()
@@ -384,11 +384,11 @@ def test_search_sort_and_pages(client, auth_headers, env, two_jobs):
 
 def test_search_in_my_list(client, auth_headers, env, two_jobs, app):
     with app.app_context():
-        jobs = MyList(my_list_id="01listjobs", user_email="bob@example.com",
-                      resource_type="pluginJobs", name="jobs")
+        job_list = MyList(my_list_id="01listjobs", user_email="bob@example.com",
+                          resource_type="pluginJobs", name="jobs")
         cases = MyList(my_list_id="01listcases", user_email="bob@example.com",
                        resource_type="clinicalCases", name="cases")
-        db.session.add_all([jobs, cases])
+        db.session.add_all([job_list, cases])
         db.session.flush()
         db.session.add(MyListItem(my_list_id="01listjobs", resource_id=two_jobs.b))
         db.session.commit()
@@ -458,8 +458,8 @@ def test_absolute_attachment_paths(client, auth_headers, finished_job, app):
     assert res.status_code == 404 and b"root:" not in res.data
     with app.app_context():
         for path in ("/etc/passwd", "\\etc\\passwd", "a\x00b"):
-            with pytest.raises(plugin_jobs.ApiError) as caught:
-                plugin_jobs.attachment_path(finished_job, path)
+            with pytest.raises(jobs.ApiError) as caught:
+                jobs.attachment_path(finished_job, path)
             assert caught.value.status == 400 and caught.value.message == "Invalid path prameter."
 
 

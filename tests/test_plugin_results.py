@@ -1,4 +1,4 @@
-"""plugin_results: results.json waiting and validation, and the copy of out/ that never
+"""plugins.results: results.json waiting and validation, and the copy of out/ that never
 follows links."""
 import json
 import threading
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-import plugin_results
-from plugin_job_log import PluginRunError
+from plugins import results
+from plugins.job_log import PluginRunError
 
 
 # --- results --------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ from plugin_job_log import PluginRunError
 def test_read_results_rejects(tmp_path, content, reason):
     (tmp_path / "results.json").write_bytes(content)
     with pytest.raises(PluginRunError) as caught:
-        plugin_results.read_results(str(tmp_path))
+        results.read_results(str(tmp_path))
     assert str(caught.value).startswith(reason)
 
 
@@ -36,17 +36,17 @@ def test_read_results_accepts_any_extra_content(tmp_path):
                                                                      "size": [1, 1, 1]}}]},
            "free": "form"}
     (tmp_path / "results.json").write_text(json.dumps(doc))
-    assert plugin_results.read_results(str(tmp_path)) == doc
+    assert results.read_results(str(tmp_path)) == doc
 
 
 def test_results_json_must_appear_within_two_seconds(tmp_path):
     started = time.monotonic()
     with pytest.raises(PluginRunError) as caught:
-        plugin_results.wait_for_results(str(tmp_path))
+        results.wait_for_results(str(tmp_path))
     assert str(caught.value) == "Timeout: File out/results.json did not appear within 2000ms"
     assert 1.9 < time.monotonic() - started < 3
     threading.Timer(0.3, lambda: (tmp_path / "results.json").write_text("{}")).start()
-    assert plugin_results.wait_for_results(str(tmp_path)).endswith("results.json")
+    assert results.wait_for_results(str(tmp_path)).endswith("results.json")
 
 
 def test_copy_outputs_skips_links(tmp_path):
@@ -56,7 +56,7 @@ def test_copy_outputs_skips_links(tmp_path):
     (out / "results.json").write_text("{}")
     (out / "passwd").symlink_to("/etc/passwd")
     (out / "linkdir").symlink_to("/etc")
-    plugin_results.copy_outputs(str(out), str(target))
+    results.copy_outputs(str(out), str(target))
     found = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
     assert found == ["a", "a/b", "a/b/deep.txt", "results.json"]
     assert (target / "a" / "b" / "deep.txt").stat().st_mode & 0o777 == 0o444

@@ -2,6 +2,7 @@
 
 Some tests run the real ``flask --app app worker`` in a subprocess on the test's database.
 """
+import ast
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import tasks
 import worker
 from models import Task, db, utcnow
 from tests.sample_series import store_series
+from tests.test_imports import project_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,28 @@ def test_unknown_kind_ends_with_an_error(app):
         worker.run_pending()
     task = row(app, task_id)
     assert task.status == "error" and task.error_message == "Unknown task kind no-such-kind."
+
+
+def created_task_kinds():
+    """The kind of every ``tasks.create_task(...)`` call in the project (a literal string)."""
+    kinds = set()
+    for name, path in project_modules().items():
+        if name.startswith("tests"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "create_task"):
+                kind = next((k.value for k in node.keywords if k.arg == "kind"),
+                            node.args[2] if len(node.args) > 2 else None)
+                assert isinstance(kind, ast.Constant), f"{path}:{node.lineno}: kind not a literal"
+                kinds.add(kind.value)
+    return kinds
+
+
+def test_every_task_kind_the_code_creates_has_a_handler():
+    kinds = created_task_kinds()
+    assert {"series_import", "export-mhd", "export-cs-volume"} <= kinds
+    assert kinds == set(worker.TASK_HANDLERS)
 
 
 # --- the real worker process ----------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Plug-in definitions: /api/admin/plugins (manageServer on every route, quirk 5)."""
 from flask import Blueprint
 
-import plugin_definitions
 from auth import require_global
 from models import PluginDefinition, db
+from plugins import definitions
 from search import search
 from validation import expects
 
@@ -14,8 +14,8 @@ bp.before_request(lambda: require_global("manageServer"))
 @bp.get("")
 def list_plugins():
     """Search plug-in definitions (filter key `type`; `unlimited` allowed)."""
-    return search(db.select(PluginDefinition), fields=plugin_definitions.SEARCH_FIELDS,
-                  sort_fields=plugin_definitions.SORT_FIELDS, serialize=PluginDefinition.to_json,
+    return search(db.select(PluginDefinition), fields=definitions.SEARCH_FIELDS,
+                  sort_fields=definitions.SORT_FIELDS, serialize=PluginDefinition.to_json,
                   default_sort={"pluginId": 1}, unlimited_allowed=True)
 
 
@@ -23,13 +23,13 @@ def list_plugins():
 @expects({"type": "object"})
 def create_plugin(body):
     """Register a plug-in (CAD: the image ID is given; CAD+remote: the ID is derived)."""
-    plugin_definitions.create_plugin(body)
+    definitions.create_plugin(body)
     return "", 201
 
 
 @bp.patch("/<plugin_id>")
-@expects({"type": "object"}, before=lambda plugin_id: plugin_definitions.get_plugin(plugin_id))
+@expects({"type": "object"}, before=lambda plugin_id: definitions.get_plugin(plugin_id))
 def patch_plugin(plugin_id, body):
     """Update some fields of a definition; the result must remain a valid definition."""
-    plugin_definitions.update_plugin(plugin_id, body)
+    definitions.update_plugin(plugin_id, body)
     return "", 204

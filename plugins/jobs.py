@@ -11,14 +11,14 @@ import os
 import sqlalchemy as sa
 from flask import g
 
-import plugin_definitions
-import queue_claims
 import series_access
 import storage
-from auth import require_job_domains, require_plugin_role
+import tasks
+from auth import compute_privileges, find_user, require_job_domains, require_plugin_role
 from errors import ApiError
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
                     SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404, put_value)
+from plugins import definitions
 from search import ArrayField
 from validation import validate
 
@@ -105,7 +105,6 @@ def parse_series_argument(text):
 def register_job_as(plugin, user, series_arguments, priority=0):
     """``register-plugin-job``: queue a job as a user (e-mail or login ID) on a plug-in
     (ID or name); the same checks as POST /api/plugin-jobs. Return the job ID."""
-    from auth import compute_privileges, find_user
     account = find_user(user)
     if account is None:
         raise ApiError(404, "Specified user does not exist.")
@@ -168,7 +167,7 @@ def register_job(user_email, privileges, body):
         if "requiredPrivateTags" in item:
             entry["requiredPrivateTags"] = item["requiredPrivateTags"]
         entries.append(entry)
-    plugin = plugin_definitions.get_plugin(body["pluginId"])
+    plugin = definitions.get_plugin(body["pluginId"])
     for role in ("readPlugin", "executePlugin"):
         if not privileges.has_plugin_role(plugin.plugin_id, role):
             raise ApiError(401, 'You do not have "executePlugin" privilege of this plugin.')
@@ -507,7 +506,7 @@ def claim_next_job(worker_id):
     db.session.rollback()  # end the read transaction before the claim's own one
     candidate = (sa.select(PluginJob.job_id).where(PluginJob.queue_state == "wait")
                  .order_by(*QUEUE_ORDER).limit(1))
-    return queue_claims.claim_first(candidate, lambda job_id: sa.update(PluginJob).where(
+    return tasks.claim_first(candidate, lambda job_id: sa.update(PluginJob).where(
         PluginJob.job_id == job_id, PluginJob.queue_state == "wait").values(
         queue_state="processing", status="processing", started_at=utcnow(),
         claimed_by=worker_id, updated_at=PluginJob.updated_at))

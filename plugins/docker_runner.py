@@ -10,7 +10,7 @@ import subprocess
 import tarfile
 import threading
 
-from plugin_job_log import PluginRunError
+from plugins.job_log import PluginRunError
 
 DOCKER_DEFAULT_TIMEOUT = 3000  # seconds, when runConfiguration.timeout is absent (5.4)
 DOCKER_STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL when a container is stopped
@@ -60,14 +60,16 @@ def _docker_quietly(docker, *args, timeout=60):
         return None
 
 
-def run_docker(plugin, job_id, in_dir, out_dir, job_log, docker="docker"):
-    """Run a CAD plug-in's container; its output goes to the job log.
+def run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config):
+    """The runner of "CAD" plug-ins (``plugins.runner.RUNNERS``): run the plug-in's
+    container; its output goes to the job log.
 
     Raises PluginRunError on timeout (the container is stopped and removed), when Docker is
     missing, or when the container exits with a non-zero status (quirk 23; logs are kept).
     """
+    docker = config.get("PLUGIN_DOCKER_COMMAND", "docker")
     os.makedirs(out_dir, exist_ok=True)
-    name = container_name(job_id)
+    name = container_name(run_id)
     command = docker_command(plugin, name, in_dir, out_dir, docker=docker)
     timeout = docker_timeout(plugin)
     job_log.line("Executing the plug-in (Docker): " + " ".join(command))

@@ -12,8 +12,8 @@ from flask import current_app
 import storage
 from errors import ApiError
 from models import PluginDefinition, db
-from plugin_docker import DockerUnavailableError, docker_copy_folder
-from plugin_job_log import PluginRunError
+from plugins.docker_runner import DockerUnavailableError, docker_copy_folder
+from plugins.job_log import PluginRunError
 
 log = logging.getLogger(__name__)
 

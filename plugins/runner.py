@@ -1,12 +1,12 @@
-"""Running one plug-in job (API.md 5): input preparation, the runner of the plug-in's type,
-and the recording of its results; also ``run-plugin``, the same run without the queue.
+"""Running one plug-in job (API.md 5): input preparation, the runner of the plug-in's type
+(``RUNNERS``), and the recording of its results; also ``run-plugin``, the same run without
+the queue.
 
 One job: ``work/<jobId>/in`` gets ``<i>.raw|.mhd|.json`` per series (``volumes``); the
-runner chosen by the plug-in type (``plugin_docker``, ``plugin_remote``) fills
-``work/<jobId>/out``; ``out/results.json`` is validated and stored in the job
-(``plugin_results``); every regular file of ``out/`` is copied read-only to
-``plugin-results/<jobId>/``, beside the job log ``plugin-log.txt``; the work folder is
-removed. Any failure ends the job ``failed`` with a message users can act on.
+runner of the plug-in type fills ``work/<jobId>/out``; ``out/results.json`` is validated
+and stored in the job (``plugins.results``); every regular file of ``out/`` is copied
+read-only to ``plugin-results/<jobId>/``, beside the job log ``plugin-log.txt``; the work
+folder is removed. Any failure ends the job ``failed`` with a message users can act on.
 """
 import logging
 import os
@@ -16,16 +16,24 @@ import time
 
 from flask import current_app
 
-import plugin_definitions
-import plugin_jobs
+import series_access
 import storage
+from dicom import volumes
 from models import PluginDefinition, PluginJob, db
-from plugin_docker import docker_read_file, run_docker
-from plugin_job_log import LOG_NAME, JobLog, PluginRunError, short_message
-from plugin_remote import run_remote
-from plugin_results import copy_outputs, read_results, wait_for_results
+from plugins import definitions, docker_runner, jobs, remote_runner
+from plugins.job_log import LOG_NAME, JobLog, PluginRunError, short_message
+from plugins.results import copy_outputs, read_results, wait_for_results
 
 log = logging.getLogger(__name__)
+
+# Plug-in type -> its runner. Every runner is called as
+# ``run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config)``: it reads ``in_dir``,
+# fills ``out_dir`` (``work_dir`` holds both and its scratch files; ``run_id`` names the run,
+# ``config`` is the app's settings) and raises PluginRunError when the run fails.
+RUNNERS = {
+    "CAD": docker_runner.run,
+    "CAD+remote": remote_runner.run,
+}
 
 
 # --- input preparation ----------------------------------------------------------------------
@@ -35,7 +43,6 @@ def prepare_input(series, in_dir, job_log):
 
     ``requiredPrivateTags`` is not passed on, as in the reference (quirk 29).
     """
-    from dicom import volumes  # the volume module of the tasks issue
     os.makedirs(in_dir, exist_ok=True)
     for index, entry in enumerate(series):
         pvd = entry["partialVolumeDescriptor"]
@@ -51,7 +58,7 @@ def prepare_input(series, in_dir, job_log):
 
 # --- one job ----------------------------------------------------------------------------------
 
-def execute(plugin, series, work_dir, job_log, job_id, docker="docker"):
+def execute(plugin, series, work_dir, job_log, run_id, config):
     """Prepare in/, run the plug-in, validate out/results.json; return (results, out_dir)."""
     in_dir, out_dir = os.path.join(work_dir, "in"), os.path.join(work_dir, "out")
     for folder in (in_dir, out_dir):  # (no dicom/: our input is read from the storage)
@@ -59,12 +66,10 @@ def execute(plugin, series, work_dir, job_log, job_id, docker="docker"):
     started = time.monotonic()
     prepare_input(series, in_dir, job_log)
     job_log.line(f"Input prepared in {time.monotonic() - started:.2f} s")
-    if plugin.type == "CAD":
-        run_docker(plugin, job_id, in_dir, out_dir, job_log, docker=docker)
-    elif plugin.type == "CAD+remote":
-        run_remote(plugin, in_dir, out_dir, work_dir, job_log)
-    else:
+    run = RUNNERS.get(plugin.type)
+    if run is None:
         raise PluginRunError(f"Unknown plug-in type: {plugin.type}")
+    run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config)
     job_log.line("Plug-in execution done. Validating the results")
     wait_for_results(out_dir)
     return read_results(out_dir), out_dir
@@ -82,25 +87,25 @@ def run_job(job_id):
     db.session.rollback()  # no transaction stays open while the plug-in runs
     results_dir = storage.results_dir(job_id)
     work_dir = storage.work_dir(job_id)
-    docker = current_app.config.get("PLUGIN_DOCKER_COMMAND", "docker")
     with JobLog(os.path.join(results_dir, LOG_NAME)) as job_log:
         job_log.line(f"Running job ID: {job_id}")
         try:
             if plugin is None:
                 raise PluginRunError(f"No such plugin: {plugin_id}")
             job_log.line(f"Plug-in: {plugin.plugin_name} {plugin.version} ({plugin.type})")
-            results, out_dir = execute(plugin, series, work_dir, job_log, job_id, docker)
+            results, out_dir = execute(plugin, series, work_dir, job_log, job_id,
+                                       current_app.config)
             job_log.line("Copying the result files")
             copy_outputs(out_dir, results_dir, job_log)
-            plugin_jobs.finish_job(job_id, results)
+            jobs.finish_job(job_id, results)
             job_log.line("Job execution done.")
         except PluginRunError as exc:
             job_log.line(f"Error: {exc}")
-            plugin_jobs.fail_job(job_id, str(exc))
+            jobs.fail_job(job_id, str(exc))
         except Exception as exc:
             log.exception("Plug-in job %s failed unexpectedly", job_id)
             job_log.line(f"Error: {type(exc).__name__}: {exc}")
-            plugin_jobs.fail_job(
+            jobs.fail_job(
                 job_id, f"Internal error: {type(exc).__name__}: {short_message(exc)}")
         finally:
             if not current_app.config.get("PLUGIN_KEEP_WORK_DIR"):
@@ -113,11 +118,10 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
 
     Raises ApiError for a bad plug-in or series argument, PluginRunError when the run fails.
     """
-    import series_access
-    plugin = plugin_definitions.get_plugin(plugin_id)
+    plugin = definitions.get_plugin(plugin_id)
     entries = []
     for text in series_arguments:
-        entry = plugin_jobs.parse_series_argument(text)
+        entry = jobs.parse_series_argument(text)
         pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
         series_access.check_pvd_range(series_access.get_series(entry["seriesUid"]), pvd)
         entries.append(entry)
@@ -128,11 +132,11 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
     os.makedirs(root, exist_ok=True)
     run_id = "run-" + secrets.token_hex(8)
     work_dir = os.path.join(root, run_id)
-    docker = current_app.config.get("PLUGIN_DOCKER_COMMAND", "docker")
     try:
         with JobLog(os.path.join(out_dir, LOG_NAME)) as job_log:
             try:
-                results, work_out = execute(plugin, entries, work_dir, job_log, run_id, docker)
+                results, work_out = execute(plugin, entries, work_dir, job_log, run_id,
+                                            current_app.config)
                 copy_outputs(work_out, out_dir, job_log, read_only=False)
                 job_log.line("Done.")
             except PluginRunError as exc:
@@ -146,7 +150,7 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
 
 def read_manifest(image_id, docker="docker"):
     """The bytes of /plugin.json in a CAD plug-in's image."""
-    return docker_read_file(image_id, "/plugin.json", docker=docker)
+    return docker_runner.docker_read_file(image_id, "/plugin.json", docker=docker)
 
 
 def remove_work_dir(path):

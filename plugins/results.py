@@ -9,7 +9,7 @@ import time
 from jsonschema import Draft7Validator
 
 import storage
-from plugin_job_log import PluginRunError
+from plugins.job_log import PluginRunError
 from validation import load_schema
 
 RESULTS_NAME = "results.json"

@@ -13,9 +13,9 @@ import tarfile
 
 import requests
 
-import plugin_definitions
 import storage
-from plugin_job_log import PluginRunError, short_message
+from plugins import definitions
+from plugins.job_log import PluginRunError, short_message
 
 REMOTE_ADAPTERS = ("default", "defaultHttpAdapter")
 REMOTE_DEFAULT_TIMEOUT = 300  # seconds until the headers of POST <endpoint>/run (5.5)
@@ -110,15 +110,16 @@ def _remote_settings(plugin):
     if not endpoint.startswith(("http://", "https://")):
         raise PluginRunError("Remote CAD failed: Internal error: No endpoint is configured.")
     timeout = parameters.get("timeout", REMOTE_DEFAULT_TIMEOUT)
-    return endpoint, plugin_definitions.remote_secret(plugin), (int(timeout) if timeout else None)
+    return endpoint, definitions.remote_secret(plugin), (int(timeout) if timeout else None)
 
 
 def _remote_failed(message):
     return PluginRunError(f"Remote CAD failed: {message}")
 
 
-def run_remote(plugin, in_dir, out_dir, work_dir, job_log):
-    """Run a CAD+remote plug-in with the HTTP protocol of 5.5; the result tar ends in out/."""
+def run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config):
+    """The runner of "CAD+remote" plug-ins (``plugins.runner.RUNNERS``): the HTTP protocol
+    of 5.5; the result tar ends in out/."""
     endpoint, secret, timeout = _remote_settings(plugin)
     headers = {"Authorization": f"Bearer {secret}"}
     files = sorted(os.path.join(in_dir, name) for name in os.listdir(in_dir)

@@ -8,6 +8,9 @@ processes (a job is mostly Python work that holds the GIL: threads of one proces
 share one core). While it holds jobs the worker keeps a heartbeat row (SystemState
 ``plugin_worker:<hash>``) fresh, so that other workers can tell a long job from the job of
 a dead worker.
+
+The worker hands the source its app; job processes rebuild it from its settings with the
+factory the app names in ``APP_FACTORY`` (this package never imports the app module).
 """
 import hashlib
 import logging
@@ -25,14 +28,13 @@ from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 
 import sqlalchemy as sa
-from flask import current_app
 
-import plugin_jobs
 import storage
-import worker
 from models import PluginJob, SystemState, db, iso, parse_iso, utcnow
-from plugin_job_log import LOG_NAME, JobLog
-from plugin_runners import remove_work_dir, run_job
+from plugins import jobs
+from plugins.job_log import LOG_NAME, JobLog
+from plugins.runner import remove_work_dir, run_job
+from tasks import HEARTBEAT_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def recover_interrupted_jobs(worker_id, running=()):
 
 def _interrupted(job_id):
     """Fail a job whose runner stopped before ending it; return whether it was failed."""
-    if not plugin_jobs.fail_job(job_id, INTERRUPTED):
+    if not jobs.fail_job(job_id, INTERRUPTED):
         return False
     try:
         with JobLog(os.path.join(storage.results_dir(job_id), LOG_NAME)) as job_log:
@@ -158,12 +160,11 @@ def _end_with_worker(worker_pid):
 
 def _job_process_start(worker_pid, settings):
     """Initializer of a job process: signals are the worker's business (a SIGTERM or ^C
-    lets the current jobs finish), then the app is built once."""
+    lets the current jobs finish), then the app is built once from the worker's settings."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _end_with_worker(worker_pid)
-    from app import create_app
-    _JOB_PROCESS["app"] = create_app(settings)
+    _JOB_PROCESS["app"] = settings["APP_FACTORY"](settings)
 
 
 def _job_process_ready():
@@ -180,10 +181,11 @@ def _job_process_run(job_id):
 
 def _job_processes(app, size):
     """``size`` job processes, forked from a server that has imported the app once."""
+    settings = _app_settings(app)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["app", "plugin_runners"])
+    context.set_forkserver_preload([settings["APP_FACTORY"].__module__, __name__])
     executor = ProcessPoolExecutor(size, mp_context=context, initializer=_job_process_start,
-                                   initargs=(os.getpid(), _app_settings(app)))
+                                   initargs=(os.getpid(), settings))
     # Started now, and ready before the worker claims a job for them.
     ready = [executor.submit(_job_process_ready) for _ in range(size)]
     for future in ready:
@@ -257,7 +259,7 @@ class JobPool:
 
             def loop():
                 with app.app_context():
-                    while not stop.wait(worker.HEARTBEAT_SECONDS):
+                    while not stop.wait(HEARTBEAT_SECONDS):
                         try:
                             beat(wid)
                         except Exception:  # a missed beat is retried
@@ -284,16 +286,14 @@ def job_pool(app, worker_id):
     return pool
 
 
-@worker.source
-def run_plugin_jobs(worker_id):
+def run_plugin_jobs(app, worker_id):
     """Worker source: fill free job slots from the queue; wait a poll interval for running
     jobs. Returns whether anything was taken, finished or is still running."""
-    app = current_app._get_current_object()
     pool = job_pool(app, worker_id)
     pool.sweep()
     progressed = pool.reap() > 0
     while len(pool.futures) < pool.size:
-        job_id = plugin_jobs.claim_next_job(worker_id)
+        job_id = jobs.claim_next_job(worker_id)
         if job_id is None:
             break
         pool.submit(job_id)

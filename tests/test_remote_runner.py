@@ -13,11 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 
-import plugin_remote
 import storage
 import worker
 from models import PluginJob, db
-from plugin_job_log import PluginRunError
+from plugins import remote_runner
+from plugins.job_log import PluginRunError
 from tests.plugin_helpers import grant, remote_definition, store_sample_series
 from tests.remote_plugin_server import RemotePlugin
 
@@ -236,7 +236,7 @@ def test_extract_tar_accepts_relative_files_and_folders(tmp_path):
     folder.type = tarfile.DIRTYPE
     _tar(tmp_path / "a.tgz", [(folder, None), _file("./sub/x.txt", b"x"),
                               _file("results.json", b"{}")], mode="w:gz")
-    plugin_remote.extract_tar(str(tmp_path / "a.tgz"), str(tmp_path / "out"))
+    remote_runner.extract_tar(str(tmp_path / "a.tgz"), str(tmp_path / "out"))
     assert (tmp_path / "out" / "sub" / "x.txt").read_bytes() == b"x"
     assert (tmp_path / "out" / "results.json").read_bytes() == b"{}"
 
@@ -253,8 +253,8 @@ def test_extract_tar_refuses_unsafe_entries(tmp_path, kind):
     else:
         entries.append(_file("..\\evil" if kind == "backslash" else "sub/../../evil"))
     _tar(tmp_path / "a.tar", entries)
-    with pytest.raises(plugin_remote.UnsafeArchiveError) as caught:
-        plugin_remote.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
+    with pytest.raises(remote_runner.UnsafeArchiveError) as caught:
+        remote_runner.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
     assert "Unsafe entry in the result archive" in str(caught.value)
     assert not (tmp_path / "out" / "results.json").exists()   # nothing written at all
     assert not list(tmp_path.rglob("evil"))
@@ -263,21 +263,21 @@ def test_extract_tar_refuses_unsafe_entries(tmp_path, kind):
 def test_extract_tar_of_garbage(tmp_path):
     (tmp_path / "a.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(PluginRunError) as caught:
-        plugin_remote.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
+        remote_runner.extract_tar(str(tmp_path / "a.tar"), str(tmp_path / "out"))
     assert str(caught.value).startswith("Remote CAD failed: The result archive cannot be read")
 
 
 def test_sse_events():
     stream = [b"event: log\r\ndata: \"one\"\r\n\r\n: comment\n", b"event: lo", b"g\ndata: line 1\n",
               b"data: line 2\n\nevent: finished\ndata: null\n\nevent: error\ndata:\"tail\""]
-    assert list(plugin_remote.sse_events(stream)) == [
+    assert list(remote_runner.sse_events(stream)) == [
         ("log", "one"), ("log", "line 1\nline 2"), ("finished", None), ("error", "tail")]
 
 
 def test_multipart_body_length_is_exact(tmp_path):
     (tmp_path / "0.raw").write_bytes(os.urandom(3000))
     (tmp_path / "0.mhd").write_text("ObjectType = Image\n")
-    body = plugin_remote.MultipartBody([str(tmp_path / "0.mhd"), str(tmp_path / "0.raw")])
+    body = remote_runner.MultipartBody([str(tmp_path / "0.mhd"), str(tmp_path / "0.raw")])
     data = b"".join(body)
     assert len(data) == len(body)
     assert data.count(b'name="files"; filename="0.raw"') == 1

@@ -1,4 +1,4 @@
-"""plugin_worker and plugin_runners: the worker source (concurrency, stopped manager, crash
+"""plugins.job_source and plugins.runner: the worker source (concurrency, stopped manager, crash
 recovery), input preparation, and the plug-in CLI commands."""
 import json
 import os
@@ -15,12 +15,10 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-import plugin_jobs
-import plugin_runners
-import plugin_worker
 import storage
 import worker
 from models import PluginDefinition, PluginJob, db, utcnow
+from plugins import job_source, jobs, runner
 from tests.plugin_helpers import grant, remote_definition, store_sample_series
 from tests.remote_plugin_server import RemotePlugin
 
@@ -82,23 +80,23 @@ def test_a_job_process_that_dies_fails_its_jobs_and_is_replaced(env):
     env.server.run_delay = 1.0
     first, second, third = queue_jobs(env, 3)
     with env.app.app_context():
-        assert plugin_worker.run_plugin_jobs("w1") is True       # two jobs, two processes
-        pool = plugin_worker.job_pool(env.app, "w1")
+        assert job_source.run_plugin_jobs(env.app, "w1") is True  # two jobs, two processes
+        pool = job_source.job_pool(env.app, "w1")
         assert sorted(pool.futures.values()) == sorted([first, second])
         deadline = time.monotonic() + 30
         while env.server.active < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert os.getpid() not in pool.executor._processes       # jobs run elsewhere
         os.kill(next(iter(pool.executor._processes)), signal.SIGKILL)
-        while plugin_worker.run_plugin_jobs("w1"):
+        while job_source.run_plugin_jobs(env.app, "w1"):
             pass
     # The pool of a dead process is broken as a whole: both its jobs end failed, at once,
     # and the next job runs in new processes.
     assert statuses(env, [first, second, third]) == ["failed", "failed", "finished"]
     with env.app.app_context():
         job = db.session.get(PluginJob, first)
-        assert job.error_message == plugin_worker.INTERRUPTED and job.queue_state is None
-    assert plugin_worker.INTERRUPTED in (
+        assert job.error_message == job_source.INTERRUPTED and job.queue_state is None
+    assert job_source.INTERRUPTED in (
         env.data / "plugin-results" / second / "plugin-log.txt").read_text()
     assert not (env.data / "work" / first).exists()
 
@@ -107,14 +105,14 @@ def test_stopped_manager_finishes_the_current_job_and_takes_no_new_one(env):
     env.server.run_delay = 0.3
     first, second = queue_jobs(env, 2)
     with env.app.app_context():
-        assert plugin_worker.run_plugin_jobs("w1") is True       # takes the first job
+        assert job_source.run_plugin_jobs(env.app, "w1") is True  # takes the first job
         assert statuses(env, [first, second]) == ["processing", "in_queue"]
-        plugin_jobs.set_manager_status("stopped")
-        while plugin_worker.run_plugin_jobs("w1"):
+        jobs.set_manager_status("stopped")
+        while job_source.run_plugin_jobs(env.app, "w1"):
             pass
     assert statuses(env, [first, second]) == ["finished", "in_queue"]
     with env.app.app_context():
-        plugin_jobs.set_manager_status("running")
+        jobs.set_manager_status("running")
         worker.run_pending()
     assert statuses(env, [first, second]) == ["finished", "finished"]
 
@@ -143,17 +141,17 @@ def test_jobs_of_a_crashed_worker_are_failed_on_restart(env):
     _processing(env, beating, "other-host:3", old)      # long job, fresh heartbeat
     _processing(env, own, "me:1", now)                  # this worker before its restart
     with env.app.app_context():
-        plugin_worker.beat("other-host:3")
-        failed = plugin_worker.recover_interrupted_jobs("me:1")
+        job_source.beat("other-host:3")
+        failed = job_source.recover_interrupted_jobs("me:1")
     assert sorted(failed) == sorted([dead, stale, own])
     assert statuses(env, [dead, fresh, stale, beating, own]) == [
         "failed", "processing", "failed", "processing", "failed"]
     with env.app.app_context():
         job = db.session.get(PluginJob, dead)
-        assert job.error_message == plugin_worker.INTERRUPTED and job.queue_state is None
+        assert job.error_message == job_source.INTERRUPTED and job.queue_state is None
     assert not (env.data / "work" / dead).exists() and (env.data / "work" / fresh).exists()
     log = (env.data / "plugin-results" / dead / "plugin-log.txt").read_text()
-    assert plugin_worker.INTERRUPTED in log
+    assert job_source.INTERRUPTED in log
 
 
 def test_worker_start_sweeps_interrupted_jobs(env):
@@ -182,8 +180,8 @@ def test_prepare_input_writes_read_only_volumes(env, tmp_path):
                "partialVolumeDescriptor": {"start": 2, "end": 8, "delta": 3}},
               {"seriesUid": env.series_uid,
                "partialVolumeDescriptor": {"start": 10, "end": 1, "delta": -1}}]
-    with env.app.app_context(), plugin_runners.JobLog(str(tmp_path / "log.txt")) as job_log:
-        plugin_runners.prepare_input(series, str(in_dir), job_log)
+    with env.app.app_context(), runner.JobLog(str(tmp_path / "log.txt")) as job_log:
+        runner.prepare_input(series, str(in_dir), job_log)
     assert sorted(os.listdir(in_dir)) == ["0.json", "0.mhd", "0.raw", "1.json", "1.mhd", "1.raw"]
     assert "DimSize = 320 260 3\n" in (in_dir / "0.mhd").read_text()
     assert (in_dir / "1.raw").stat().st_size == 320 * 260 * 10 * 2
@@ -194,9 +192,9 @@ def test_prepare_input_writes_read_only_volumes(env, tmp_path):
 def test_prepare_input_with_a_missing_file(env, tmp_path):
     with env.app.app_context():
         os.unlink(storage.instance_path(env.series_uid, 5))
-        with plugin_runners.JobLog(str(tmp_path / "log.txt")) as job_log:
-            with pytest.raises(plugin_runners.PluginRunError) as caught:
-                plugin_runners.prepare_input([{"seriesUid": env.series_uid,
+        with runner.JobLog(str(tmp_path / "log.txt")) as job_log:
+            with pytest.raises(runner.PluginRunError) as caught:
+                runner.prepare_input([{"seriesUid": env.series_uid,
                                                "partialVolumeDescriptor": {
                                                    "start": 1, "end": 10, "delta": 1}}],
                                              str(tmp_path / "in"), job_log)
@@ -207,8 +205,8 @@ def test_prepare_input_with_a_missing_file(env, tmp_path):
 # --- CLI --------------------------------------------------------------------------------------
 
 def test_register_plugin_job_command(env):
-    runner = env.app.test_cli_runner()
-    result = runner.invoke(args=["register-plugin-job", "Remote CAD", "--user=bob",
+    cli = env.app.test_cli_runner()
+    result = cli.invoke(args=["register-plugin-job", "Remote CAD", "--user=bob",
                                  "--priority=7", f"{env.series_uid}:1:5:1"])
     assert result.exit_code == 0, result.output
     job_id = result.output.strip()
@@ -216,7 +214,7 @@ def test_register_plugin_job_command(env):
         job = db.session.get(PluginJob, job_id)
         assert (job.user_email, job.priority, job.status) == ("bob@example.com", 7, "in_queue")
         assert job.series[0]["partialVolumeDescriptor"] == {"start": 1, "end": 5, "delta": 1}
-    result = runner.invoke(args=["register-plugin-job", env.plugin_id, "--user=bob@example.com",
+    result = cli.invoke(args=["register-plugin-job", env.plugin_id, "--user=bob@example.com",
                                  env.series_uid])
     assert result.exit_code == 0, result.output
     with env.app.app_context():
