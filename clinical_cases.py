@@ -18,9 +18,9 @@ import sqlalchemy as sa
 import blobs
 import my_lists
 import series_access
-from errors import ApiError, not_found
+from errors import ApiError, get_or_404, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
-                    Series, db, iso, new_ulid, utcnow, get_or_404)
+                    Series, db, iso, new_ulid, utcnow)
 from search import ArrayField
 
 log = logging.getLogger(__name__)

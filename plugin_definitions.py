@@ -11,8 +11,8 @@ import json
 import logging
 import re
 
-from errors import ApiError
-from models import PluginDefinition, db, get_or_404
+from errors import ApiError, get_or_404
+from models import PluginDefinition, db
 from validation import validate
 
 log = logging.getLogger(__name__)

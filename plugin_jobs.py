@@ -16,9 +16,9 @@ import queue_claims
 import series_access
 import storage
 from auth import require_job_domains, require_plugin_role
-from errors import ApiError
+from errors import ApiError, get_or_404
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
-                    SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404, put_value)
+                    SystemState, db, iso, new_ulid, parse_iso, utcnow, put_value)
 from search import ArrayField
 from validation import validate
 

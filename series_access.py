@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from pydicom.errors import InvalidDicomError
 
 import storage
-from errors import ApiError, not_found
-from models import CaseSeries, PluginJobSeries, Series, db, new_ulid, get_or_404
+from errors import ApiError, get_or_404, not_found
+from models import CaseSeries, PluginJobSeries, Series, db, new_ulid
 
 log = logging.getLogger(__name__)
 
