@@ -42,6 +42,10 @@ PLUGIN_ROLES = {"readPlugin": "read_plugin", "executePlugin": "execute_plugin",
                 "inputConsensualFeedback": "input_consensual_feedback",
                 "manageFeedback": "manage_feedback", "viewPersonalInfo": "view_personal_info"}
 
+# /api/admin needs manageServer, except the child blueprints named here (API.md 3.17).
+ADMIN_PRIVILEGE = "manageServer"
+ADMIN_EXCEPTIONS = {"admin.admin_onetime_urls": "issueOnetime"}
+
 # Endpoints reachable without a token (OPTIONS is answered before routing).
 PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display"}
 
@@ -269,6 +273,11 @@ def require_global(*privileges):
     if missing:
         raise ApiError(401, "You do not have sufficient privilege to access this resource."
                        + ",".join(missing))
+
+
+def require_admin():
+    """before_request of the /api/admin parent blueprint: the one guard of every admin route."""
+    require_global(ADMIN_EXCEPTIONS.get(request.blueprint, ADMIN_PRIVILEGE))
 
 
 def require_project_role(project_id, *roles):

@@ -18,13 +18,7 @@ from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
 from routes import exports
-from routes.admin import groups as admin_groups
-from routes.admin import users as admin_users
-from routes.admin import projects as admin_projects
-from routes.admin import plugins as admin_plugins
-from routes.admin import server_params as admin_server_params
-from routes.admin import onetime_urls as admin_onetime_urls
-from routes.admin import plugin_job_manager as admin_plugin_job_manager
+from routes import admin
 
 BLUEPRINTS = [
     status.bp,
@@ -45,11 +39,5 @@ BLUEPRINTS = [
     plugin_job_queue.bp,
     plugin_displays.bp,
     openapi.bp,
-    admin_groups.bp,
-    admin_users.bp,
-    admin_projects.bp,
-    admin_plugins.bp,
-    admin_server_params.bp,
-    admin_onetime_urls.bp,
-    admin_plugin_job_manager.bp,
+    admin.bp,
 ]

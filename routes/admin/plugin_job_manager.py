@@ -2,12 +2,10 @@
 from flask import Blueprint, request
 
 import plugin_jobs
-from auth import require_global
 from errors import ApiError
 from validation import expects
 
-bp = Blueprint("admin_plugin_job_manager", __name__, url_prefix="/api/admin")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_plugin_job_manager", __name__)
 
 
 @bp.get("/plugin-job-manager")

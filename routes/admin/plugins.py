@@ -2,13 +2,11 @@
 from flask import Blueprint
 
 import plugin_definitions
-from auth import require_global
 from models import PluginDefinition, db
 from search import search
 from validation import expects
 
-bp = Blueprint("admin_plugins", __name__, url_prefix="/api/admin/plugins")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_plugins", __name__, url_prefix="/plugins")
 
 
 @bp.get("")

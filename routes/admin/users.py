@@ -2,13 +2,11 @@
 from flask import Blueprint
 
 import admin_records
-from auth import require_global
 from models import User, db
 from search import search
 from validation import expects
 
-bp = Blueprint("admin_users", __name__, url_prefix="/api/admin/users")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_users", __name__, url_prefix="/users")
 
 
 @bp.get("")
