@@ -18,6 +18,8 @@ import sqlalchemy as sa
 import blobs
 import my_lists
 import series_access
+from auth import (personal_info_project_ids, readable_project_ids, require_cases_writable,
+                  require_project_role, require_series_domain)
 from errors import ApiError, get_or_404, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
                     Series, db, iso, new_ulid, utcnow)
@@ -43,15 +45,6 @@ class RevisionConflict(ApiError):
 def get_case(case_id):
     """The case, else 404 ``The requested clinicalCase was not found.``"""
     return get_or_404(ClinicalCase, case_id, "clinicalCase")
-
-
-def require_case_role(case_id, privileges, *roles):
-    """Load a case (404), then require the roles on its project (401), as CIRCUS's 2.4."""
-    case = get_case(case_id)
-    for role in roles:
-        if not privileges.has_project_role(case.project_id, role):
-            raise ApiError(401, f'You do not have "{role}" privilege of this project.')
-    return case
 
 
 def etag(case):
@@ -144,8 +137,7 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
     entries = [{"seriesUid": e["seriesUid"],
                 "partialVolumeDescriptor": series_access.resolve_pvd(
                     e["seriesUid"], e["partialVolumeDescriptor"])} for e in series_entries]
-    if not privileges.has_project_role(project.project_id, "write"):
-        raise ApiError(401, 'You do not have "write" privilege of this project.')
+    require_project_role(project.project_id, "write", privileges=privileges)
     for entry in entries:
         series_access.validate_pvd(entry["partialVolumeDescriptor"])
     check_tag_lengths(tags)
@@ -155,8 +147,7 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
         if series is None:
             raise ApiError(400, "Nonexistent series.")
         series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
-        if not privileges.has_domain(series.domain):
-            raise ApiError(403, "You do not have privilege to access this series.")
+        require_series_domain(series, privileges)
     domains = list(dict.fromkeys(found[e["seriesUid"]].domain for e in entries))
     if len(domains) > 1:
         raise ApiError(400, "All series must belong to the same domain.")
@@ -332,9 +323,11 @@ def bulk_tags(privileges, operation, tags, case_ids):
     rows = db.session.execute(db.select(ClinicalCase.case_id, ClinicalCase.project_id,
                                         ClinicalCase.tags, ClinicalCase.updated_at)
                               .where(ClinicalCase.case_id.in_(ids))).all()
-    if any(not privileges.has_project_role(r.project_id, "write") for r in rows):
+    try:
+        require_cases_writable({r.project_id for r in rows}, privileges)
+    except ApiError:
         db.session.rollback()
-        raise ApiError(401, "You do not have write access to some of the specified cases.")
+        raise
     updates = []
     for row in rows:
         old = list(row.tags or [])
@@ -400,8 +393,8 @@ def _masked_by_role(column, viewable_projects):
 def _viewable(privileges):
     """The projects whose patient information the caller's roles show, or None when that
     is every project the caller can read (the usual case: no CASE needed in the SQL)."""
-    viewable = privileges.projects_with("read", "viewPersonalInfo")
-    if set(viewable) >= set(privileges.projects_with("read")):
+    viewable = personal_info_project_ids(privileges)
+    if set(viewable) >= set(readable_project_ids(privileges)):
         return None
     return tuple(sorted(viewable))
 
@@ -442,7 +435,7 @@ def search_key(privileges, show_personal_info):
     """Every input of a caller's case search statements (``readable_cases`` and
     ``search_fields``): equal keys give equal statements, so they may be reused."""
     return (_viewable(privileges), bool(show_personal_info),
-            tuple(privileges.projects_with("read")))
+            tuple(readable_project_ids(privileges)))
 
 
 def readable_cases(privileges, show_personal_info):

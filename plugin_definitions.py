@@ -11,6 +11,7 @@ import json
 import logging
 import re
 
+from auth import readable_plugin_ids
 from errors import ApiError, get_or_404
 from models import PluginDefinition, db
 from validation import validate
@@ -134,7 +135,7 @@ def readable_plugins(privileges):
 
     Dangling plug-in IDs in groups are skipped (quirk 30).
     """
-    ids = privileges.plugins_with("readPlugin")
+    ids = readable_plugin_ids(privileges)
     if not ids:
         return []
     rows = {p.plugin_id: p for p in db.session.execute(

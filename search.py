@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from flask import current_app, g, jsonify, request
+from flask import current_app, jsonify, request
 
 import table_versions
+from auth import can_search_patient_info
 from errors import ApiError
 from memo import app_memo
 from models import db, parse_iso
@@ -302,7 +303,7 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
     condition = compiler.filter(decode_extended_json(raw))
     if any(k.startswith("patientInfo") for k in compiler.keys):
         if patient_info_allowed is None:
-            patient_info_allowed = g.privileges.has_global("personalInfoView")
+            patient_info_allowed = can_search_patient_info()
         if not patient_info_allowed:
             raise ApiError(400, "You cannot search using patient information.")
     return condition
@@ -385,7 +386,7 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
         a sixth of the time of a 20-row series list view).
     """
     if patient_info_allowed is None and filter_allowed:
-        patient_info_allowed = g.privileges.has_global("personalInfoView")
+        patient_info_allowed = can_search_patient_info()
     limit, page = paging(unlimited_allowed)
     offset = min(limit * (page - 1), MAX_OFFSET)
     args = (request.args.get("filter") if filter_allowed else None, request.args.get("sort"),

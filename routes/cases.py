@@ -3,7 +3,7 @@ from flask import Blueprint, g, request
 
 import clinical_cases
 import my_lists
-from auth import can_view_personal_info
+from auth import can_view_personal_info, require_case_role
 from search import search
 from validation import expects
 
@@ -54,13 +54,14 @@ def create_case(body):
 @bp.get("/<case_id>")
 def get_case(case_id):
     """A case with every revision; the ETag names its latest revision."""
-    case = clinical_cases.require_case_role(case_id, g.privileges, "read")
+    case = clinical_cases.get_case(case_id)
+    require_case_role(case, "read")
     response = clinical_cases.case_document(case)
     return response, 200, {"ETag": f'"{clinical_cases.etag(case)}"'}
 
 
 def _writable(case_id):
-    clinical_cases.require_case_role(case_id, g.privileges, "write")
+    require_case_role(clinical_cases.get_case(case_id), "write")
 
 
 @bp.post("/<case_id>/revision")
@@ -91,6 +92,7 @@ def patch_tags(body):
 @bp.delete("/<case_id>")
 def delete_case(case_id):
     """Delete a case (moderate role); force=1 removes it from every my list first."""
-    case = clinical_cases.require_case_role(case_id, g.privileges, "moderate")
+    case = clinical_cases.get_case(case_id)
+    require_case_role(case, "moderate")
     clinical_cases.delete_case(case, force=request.args.get("force") == "1")
     return "", 204

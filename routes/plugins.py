@@ -2,7 +2,7 @@
 from flask import Blueprint, g
 
 import plugin_definitions
-from errors import ApiError
+from auth import require_plugin_readable
 
 bp = Blueprint("plugins", __name__, url_prefix="/api/plugins")
 
@@ -17,6 +17,5 @@ def list_plugins():
 @bp.get("/<plugin_id>")
 def get_plugin(plugin_id):
     """One plug-in definition the caller holds `readPlugin` on."""
-    if not g.privileges.has_plugin_role(plugin_id, "readPlugin"):
-        raise ApiError(401, "You do not have permission to get this plugin.")
+    require_plugin_readable(plugin_id)
     return plugin_definitions.public_json(plugin_definitions.get_plugin(plugin_id))

@@ -7,12 +7,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 import dicom_import
 import multipart_spool
+import my_lists
 import series_access
 import storage
 import tasks
-from auth import can_view_personal_info, require_series_domain
+from auth import (can_view_personal_info, readable_domains, require_series_domain,
+                  require_upload_domain)
 from errors import ApiError
-from models import Series, ServerParam, db, new_ulid
+from models import MyListItem, Series, ServerParam, db, new_ulid
 from search import search
 from validation import content_type
 
@@ -129,8 +131,7 @@ def _check_upload_domain(domain):
     known = value if isinstance(value, list) else []
     if domain not in known:
         raise ApiError(400, f'The domain "{domain}" does not exist.')
-    if not g.privileges.has_domain(domain):
-        raise ApiError(403, "You cannot upload to this domain.")
+    require_upload_domain(domain)
 
 
 # --- views ------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _check_upload_domain(domain):
 @bp.get("")
 def list_series():
     """Search the series of the caller's domains."""
-    domains = tuple(g.privileges.domains)
+    domains = tuple(readable_domains())
     show = can_view_personal_info()
     return search(lambda: _series_rows().where(_in_domains(domains)), SEARCH_FIELDS,
                   lambda row: Series.row_to_json(row, show, as_text=True),
@@ -232,10 +233,8 @@ def delete_series(series_uid):
 @bp.get("/list/<my_list_id>")
 def list_series_in_my_list(my_list_id):
     """Search the series of a my list (the caller's own or a public one)."""
-    import my_lists
-    from models import MyListItem
     my_list = my_lists.list_for_search(my_list_id, "series")
-    query = (_series_rows().where(_in_domains(g.privileges.domains))
+    query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
     show = can_view_personal_info()

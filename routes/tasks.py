@@ -3,6 +3,7 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.wsgi import wrap_file
 
 import tasks
+from auth import owns_task, require_task_owner
 from errors import ApiError
 from models import Task, db
 from search import search
@@ -26,8 +27,7 @@ def _task(task_id):
 def _own_task(task_id):
     """The task if the caller owns it; 404 when unknown, 401 when someone else's."""
     task = _task(task_id)
-    if task.user_email != g.user.user_email:
-        raise ApiError(401, "You cannot access this task.")
+    require_task_owner(task)
     return task
 
 
@@ -62,7 +62,7 @@ def get_task(task_id):
 def download_task_file(task_id):
     """Download the file a finished task produced."""
     task = _task(task_id)
-    if task.user_email != g.user.user_email:  # the issue: no hint that the task exists
+    if not owns_task(task):  # the issue: no hint that the task exists
         raise ApiError(404, "The requested task was not found.")
     if not task.download_file_type:
         raise ApiError(400, "This task is not associated with a downloadable file.")
