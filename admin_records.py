@@ -12,6 +12,7 @@ import accounts
 from auth import hash_password
 from errors import ApiError, get_or_404, not_found
 from models import GROUP_ARRAY_FIELDS, Group, Project, ServerParam, User, db, new_ulid, put_value
+from search import SearchSpec
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -19,16 +20,25 @@ log = logging.getLogger(__name__)
 PRIMARY_KEY_MODIFIED = "The primary key cannot be modified."
 VANISHED = "The request resource was not found."
 
-# Sortable keys of the admin lists (their filters are ignored, as in CIRCUS).
-GROUP_SORT = {"groupId": Group.group_id, "groupName": Group.group_name,
-              "createdAt": Group.created_at, "updatedAt": Group.updated_at}
-USER_SORT = {"userEmail": User.user_email, "loginId": User.login_id,
-             "description": User.description, "loginEnabled": User.login_enabled,
-             "lastLoginTime": User.last_login_time, "lastLoginIp": User.last_login_ip,
-             "createdAt": User.created_at, "updatedAt": User.updated_at}
-PROJECT_SORT = {"projectId": Project.project_id, "projectName": Project.project_name,
-                "description": Project.description, "windowPriority": Project.window_priority,
-                "createdAt": Project.created_at, "updatedAt": Project.updated_at}
+# The admin lists: sortable keys only, their filters are ignored (as in CIRCUS).
+GROUP_SEARCH = SearchSpec(
+    fields={}, filter_allowed=False, unlimited_allowed=True, serialize=Group.to_json,
+    default_sort={"groupId": 1},
+    sort_fields={"groupId": Group.group_id, "groupName": Group.group_name,
+                 "createdAt": Group.created_at, "updatedAt": Group.updated_at})
+USER_SEARCH = SearchSpec(  # passwords never returned: User.public_columns()
+    fields={}, filter_allowed=False, serialize=User.to_json, default_sort={"createdAt": -1},
+    sort_fields={"userEmail": User.user_email, "loginId": User.login_id,
+                 "description": User.description, "loginEnabled": User.login_enabled,
+                 "lastLoginTime": User.last_login_time, "lastLoginIp": User.last_login_ip,
+                 "createdAt": User.created_at, "updatedAt": User.updated_at})
+PROJECT_SEARCH = SearchSpec(
+    fields={}, filter_allowed=False, unlimited_allowed=True, serialize=Project.to_json,
+    default_sort={"updatedAt": -1},
+    sort_fields={"projectId": Project.project_id, "projectName": Project.project_name,
+                 "description": Project.description,
+                 "windowPriority": Project.window_priority,
+                 "createdAt": Project.created_at, "updatedAt": Project.updated_at})
 
 
 # --- groups -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from auth import (personal_info_project_ids, readable_project_ids, require_cases
 from errors import ApiError, get_or_404, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
                     Series, db, iso, new_ulid, utcnow)
-from search import ArrayField
+from search import ArrayField, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +375,8 @@ _CASES = ClinicalCase.__table__.c
 _TAGS = CaseTag.__table__.c
 _SERIES = Series.__table__.c
 _ITEMS = MyListItem.__table__.c
+# Case totals depend on the cases, their tags and (filters on patientInfo) their series.
+_COUNTED = ("clinical_cases", "case_tags", "series")
 _PATIENT_COLUMNS = {"patientId": _SERIES.patient_id, "patientName": _SERIES.patient_name,
                     "age": _SERIES.patient_age, "sex": _SERIES.patient_sex}
 
@@ -399,14 +401,24 @@ def _viewable(privileges):
     return tuple(sorted(viewable))
 
 
-def search_fields(privileges):
-    """The filter/sort fields of case searches (API 1.8) for this caller; patientInfo.*
-    fields are evaluated against the value masked by project role (2.6)."""
-    return _search_fields(_viewable(privileges))
+def search_spec(privileges, in_my_list=False):
+    """The case search for this caller (``in_my_list``: of a my list, see ``in_list``)."""
+    return _search_spec(_viewable(privileges), in_my_list)
+
+
+@functools.lru_cache(maxsize=256)
+def _search_spec(viewable, in_my_list):
+    fields = _search_fields(viewable)
+    if in_my_list:
+        return SearchSpec(fields, summary, {"addedToListAt": -1}, count_tables=_COUNTED,
+                          sort_fields={**fields, "addedToListAt": _ITEMS.created_at})
+    return SearchSpec(fields, summary, {"createdAt": -1}, count_tables=_COUNTED)
 
 
 @functools.lru_cache(maxsize=256)
 def _search_fields(viewable):
+    """The filter/sort fields of case searches (API 1.8) for a set of viewable projects;
+    patientInfo.* fields are evaluated against the value masked by project role (2.6)."""
     # SQL expressions are immutable: built once per set of viewable projects, they also
     # keep SQLAlchemy's compiled-statement cache warm.
     fields = {"projectId": _CASES.project_id, "caseId": _CASES.case_id}
@@ -433,7 +445,7 @@ def _summary_columns(viewable, show_personal_info):
 
 def search_key(privileges, show_personal_info):
     """Every input of a caller's case search statements (``readable_cases`` and
-    ``search_fields``): equal keys give equal statements, so they may be reused."""
+    ``search_spec``): equal keys give equal statements, so they may be reused."""
     return (_viewable(privileges), bool(show_personal_info),
             tuple(readable_project_ids(privileges)))
 
@@ -457,11 +469,10 @@ def readable_cases_of(key):
 
 
 def in_list(query, my_list_id):
-    """Restrict a case query to the items of a my list; returns (query, addedToListAt)."""
-    query = query.join(MyListItem.__table__,
-                       sa.and_(_ITEMS.my_list_id == my_list_id,
-                               _ITEMS.resource_id == _CASES.case_id))
-    return query, _ITEMS.created_at
+    """Restrict a case query to the items of a my list (``search_spec(..., in_my_list=True)``
+    sorts on addedToListAt)."""
+    return query.join(MyListItem.__table__, sa.and_(_ITEMS.my_list_id == my_list_id,
+                                                     _ITEMS.resource_id == _CASES.case_id))
 
 
 def summary(row):

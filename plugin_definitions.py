@@ -14,15 +14,20 @@ import re
 from auth import readable_plugin_ids
 from errors import ApiError, get_or_404
 from models import PluginDefinition, db
+from search import SearchSpec
 from validation import validate
 
 log = logging.getLogger(__name__)
 
 TYPES = {"CAD": "plugin-cad", "CAD+remote": "plugin-remote"}
-SEARCH_FIELDS = {"type": PluginDefinition.type}
-SORT_FIELDS = {"pluginId": PluginDefinition.plugin_id, "pluginName": PluginDefinition.plugin_name,
-               "version": PluginDefinition.version, "type": PluginDefinition.type,
-               "createdAt": PluginDefinition.created_at, "updatedAt": PluginDefinition.updated_at}
+ADMIN_SEARCH = SearchSpec(  # GET /api/admin/plugins
+    fields={"type": PluginDefinition.type}, serialize=PluginDefinition.to_json,
+    default_sort={"pluginId": 1}, unlimited_allowed=True,
+    sort_fields={"pluginId": PluginDefinition.plugin_id,
+                 "pluginName": PluginDefinition.plugin_name,
+                 "version": PluginDefinition.version, "type": PluginDefinition.type,
+                 "createdAt": PluginDefinition.created_at,
+                 "updatedAt": PluginDefinition.updated_at})
 SECRET_KEYS = ("authentication", "authentification")
 # wire name -> attribute, for the stored document
 FIELDS = {"pluginName": "plugin_name", "version": "version", "type": "type",

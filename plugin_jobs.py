@@ -20,7 +20,7 @@ from auth import (compute_privileges, find_user, personal_info_plugin_ids, reada
 from errors import ApiError, get_or_404
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
                     SystemState, db, iso, new_ulid, parse_iso, utcnow, put_value)
-from search import ArrayField
+from search import ArrayField, SearchSpec
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,15 @@ def search_serializer(privileges, personal_info_allowed):
         return items
     serialize.many = True
     return serialize
+
+
+def search_spec(privileges, personal_info_allowed, in_my_list=False):
+    """The job search for this caller (``in_my_list``: of a my list, see ``search_query``)."""
+    return SearchSpec(
+        search_fields(privileges), search_serializer(privileges, personal_info_allowed),
+        {"addedToListAt": -1} if in_my_list else {"createdAt": -1},
+        sort_fields=LIST_SORT_FIELDS if in_my_list else SORT_FIELDS,
+        count_cap=SEARCH_COUNT_CAP, sort_error="Invalid sort parameter.")
 
 
 # --- attachments ------------------------------------------------------------------------

@@ -3,43 +3,28 @@ from flask import Blueprint, g, request
 
 import clinical_cases
 import my_lists
+import search
 from auth import can_view_personal_info, require_case_role
-from search import search
 from validation import expects
 
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
-# Case totals depend on the cases, their tags and (filters on patientInfo) their series.
-_COUNTED = ("clinical_cases", "case_tags", "series")
-
-
-def _search(query, extra_sort=None, memo=None):
-    fields = clinical_cases.search_fields(g.privileges)
-    default = {"createdAt": -1}
-    sort_fields = fields
-    if extra_sort:
-        sort_fields = {**fields, **extra_sort}
-        default = {next(iter(extra_sort)): -1}
-    return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields,
-                  memo=memo, count_tables=_COUNTED)
-
-
-def _readable():
-    return clinical_cases.readable_cases(g.privileges, can_view_personal_info())
 
 
 @bp.get("")
 def list_cases():
     """Search the cases of the projects the caller can read."""
     key = clinical_cases.search_key(g.privileges, can_view_personal_info())
-    return _search(lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
+    return search.run(clinical_cases.search_spec(g.privileges),
+                      lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
 
 
 @bp.get("/list/<my_list_id>")
 def list_cases_in_my_list(my_list_id):
     """Search the cases of a my list (the caller's own or a public one)."""
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
-    query, added_at = clinical_cases.in_list(_readable(), my_list.my_list_id)
-    return _search(query, {"addedToListAt": added_at})
+    query = clinical_cases.in_list(
+        clinical_cases.readable_cases(g.privileges, can_view_personal_info()), my_list.my_list_id)
+    return search.run(clinical_cases.search_spec(g.privileges, in_my_list=True), query)
 
 
 @bp.post("")

@@ -2,19 +2,15 @@
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.wsgi import wrap_file
 
+import search
 import tasks
 from auth import owns_task, require_task_owner
 from errors import ApiError
 from models import Task, db
-from search import search
 from validation import json_body
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 
-FILTER_FIELDS = {"taskId": Task.task_id, "status": Task.status, "dismissed": Task.dismissed}
-SORT_FIELDS = {**FILTER_FIELDS, "name": Task.name, "createdAt": Task.created_at,
-               "updatedAt": Task.updated_at, "endedAt": Task.ended_at}
-PARSE_ERROR = "Filter string could not be parsed."
 
 
 def _task(task_id):
@@ -35,11 +31,10 @@ def _own_task(task_id):
 def list_tasks():
     """Search the caller's tasks."""
     if len(request.args.getlist("filter")) > 1:
-        raise ApiError(400, PARSE_ERROR)
+        raise ApiError(400, tasks.SEARCH.parse_error)
     tasks.fail_interrupted()
     query = db.select(Task).where(Task.user_email == g.user.user_email)
-    return search(query, FILTER_FIELDS, Task.to_json, {"createdAt": -1},
-                  sort_fields=SORT_FIELDS, parse_error=PARSE_ERROR)
+    return search.run(tasks.SEARCH, query)
 
 
 @bp.get("/report")

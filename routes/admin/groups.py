@@ -2,9 +2,9 @@
 from flask import Blueprint
 
 import admin_records
+import search
 from auth import GLOBAL_PRIVILEGES
 from models import Group, db
-from search import search
 from validation import expects
 
 bp = Blueprint("admin_groups", __name__)
@@ -13,9 +13,7 @@ bp = Blueprint("admin_groups", __name__)
 @bp.get("/groups")
 def list_groups():
     """Search groups (filter ignored; `unlimited` allowed)."""
-    return search(db.select(Group), fields={}, sort_fields=admin_records.GROUP_SORT,
-                  serialize=Group.to_json, default_sort={"groupId": 1},
-                  unlimited_allowed=True, filter_allowed=False)
+    return search.run(admin_records.GROUP_SEARCH, db.select(Group))
 
 
 @bp.get("/groups/<group_id>")

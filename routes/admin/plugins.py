@@ -2,8 +2,8 @@
 from flask import Blueprint
 
 import plugin_definitions
+import search
 from models import PluginDefinition, db
-from search import search
 from validation import expects
 
 bp = Blueprint("admin_plugins", __name__, url_prefix="/plugins")
@@ -12,9 +12,7 @@ bp = Blueprint("admin_plugins", __name__, url_prefix="/plugins")
 @bp.get("")
 def list_plugins():
     """Search plug-in definitions (filter key `type`; `unlimited` allowed)."""
-    return search(db.select(PluginDefinition), fields=plugin_definitions.SEARCH_FIELDS,
-                  sort_fields=plugin_definitions.SORT_FIELDS, serialize=PluginDefinition.to_json,
-                  default_sort={"pluginId": 1}, unlimited_allowed=True)
+    return search.run(plugin_definitions.ADMIN_SEARCH, db.select(PluginDefinition))
 
 
 @bp.post("")
