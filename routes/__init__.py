@@ -19,6 +19,7 @@ from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
 from routes import exports
+from routes import admin
 from routes import rs
 from routes.admin import groups as admin_groups
 from routes.admin import users as admin_users
@@ -47,6 +48,7 @@ BLUEPRINTS = [
     plugin_job_queue.bp,
     plugin_displays.bp,
     openapi.bp,
+    admin.bp,
     rs.bp,
     admin_groups.bp,
     admin_users.bp,
