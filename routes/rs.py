@@ -171,6 +171,16 @@ def _begin_transfer(token, series_uid, pvd):
         db.session.close()
 
 
+@bp.before_request
+def _no_socket_compression():
+    """The volume socket sends raw slices uncompressed: browsers offer permessage-deflate,
+    and deflating every slice in Python would cost more time than it saves on a lab's
+    network (the HTTP volume offers gzip instead). Hiding the offer from the handshake
+    keeps the extension off."""
+    if request.endpoint == "rs.volume_socket":
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
 @sock.route("/ws/volume", bp=bp)
 def volume_socket(ws):
     """The volume WebSocket: slices of the viewers' series, highest priority first."""

@@ -363,6 +363,20 @@ def connect(server, token="cli"):
     return ws
 
 
+def test_socket_declines_compression(rs_server):
+    """Slices go raw even when the client offers permessage-deflate, as browsers do."""
+    ws = websocket.create_connection(
+        f"{rs_server.ws_base}/rs/ws/volume?token={rs_server.token}", timeout=30,
+        header=["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    try:
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.getheaders()}
+        send(ws, messageType="BEGIN_TRANSFER", transferId="t", seriesUid=rs_server.uids["head"])
+        header, payload = receive(ws)
+        assert header["messageType"] == "TRANSFER_IMAGE" and len(payload) == 260 * 320 * 2
+    finally:
+        ws.close()
+
+
 def send(ws, **data):
     ws.send_binary(transfer.pack(data))
 
