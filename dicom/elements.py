@@ -363,6 +363,25 @@ class PixelData:
         self.little = little
         self.length = length
 
+    def first_fragment(self, size):
+        """Up to ``size`` first bytes of the first fragment after the offset table (the
+        start of the first frame) of encapsulated pixel data, or None."""
+        tag_struct, u32, _u16 = _STRUCTS["<" if self.little else ">"]
+        pos = self.value_start
+        for index in range(2):
+            self.fh.seek(pos)
+            header = self.fh.read(8)
+            if len(header) < 8:
+                return None
+            group, element = tag_struct.unpack(header[:4])
+            length = u32.unpack(header[4:])[0]
+            if (group << 16 | element) != ITEM or length == UNDEFINED:
+                return None
+            if index == 1:
+                return self.fh.read(min(length, size))
+            pos += 8 + length
+        return None
+
     def fragments_total(self, bound):
         """The sum of the fragment lengths (offset table included), reading item headers
         only; the walk stops as soon as the sum is over ``bound`` (and returns it).

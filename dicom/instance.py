@@ -22,6 +22,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timedelta
 
 import pydicom
@@ -134,8 +135,10 @@ def check_readable(dataset):
 # --- value decoding ---------------------------------------------------------------------
 
 def _element(dataset, tag):
+    """A top-level element as read (raw when not yet decoded), or None. An empty raw
+    value stays raw: pydicom would decode it, and fail on an unknown VR."""
     try:
-        return dataset.get_item(tag)
+        return dataset.get_item(tag, keep_deferred=True)
     except (KeyError, ValueError):
         return None
 
@@ -474,13 +477,53 @@ def _frames(raw):
     return int(text)
 
 
-def check_pixel_size(pixels, implied):
-    """Refuse pixel data shorter than the header implies (native), or far larger.
+class ImagePixel(NamedTuple):
+    """What the Image Pixel elements say of the pixel data (the ``image_pixel`` rule)."""
+    rows: int
+    columns: int
+    samples: int
+    implied: int  # bytes of native pixel data
+
+
+# JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), and JPEG-LS's SOF55
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+FRAME_HEAD_BYTES = 4096
+
+
+def frame_size(head):
+    """(rows, columns, samples) that a JPEG, JPEG-LS or JPEG 2000 codestream declares in
+    its first bytes ``head``, or None (another codec, or not found in ``head``)."""
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 42:  # SOC, SIZ
+        x, y, x0, y0 = struct.unpack(">IIII", head[8:24])
+        return y - y0, x - x0, struct.unpack(">H", head[40:42])[0]
+    if head[:2] != b"\xff\xd8":  # SOI
+        return None
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in JPEG_SOF_MARKERS:
+            if pos + 10 > len(head):
+                return None
+            _precision, rows, columns, samples = struct.unpack(">BHHB", head[pos + 4:pos + 10])
+            return rows, columns, samples
+        pos += 2 + struct.unpack(">H", head[pos + 2:pos + 4])[0]
+    return None
+
+
+def check_pixel_size(pixels, image):
+    """Refuse pixel data shorter than the header implies (native), far larger, or whose
+    first frame (JPEG, JPEG-LS, JPEG 2000) has other dimensions than the header's.
 
     Raises
     ------
     BrokenDicomError
     """
+    implied = image.implied
     bound = 2 * implied + PIXEL_SLACK_BYTES
     if pixels.length is not None:
         if pixels.length < implied:
@@ -494,6 +537,15 @@ def check_pixel_size(pixels, implied):
     if total > bound:
         raise BrokenDicomError(f"The encapsulated Pixel Data (7FE0,0010) is larger (over "
                                f"{bound} bytes) than the header implies ({implied} bytes).")
+    head = pixels.first_fragment(FRAME_HEAD_BYTES)
+    found = frame_size(head) if head else None
+    expected = (image.rows, image.columns, image.samples)
+    if found is not None and found != expected and not (found[0] == 0 and
+                                                        found[1:] == expected[1:]):
+        # (A JPEG frame may leave its height to a later DNL marker: rows 0.)
+        raise BrokenDicomError(
+            "The first frame of the Pixel Data (7FE0,0010) is {} x {} x {} (rows x columns x "
+            "samples), not {} x {} x {} as the header says.".format(*found, *expected))
 
 
 # --- the rules --------------------------------------------------------------------------
@@ -642,7 +694,10 @@ def _image_pixel(raw, little):
                                    "one a DICOM reader knows.")
     if samples > 1 and _us(raw, PLANAR_CONFIGURATION, little) not in (0, 1):
         raise InvalidInstanceError("Planar Configuration must be 0 or 1.")
-    return -(-rows * columns * samples * allocated * _frames(raw) // 8)
+    # Native YBR_FULL_422 keeps two samples per pixel (4:2:2), as readers expect.
+    stored_samples = 2 if photometric == "YBR_FULL_422" and samples == 3 else samples
+    return ImagePixel(rows, columns, samples,
+                      -(-rows * columns * stored_samples * allocated * _frames(raw) // 8))
 
 
 # --- the record -------------------------------------------------------------------------
