@@ -422,6 +422,9 @@ def _dictionary_vrs(tag):
         return None
 
 
+_GOOD_VRS = set()  # (tag, VR) pairs check_vrs accepted
+
+
 def check_vrs(vrs):
     """Refuse an explicit VR a reader would not read as the dictionary says: ``vrs`` maps
     the wanted tags found to the VR in the file (implicit VR files have none). An unknown
@@ -431,13 +434,17 @@ def check_vrs(vrs):
     ------
     InvalidInstanceError
     """
+    if _GOOD_VRS.issuperset(vrs.items()):  # the common case, in one C-level pass
+        return
     for tag, vr in vrs.items():
+        if (tag, vr) in _GOOD_VRS:
+            continue
         if vr not in KNOWN_VRS:
             raise InvalidInstanceError(f"{tag_name(tag)} has the unknown VR {vr!r}.")
         expected = _dictionary_vrs(tag)
-        if expected is None or vr in expected or vr == "UN":
-            continue
-        if vr in TEXT_READ_VRS and expected <= TEXT_READ_VRS:
+        if (expected is None or vr in expected or vr == "UN"
+                or (vr in TEXT_READ_VRS and expected <= TEXT_READ_VRS)):
+            _GOOD_VRS.add((tag, vr))  # bounded: known VRs of the wanted tags
             continue
         raise InvalidInstanceError(f"{tag_name(tag)} has the VR {vr}, not "
                                    f"{' or '.join(sorted(expected))}.")
@@ -454,17 +461,20 @@ def dataset_vrs(dataset):
     return vrs
 
 
+_US = {True: struct.Struct("<H").unpack, False: struct.Struct(">H").unpack}
+
+
 def _us(raw, tag, little, required=True):
     """One US value (exactly two bytes), or None when absent and not ``required``."""
     value = raw(tag)
+    if value is not None and len(value) == 2:
+        return _US[little](value)[0]
     if not value:
         if required:
             raise InvalidInstanceError(f"{tag_name(tag)} of this DICOM file is not set.")
         return None
-    if len(value) != 2:
-        raise InvalidInstanceError(f"{tag_name(tag)} of this DICOM file is not one unsigned "
-                                   f"16-bit value ({len(value)} bytes).")
-    return struct.unpack("<H" if little else ">H", value)[0]
+    raise InvalidInstanceError(f"{tag_name(tag)} of this DICOM file is not one unsigned "
+                               f"16-bit value ({len(value)} bytes).")
 
 
 def _frames(raw):
