@@ -18,8 +18,8 @@ from pydicom.uid import UID
 
 from dicom.elements import NeedMore, Unusual, check_pixel_data, walk_header
 from dicom.errors import BrokenDicomError
-from dicom.instance import (check_instance, check_readable, dataset_vrs, raw_bytes, read_checked,
-                            syntax_of, wanted_tags)
+from dicom.instance import (check_instance, check_readable, check_vrs, dataset_vrs, raw_bytes,
+                            read_checked, syntax_of, wanted_tags)
 
 HEAD_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 4 * 1024 * 1024
@@ -109,6 +109,7 @@ def read_keys(fh, size):
             return check_instance(header.raw, header.little, header.vrs, pixels)
     fh.seek(start)
     dataset, pixels = read_checked(fh, size)
+    check_vrs(dataset_vrs(dataset))  # first: its message is the clearer one
     check_readable(dataset)
     return check_instance(lambda tag: raw_bytes(dataset, tag), syntax_of(dataset)[1],
-                          dataset_vrs(dataset), pixels)
+                          pixels=pixels)
