@@ -7,6 +7,8 @@ import io
 import os
 import random
 import struct
+import subprocess
+import sys
 import tarfile
 import warnings
 import zipfile
@@ -16,7 +18,9 @@ import pytest
 
 import worker
 from models import Series, Task, db
+from tests.conftest import ROOT
 from tests.dicom_factory import dicom_bytes
+from tests.scratch_db import scratch_database_url
 
 LIMIT = 1024 * 1024  # the per-file limit these tests configure
 UNDEFINED_PIXELS = 0xFFFFFFF0  # what the bomb's Pixel Data declares
@@ -191,6 +195,44 @@ def test_cli_import_refuses_oversized_pixel_data(app, tmp_path):
     result = app.test_cli_runner().invoke(args=["import-series", "-d", "default", str(path)])
     assert result.exit_code != 0 and "Pixel Data" in result.output
     assert _stored(app) == ([], 0)
+
+
+PEAK_PROBE = """import atexit, resource, sys
+atexit.register(lambda: sys.stderr.write(
+    "\\nPEAK_RSS_KB=%d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+from flask.cli import main
+sys.argv = ["flask", "--app", "app", "import-series", "-d", "default", sys.argv[1]]
+main()
+"""
+
+
+def _peak_rss_of_import(env, path):
+    """Peak RSS (bytes) of a `flask import-series` process importing ``path``, and its output."""
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    peak = int(done.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
+    return peak * 1024, done.stdout + done.stderr
+
+
+def test_a_bomb_entry_costs_no_more_memory_than_a_normal_import(tmp_path, dicom_dir):
+    """The entry is streamed to its limit and refused: a 1 GiB entry (64 MiB limit) peaks
+    no higher than importing ten small files."""
+    limit = 64 * 1024 * 1024
+    bomb = tmp_path / "bomb.zip"
+    bomb.write_bytes(_zip_with_entry("bomb.dcm", _bomb_head(declared=16 * limit), 16 * limit))
+    with scratch_database_url() as database_url:
+        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
+               "CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES": str(limit)}
+        env.pop("DATABASE_URL", None)
+        if database_url:
+            env["DATABASE_URL"] = database_url
+        subprocess.run([sys.executable, "-m", "flask", "--app", "app", "init-db"], cwd=ROOT,
+                       env=env, check=True, capture_output=True, timeout=120)
+        bomb_peak, output = _peak_rss_of_import(env, bomb)
+        assert f"larger than {limit} bytes" in output and "bomb.dcm" in output
+        normal_peak, output = _peak_rss_of_import(env, dicom_dir / "head-first")
+        assert "10 files imported" in output
+    assert bomb_peak < normal_peak + limit // 4  # never the entry in memory
 
 
 # --- mutated headers ------------------------------------------------------------------------
