@@ -1,8 +1,9 @@
 """The Docker runner of CAD plug-ins (API.md 5.4) and reading files out of their images.
 
 A CAD plug-in is a Docker image whose ID is the plug-in ID. It runs without network, as
-the job manager's uid:gid, with ``in/`` mounted read-only and ``out/`` writable; Docker is
-driven through its command-line program (``PLUGIN_DOCKER_COMMAND``).
+the job manager's uid:gid, with ``in/`` mounted read-only and ``out/`` writable. The
+engine is driven through its command-line program (``PLUGIN_DOCKER_COMMAND``): ``docker``,
+or ``podman``, which takes the same command lines.
 """
 import io
 import os
@@ -15,6 +16,9 @@ from plugins.job_log import PluginRunError
 DOCKER_DEFAULT_TIMEOUT = 3000  # seconds, when runConfiguration.timeout is absent (5.4)
 DOCKER_STOP_GRACE = 10  # seconds between SIGTERM and SIGKILL when a container is stopped
 CONTAINER_IN, CONTAINER_OUT = "/circus/in", "/circus/out"
+# Every job container carries this label (value: the run ID), so an operator or a test can
+# find the containers of CIRCUS (`docker ps -a --filter label=circus-cs.run`).
+RUN_LABEL = "circus-cs.run"
 
 
 class DockerUnavailableError(PluginRunError):
@@ -31,19 +35,21 @@ def docker_timeout(plugin):
     return None if not timeout else int(timeout)
 
 
-def docker_command(plugin, name, in_dir, out_dir, uid=None, gid=None, docker="docker"):
+def docker_command(plugin, run_id, in_dir, out_dir, uid=None, gid=None, docker="docker"):
     """The ``docker run`` argument list for a CAD plug-in (5.4, quirk 22 fixed).
 
     No network, the job manager's uid:gid, ``in/`` mounted read-only on /circus/in and
     ``out/`` on /circus/out, the container removed when it exits, ``--gpus`` from
-    runConfiguration.gpus, and no implicit pull (the image is the plug-in ID).
+    runConfiguration.gpus, and no implicit pull (the image is the plug-in ID). The
+    container is named ``container_name(run_id)`` and labelled RUN_LABEL=run_id.
     """
     for path in (in_dir, out_dir):
         if ":" in path or "," in path:
             raise PluginRunError("The work directory path must not contain ':' or ','.")
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
-    command = [docker, "run", "--rm", "--name", name, "--network", "none",
+    command = [docker, "run", "--rm", "--name", container_name(run_id),
+               "--label", f"{RUN_LABEL}={run_id}", "--network", "none",
                "--pull", "never", "--user", f"{uid}:{gid}",
                "-v", f"{in_dir}:{CONTAINER_IN}:ro", "-v", f"{out_dir}:{CONTAINER_OUT}"]
     gpus = (plugin.run_configuration or {}).get("gpus")
@@ -70,8 +76,9 @@ def run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config):
     docker = config.get("PLUGIN_DOCKER_COMMAND", "docker")
     os.makedirs(out_dir, exist_ok=True)
     name = container_name(run_id)
-    command = docker_command(plugin, name, in_dir, out_dir, docker=docker)
+    command = docker_command(plugin, run_id, in_dir, out_dir, docker=docker)
     timeout = docker_timeout(plugin)
+    grace = config.get("PLUGIN_DOCKER_STOP_GRACE", DOCKER_STOP_GRACE)
     job_log.line("Executing the plug-in (Docker): " + " ".join(command))
     tail = []
     try:
@@ -92,7 +99,7 @@ def run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config):
         status = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         job_log.line(f"Timeout after {timeout} s: stopping container {name}")
-        _docker_quietly(docker, "stop", "-t", str(DOCKER_STOP_GRACE), name)
+        _docker_quietly(docker, "stop", "-t", str(grace), name, timeout=grace + 60)
         _docker_quietly(docker, "rm", "-f", name)
         process.kill()
         process.wait()

@@ -147,10 +147,11 @@ def run_cad_job(env, image, **run_configuration):
 def test_docker_command():
     plugin = PluginDefinition(plugin_id=GOOD_IMAGE, run_configuration={"timeout": 60,
                                                                        "gpus": "all"})
-    command = docker_runner.docker_command(plugin, "circus-job-01abc", "/data/work/01abc/in",
+    command = docker_runner.docker_command(plugin, "01abc", "/data/work/01abc/in",
                                             "/data/work/01abc/out", uid=1000, gid=100)
     assert command == [
-        "docker", "run", "--rm", "--name", "circus-job-01abc", "--network", "none",
+        "docker", "run", "--rm", "--name", "circus-job-01abc", "--label", "circus-cs.run=01abc",
+        "--network", "none",
         "--pull", "never", "--user", "1000:100",
         "-v", "/data/work/01abc/in:/circus/in:ro", "-v", "/data/work/01abc/out:/circus/out",
         "--gpus", "all", GOOD_IMAGE]

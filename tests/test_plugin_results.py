@@ -25,7 +25,7 @@ from plugins.job_log import PluginRunError
 def test_read_results_rejects(tmp_path, content, reason):
     (tmp_path / "results.json").write_bytes(content)
     with pytest.raises(PluginRunError) as caught:
-        results.read_results(str(tmp_path))
+        results.read_results(str(tmp_path), max_depth=64)
     assert str(caught.value).startswith(reason)
 
 
@@ -36,7 +36,7 @@ def test_read_results_accepts_any_extra_content(tmp_path):
                                                                      "size": [1, 1, 1]}}]},
            "free": "form"}
     (tmp_path / "results.json").write_text(json.dumps(doc))
-    assert results.read_results(str(tmp_path)) == doc
+    assert results.read_results(str(tmp_path), max_depth=64) == doc
 
 
 def test_results_json_must_appear_within_two_seconds(tmp_path):
@@ -56,7 +56,7 @@ def test_copy_outputs_skips_links(tmp_path):
     (out / "results.json").write_text("{}")
     (out / "passwd").symlink_to("/etc/passwd")
     (out / "linkdir").symlink_to("/etc")
-    results.copy_outputs(str(out), str(target))
+    results.copy_outputs(str(out), str(target), max_files=100, max_bytes=1000)
     found = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
     assert found == ["a", "a/b", "a/b/deep.txt", "results.json"]
     assert (target / "a" / "b" / "deep.txt").stat().st_mode & 0o777 == 0o444
