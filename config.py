@@ -50,6 +50,8 @@ def from_environment():
         "PLUGIN_DOCKER_COMMAND": os.environ.get("CIRCUS_PLUGIN_DOCKER_COMMAND", "docker"),
         # Seconds a timed-out plug-in container gets between SIGTERM and SIGKILL.
         "PLUGIN_DOCKER_STOP_GRACE": int(os.environ.get("CIRCUS_PLUGIN_DOCKER_STOP_GRACE", 10)),
+        # Bytes of a CAD plug-in's stdout/stderr kept in its job log; the rest is dropped.
+        "PLUGIN_LOG_MAX_BYTES": int(os.environ.get("CIRCUS_PLUGIN_LOG_MAX_BYTES", 64 * 1024**2)),
         # Limits on a plug-in's out/ (untrusted): files and folders, and bytes of its files.
         # Past either the job fails and nothing is copied to its results.
         "PLUGIN_RESULTS_MAX_FILES": int(os.environ.get("CIRCUS_PLUGIN_RESULTS_MAX_FILES", 10000)),

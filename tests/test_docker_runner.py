@@ -41,7 +41,12 @@ FAKE_DOCKER = textwrap.dedent(r'''
     command, args = sys.argv[1], sys.argv[2:]
     if command == "info":
         sys.exit(1)
-    if command in ("stop", "rm"):
+    if command == "stop":  # ends the `run` of that name, as the engine would
+        pid_file = os.path.join(os.path.dirname(calls), args[-1] + ".pid")
+        if os.path.exists(pid_file):
+            os.kill(int(open(pid_file).read()), 15)
+        sys.exit(0)
+    if command == "rm":
         sys.exit(0)
     if command == "create":
         image = args[-1]
@@ -72,6 +77,9 @@ FAKE_DOCKER = textwrap.dedent(r'''
         sys.exit(1)
     if command == "run":
         image = args[-1]
+        with open(os.path.join(os.path.dirname(calls), args[args.index("--name") + 1] + ".pid"),
+                  "w") as fh:
+            fh.write(str(os.getpid()))
         mounts = dict(reversed(args[i + 1].split(":")[:2])
                       for i, a in enumerate(args) if a == "-v")
         if image == "{missing}":
@@ -210,7 +218,7 @@ def test_cad_image_that_does_not_exist(env):
 
 def test_cad_plugin_that_exits_with_an_error(env):
     job, log = run_cad_job(env, FAILING_IMAGE)
-    assert job["errorMessage"] == "The plug-in exited with status 3."
+    assert job["errorMessage"] == "The plug-in exited with status 3: a warning on stderr"
     assert "hello from the container" in log and job["results"] is None
 
 
