@@ -133,7 +133,8 @@ class OutputPump:
                 self.job_log.raw(kept)
                 self.logged += len(kept)
                 if self.logged >= self.max_bytes:
-                    self.job_log.line(f"\n(The plug-in output past {self.max_bytes} bytes "
+                    self.job_log.raw(b"\n")
+                    self.job_log.line(f"(The plug-in output past {self.max_bytes} bytes "
                                       "is not logged.)")
 
     def join(self, timeout=None):

@@ -9,6 +9,7 @@ cases a real engine makes slow or awkward (a missing engine, displays) stay chea
 """
 import json
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -294,3 +295,22 @@ def test_register_cad_plugin_without_docker(env):
     env.app.config["PLUGIN_DOCKER_COMMAND"] = "/nonexistent/docker"
     result = env.app.test_cli_runner().invoke(args=["register-cad-plugin", "--yes", GOOD_IMAGE])
     assert result.exit_code != 0 and "Docker is not available" in result.output
+
+
+# --- the container's output -----------------------------------------------------------------
+
+def test_output_is_logged_up_to_the_limit_without_reading_whole_lines(tmp_path):
+    """8 MB on one line: the log keeps the first 1000 bytes and a note; the last line (for
+    the error message) is printable and at most 200 characters."""
+    process = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; sys.stdout.write('x' * 8000000 + '\\n\\x1b[31mfatal: ' + 'y' * 300)"],
+        stdout=subprocess.PIPE)
+    with runner.JobLog(str(tmp_path / "log.txt")) as job_log:
+        pump = docker_runner.OutputPump(process.stdout, job_log, 1000)
+        process.wait()
+        pump.join()
+    text = (tmp_path / "log.txt").read_text()
+    assert text.startswith("x" * 1000 + "\n") and "(The plug-in output past 1000 bytes " in text
+    assert len(text) < 1200
+    assert pump.last_line() == "?[31mfatal: " + "y" * 188
