@@ -12,6 +12,7 @@ import auth
 import cli
 import config as config_module
 import json_codec
+import storage
 import table_versions
 import validation
 from errors import register_error_handlers
@@ -101,6 +102,7 @@ def create_app(config=None):
         if not os.path.isfile(os.path.join(app.config["WEB_UI_DIR"], "index.html")):
             raise ValueError(f"CIRCUS_WEB_UI_DIR has no index.html: {app.config['WEB_UI_DIR']}")
     os.makedirs(app.config["CIRCUS_DATA_DIR"], exist_ok=True)
+    storage.init_app(app)  # before anything is served: a store that does not answer stops here
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config))
     engine_options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options

@@ -83,10 +83,12 @@ def store(sha1, stream, content_encoding=None):
     gzipped = bool(GZIP_ENCODING.match((content_encoding or "").strip().lower()))
     hasher = hashlib.sha1()
     size = 0
-    path = storage.blob_path(sha1) if SHA1_RE.match(sha1) else None
-    # Even for a hash that cannot match, the body is consumed to answer like CIRCUS does.
-    target = path or os.path.join(storage.root("blobs"), "rejected")
-    with storage.atomic_file(target) as fh:
+    valid = SHA1_RE.match(sha1) is not None
+    # Even for a hash that cannot match, the body is consumed to answer like CIRCUS does
+    # (into a local file that is never kept).
+    target = (storage.published_file(storage.blob_key(sha1)) if valid else
+              storage.atomic_file(os.path.join(storage.root("blobs"), "rejected")))
+    with target as fh:
         for piece in _chunks(stream, gzipped):
             size += len(piece)
             if size > MAX_BLOB_BYTES:
@@ -95,7 +97,7 @@ def store(sha1, stream, content_encoding=None):
             fh.write(piece)
         if size == 0:
             raise BlobError(400, "Empty content was sent.")
-        if path is None or hasher.hexdigest() != sha1:
+        if not valid or hasher.hexdigest() != sha1:
             raise BlobError(400, "Hash mismatch.")
 
 
@@ -103,7 +105,10 @@ def path_of(sha1):
     """The file of a stored blob, or None if there is none."""
     if not isinstance(sha1, str) or not SHA1_RE.match(sha1):
         return None
-    path = storage.blob_path(sha1)
+    try:
+        path = storage.blob_path(sha1)
+    except FileNotFoundError:
+        return None
     return path if os.path.isfile(path) else None
 
 
@@ -114,6 +119,7 @@ def missing(hashes):
         if sha1 in seen:
             continue
         seen.add(sha1)
-        if path_of(sha1) is None:
+        if not isinstance(sha1, str) or not SHA1_RE.match(sha1) or \
+                not storage.store().exists(storage.blob_key(sha1)):
             result.append(sha1)
     return result

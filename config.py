@@ -8,6 +8,20 @@ def from_environment():
     return {
         # Everything persistent lives here: database, DICOM files, blobs, results, downloads.
         "CIRCUS_DATA_DIR": data_dir,
+        # Where DICOM files, blobs, plug-in results and downloads are stored: file:// (the data
+        # directory) or s3://bucket/prefix (an S3-compatible store, through boto3; spool, work
+        # and cache folders stay in the data directory of each host).
+        "STORAGE_URL": os.environ.get("CIRCUS_STORAGE_URL") or "file://",
+        # The S3 endpoint (unset: AWS); credentials come from the standard AWS variables.
+        "S3_ENDPOINT_URL": os.environ.get("CIRCUS_S3_ENDPOINT_URL") or None,
+        # Create the bucket of CIRCUS_STORAGE_URL at start when it does not exist (else: refuse).
+        "S3_CREATE_BUCKET": os.environ.get("CIRCUS_S3_CREATE_BUCKET", "") == "1",
+        # Bytes of objects each host keeps in cache/objects/ (read from the store for /rs,
+        # exports and plug-in input); least recently used first out.
+        "OBJECT_CACHE_BYTES": int(os.environ.get("CIRCUS_OBJECT_CACHE_BYTES", 2 * 1024**3)),
+        # Objects without a database row (an import killed between upload and commit) older
+        # than this many seconds are removed by the worker's storage sweep.
+        "ORPHAN_GRACE_SECONDS": int(os.environ.get("CIRCUS_ORPHAN_GRACE_SECONDS", 6 * 3600)),
         # Overrides the database only (e.g. postgresql+psycopg://user@host/db).
         "DATABASE_URL": os.environ.get("DATABASE_URL"),
         # Access tokens from POST /login expire after this many seconds (CIRCUS: 1 hour).

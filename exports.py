@@ -149,20 +149,21 @@ class _EarlyWriteback:
             self.thread.join()
 
 
-def write_archive(path, compression_format, fill):
-    """Create ``path`` atomically as an archive filled by ``fill(archive)``.
+def write_archive(path, compression_format, fill, target=None):
+    """Create the local file ``path`` atomically as an archive filled by ``fill(archive)``,
+    or, with ``target`` (``storage.published_file(key)``), that object.
 
-    A failure (of ``fill`` or of the disk) leaves nothing at ``path``.
+    A failure (of ``fill``, of the disk or of the store) leaves nothing behind.
     """
-    with storage.atomic_file(path) as fh, _EarlyWriteback(fh) as out:
+    with target or storage.atomic_file(path) as fh, _EarlyWriteback(fh) as out:
         with archives.open_archive(out, compression_format) as archive:
             fill(archive)
 
 
 def _run_export(task, fill, wrap_error):
     try:
-        write_archive(storage.download_path(task.task_id),
-                      task.params.get("compressionFormat", "tgz"), fill)
+        write_archive(None, task.params.get("compressionFormat", "tgz"), fill,
+                      target=storage.published_file(storage.download_key(task.task_id)))
     except (volumes.VolumeError, ExportError) as exc:
         log.info("Export task %s failed: %s", task.task_id, exc)
         raise tasks.TaskError(wrap_error(str(exc))) from None

@@ -8,7 +8,6 @@ descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
 import functools
 import json
 import logging
-import os
 
 import pydicom
 import sqlalchemy as sa
@@ -19,7 +18,7 @@ from dicom import volumes
 from dicom.image_ranges import (  # noqa: F401  (the series' API, used by routes and domain)
     ImagesStringError, has_image, images_string, merge_images, parse_images, parse_ranges)
 from errors import ApiError, get_or_404, not_found
-from models import CaseSeries, MyListItem, PluginJobSeries, Series, db, new_ulid
+from models import CaseSeries, MyListItem, PluginJobSeries, Series, db
 from search import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -224,20 +223,17 @@ def delete_series(series_uid):
                 model.series_uid == series_uid).limit(1)).first() is not None:
             db.session.rollback()
             raise ApiError(400, message)
-    folder = storage.series_dir(series_uid)
-    parked = storage.dicom_staging_dir("deleted-" + new_ulid())
-    moved = False
-    if os.path.isdir(folder):
-        # Parked under the lock: an import committing after us starts a fresh folder.
-        os.makedirs(os.path.dirname(parked), exist_ok=True)
-        os.replace(folder, parked)
-        moved = True
+    store = storage.store()
+    # Parked under the lock (data directory: the folder moved aside), so an import
+    # committing after us starts afresh; the objects go once the rows are gone.
+    parked = store.park(storage.series_key(series_uid))
     try:
         db.session.commit()
     except BaseException:
         db.session.rollback()
-        if moved:
-            os.replace(parked, folder)
+        store.unpark(parked)
         raise
-    if moved:
-        storage.remove_tree(parked)
+    try:
+        store.purge(parked)
+    except OSError:  # the store is failing: the storage sweep removes what is left
+        log.warning("The files of deleted series %s could not be removed yet", series_uid)

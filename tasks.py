@@ -285,20 +285,20 @@ def download_extension(mime_type):
 
 
 def open_download(task):
-    """(open binary file, size) of a task's download; DownloadGone when deleted."""
+    """(binary stream, size) of a task's download (a file, or an object streamed in
+    chunks); DownloadGone when deleted."""
     try:
-        fh = open(storage.download_path(task.task_id), "rb")
+        return storage.store().open(storage.download_key(task.task_id))
     except FileNotFoundError:
         raise DownloadGone(task.task_id) from None
-    return fh, os.fstat(fh.fileno()).st_size
 
 
 def remove_download(task_id):
     """Delete a task's download file (missing is fine)."""
     try:
-        os.unlink(storage.download_path(task_id))
+        storage.store().delete(storage.download_key(task_id))
     except OSError:
-        pass
+        log.warning("The download of task %s could not be deleted", task_id)
 
 
 def dismiss(task, dismissed):
@@ -315,19 +315,28 @@ def sweep_downloads(retention_seconds, temp_grace_seconds=3600):
     A temporary file is written continuously while its export runs, so one untouched
     for ``temp_grace_seconds`` belongs to a crashed worker. Returns the number deleted.
     """
-    folder = storage.root("downloads")
     now = time.time()
     removed = 0
-    for entry in os.scandir(folder):
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            limit = temp_grace_seconds if entry.name.startswith(".tmp-") else retention_seconds
-            if entry.stat(follow_symlinks=False).st_mtime < now - limit:
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
+    # This host's temporary files (on every store: exports write them locally first)
+    for folder in (storage.download_staging_dir(),
+                   os.path.join(storage.download_staging_dir(), ".staging")):
+        if not os.path.isdir(folder):
             continue
+        for entry in os.scandir(folder):
+            try:
+                if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False) \
+                        and entry.stat(follow_symlinks=False).st_mtime < now - temp_grace_seconds:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+    store = storage.store()
+    for key, _size, mtime in list(store.list("downloads/")):
+        if "/" in key[len("downloads/"):]:
+            continue  # not a download (the staging folder)
+        if mtime < now - retention_seconds:
+            store.delete(key)
+            removed += 1
     if removed:
         log.info("Swept %d old download file(s).", removed)
     return removed

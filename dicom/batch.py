@@ -302,18 +302,20 @@ class ImportBatch:
             return BatchResult()
         # A large batch flushes its data before it locks anything (the flush takes long);
         # a small one leaves it to the single sync after its renames.
-        synced = len(self.staged) >= SYNC_BEFORE_LOCK_MIN
-        if synced:
+        # (A store that makes what it publishes durable itself needs neither.)
+        store = storage.store()
+        synced = len(self.staged) >= SYNC_BEFORE_LOCK_MIN or store.publish_is_durable
+        if synced and not store.publish_is_durable:
             make_durable(self.dir, list(self.staged.values()))
         by_series = {}
         for (uid, number) in self.staged:
             by_series.setdefault(uid, []).append(number)
         placed = []
         try:
-            new_files = self._upsert(by_series, placed, synced)
+            new_files = self._upsert(store, by_series, placed, synced)
         except BaseException:
             db.session.rollback()
-            self._remove_new(placed)
+            self._remove_new(store, placed)
             raise
         log.info("Imported %d instances into %d series (%s)", len(self.staged),
                  len(by_series), self.domain)
@@ -356,7 +358,7 @@ class ImportBatch:
             raise BrokenDicomError("The DICOM file cannot be parsed consistently.")
         return dict(record.series)
 
-    def _upsert(self, by_series, placed, synced):
+    def _upsert(self, store, by_series, placed, synced):
         new_keys = set()
         now = utcnow()
         for chunk in _chunks(sorted(by_series)):
@@ -392,30 +394,30 @@ class ImportBatch:
                 db.session.flush()
             for series in touched:  # written; no need to keep them in memory
                 db.session.expunge(series)
-        folders = set()
-        created = False
-        unsynced = []
+        pairs = []
         for (uid, number), staged in sorted(self.staged.items()):
-            target = storage.instance_path(uid, number)
-            folder = os.path.dirname(target)
-            if folder not in folders:
-                if not os.path.isdir(folder):
-                    os.makedirs(folder, exist_ok=True)
-                    created = True
-                folders.add(folder)
             is_new = (uid, number) in new_keys
             syncing = self.syncing.get(staged)
             if syncing is not None:
                 if not is_new:
                     syncing.wait()  # it replaces a file a row points at
-            elif not synced:
-                if not is_new:
-                    # It replaces a file a row points at: its data must be durable first.
-                    _fsync(staged)
-                else:
-                    unsynced.append(target)
-            os.replace(staged, target)
-            placed.append((target, is_new))
+            elif not synced and not is_new:
+                # It replaces a file a row points at: its data must be durable first.
+                _fsync(staged)
+            pairs.append((staged, storage.instance_key(uid, number)))
+            placed.append((pairs[-1][1], is_new))
+        folders = set()
+        created = False
+        unsynced = []
+        # Renamed into place (data directory), or uploaded (object store) in parallel.
+        for (staged, _key), (_key, is_new), where in zip(pairs, placed,
+                                                         store.publish_many(pairs)):
+            if where.path is None:
+                continue  # durable already
+            folders.add(os.path.dirname(where.path))
+            created = created or where.new_folder
+            if is_new and not synced and staged not in self.syncing:
+                unsynced.append(where.path)
         self._index_instances()
         # Before the commit: no row ever points at a file that is not durable.
         make_placed_durable(unsynced, folders, created)
@@ -432,11 +434,14 @@ class ImportBatch:
             db.session.connection().execute(upsert_statement(Instance.__table__), rows)
 
     @staticmethod
-    def _remove_new(placed):
-        """Undo the renames of instances the database does not know."""
-        for target, is_new in placed:
+    def _remove_new(store, placed):
+        """Undo the placing of instances the database does not know."""
+        for key, is_new in placed:
             if is_new:
-                unlink_quietly(target)
+                try:
+                    store.delete(key)
+                except OSError:  # the store is failing: its sweep removes the orphan
+                    log.warning("Could not remove %s after a failed import", key)
 
 
 def instance_row(keys):

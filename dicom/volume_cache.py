@@ -42,12 +42,9 @@ def decode_pool(threads):
 
 
 def series_stamp(series):
-    """What changes when ``series`` is re-imported: images, updated_at, the folder mtime."""
-    try:
-        mtime = os.stat(storage.series_dir(series.series_uid)).st_mtime_ns
-    except OSError:
-        mtime = None
-    return (series.images, str(series.updated_at), mtime)
+    """What changes when ``series`` is re-imported: images, updated_at, the store's stamp
+    (the folder's mtime on the data directory)."""
+    return (series.images, str(series.updated_at), storage.series_stamp(series.series_uid))
 
 
 class CachedVolume:
@@ -62,7 +59,8 @@ class CachedVolume:
         self.numbers = list(numbers)
         self.index = {number: z for z, number in enumerate(self.numbers)}
         # resolved here, in the request: decoding threads have no app context
-        self.paths = [storage.instance_path(series_uid, n) for n in self.numbers]
+        self.store = storage.store()
+        self.keys = [storage.instance_key(series_uid, n) for n in self.numbers]
         self.stamp = stamp
         self.pool = pool
         self.on_allocate = on_allocate
@@ -116,12 +114,13 @@ class CachedVolume:
         """``volumes.image_attributes`` of slice ``z`` (read once)."""
         if z not in self._attributes:
             self._attributes[z] = volumes.image_attributes(
-                self.paths[z], self.numbers[z], self.series_uid)
+                self.store, self.keys[z], self.numbers[z], self.series_uid)
         return self._attributes[z]
 
     def _decode(self, z):
         try:
-            slice_ = volumes.read_slice(self.paths[z], self.numbers[z], self.series_uid)
+            slice_ = volumes.read_slice(self.store, self.keys[z], self.numbers[z],
+                                        self.series_uid)
             pixels, slice_.pixels = slice_.pixels, None
             allocated = self._place(z, slice_, pixels)
         except volumes.VolumeError as exc:

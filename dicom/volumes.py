@@ -410,8 +410,9 @@ def _spacing_between_slices(ds, where):
 
 # --- a volume, slice by slice ---------------------------------------------------------------
 
-def _read(path, number, series_uid):
-    """The file's bytes: a read-only map of it (pages already populated), else bytes.
+def _read(store, key, number, series_uid):
+    """The bytes of a stored image (``store.fetch``: the file itself on the data directory,
+    a cached copy of an object): a read-only map of it (pages already populated), else bytes.
 
     Mapping costs a quarter of the CPU of ``read`` here (no copy into fresh memory, and
     no page fault per 4 KiB); the voxels are viewed from it. Stored instance files are
@@ -419,7 +420,7 @@ def _read(path, number, series_uid):
     map cannot shrink under us; a deleted file stays readable through its map.
     """
     try:
-        with open(path, "rb") as fh:
+        with open(store.fetch(key), "rb") as fh:
             try:
                 return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE,
                                  prot=mmap.PROT_READ)
@@ -433,8 +434,8 @@ def _read(path, number, series_uid):
                           f"({exc.strerror or exc}).") from None
 
 
-def _load(path, number, series_uid, keep_bytes):
-    data = _read(path, number, series_uid)
+def _load(store, key, number, series_uid, keep_bytes):
+    data = _read(store, key, number, series_uid)
     slice_ = decode_slice(number, data, f"image #{number} of series {series_uid}")
     if keep_bytes:
         slice_.data = data
@@ -455,7 +456,8 @@ class VolumeReader:
         self.series_uid = series_uid
         self.numbers = list(numbers)
         self.keep_bytes = keep_bytes
-        self._paths = [storage.instance_path(series_uid, n) for n in self.numbers]
+        self._store = storage.store()  # resolved here: read-ahead threads have no app context
+        self._keys = [storage.instance_key(series_uid, n) for n in self.numbers]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-read")
         self._futures = deque()
         self._next = 0
@@ -474,7 +476,8 @@ class VolumeReader:
         while self._next < len(self.numbers) and len(self._futures) < READ_AHEAD:
             i = self._next
             self._futures.append(self._pool.submit(
-                _load, self._paths[i], self.numbers[i], self.series_uid, self.keep_bytes))
+                _load, self._store, self._keys[i], self.numbers[i], self.series_uid,
+                self.keep_bytes))
             self._next += 1
 
     def _take(self):
@@ -655,19 +658,19 @@ def _remove(path):
 
 # --- single images for the image server (/rs) -----------------------------------------------
 
-def read_slice(path, number, series_uid):
-    """Decode one stored image (``storage.instance_path``): the image server's unit of work,
+def read_slice(store, key, number, series_uid):
+    """Decode one stored image (``storage.instance_key``): the image server's unit of work,
     run on threads without an app context."""
-    return _load(path, number, series_uid, False)
+    return _load(store, key, number, series_uid, False)
 
 
-def image_attributes(path, number, series_uid):
+def image_attributes(store, key, number, series_uid):
     """What the image server reads besides the pixels, as CIRCUS's extractor does:
     ``window`` ({level, width} from the first values of Window Center/Width, or None),
     ``orientation`` (Image Orientation (Patient) text) and ``imageType`` (the first value
     of Image Type, e.g. ``DERIVED``)."""
     where = f"image #{number} of series {series_uid}"
-    ds, _ = _read_header(_read(path, number, series_uid), where)
+    ds, _ = _read_header(_read(store, key, number, series_uid), where)
     center, width = _text(ds, 0x00281050), _text(ds, 0x00281051)
     window = None
     if center is not None and width is not None:

@@ -33,7 +33,7 @@ import storage
 from models import PluginJob, SystemState, db, iso, parse_iso, utcnow
 from plugins import jobs
 from plugins.job_log import LOG_NAME, JobLog
-from plugins.runner import remove_work_dir, run_job
+from plugins.runner import publish_log, remove_work_dir, run_job
 from tasks import HEARTBEAT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def _interrupted(job_id):
             job_log.line(INTERRUPTED)
     except OSError:
         pass
+    publish_log(job_id)
     remove_work_dir(storage.work_dir(job_id))
     return True
 

@@ -141,9 +141,10 @@ def _duplicate_exists(plugin_id, entries):
 
 
 def _check_files(series, pvd):
-    """The queue's re-check: every DICOM file of the PVD is on disk (400, not CIRCUS's 500)."""
+    """The queue's re-check: every DICOM file of the PVD is stored (400, not CIRCUS's 500)."""
+    store = storage.store()
     for number in series_access.pvd_images(pvd):
-        if not os.path.isfile(storage.instance_path(series.series_uid, number)):
+        if not store.exists(storage.instance_key(series.series_uid, number)):
             raise ApiError(400, f"Series {series.series_uid} not found.")
 
 
@@ -356,17 +357,7 @@ def search_spec(privileges, personal_info_allowed, in_my_list=False):
 def attachment_list(job_id):
     """Relative paths of every file and folder in the job's results folder (no dot-files,
     no links), sorted; ``[]`` when there is none."""
-    base = storage.results_dir(job_id)
-    found = []
-    for folder, dirs, files in os.walk(base, followlinks=False):
-        dirs[:] = [d for d in dirs if not d.startswith(".")
-                   and not os.path.islink(os.path.join(folder, d))]
-        relative = os.path.relpath(folder, base)
-        for name in dirs + [f for f in files if not f.startswith(".")
-                            and not os.path.islink(os.path.join(folder, f))]:
-            path = name if relative == "." else os.path.join(relative, name)
-            found.append(path.replace(os.sep, "/"))
-    return sorted(found)
+    return sorted(storage.store().list_tree(storage.results_key(job_id)))
 
 
 def attachment_path(job_id, path):
@@ -375,12 +366,13 @@ def attachment_path(job_id, path):
     parts = path.replace("\\", "/").split("/")
     if path.startswith(("/", "\\")) or any(p in ("..", ".") for p in parts) or "\x00" in path:
         raise ApiError(400, BAD_PATH)
-    base = storage.results_dir(job_id)
     try:
-        full = storage.inside(base, *[p for p in parts if p])
+        full = storage.store().fetch(storage.results_key(job_id) + "/".join(p for p in parts if p))
     except storage.UnsafePathError:
         raise ApiError(400, BAD_PATH) from None
-    if not os.path.isfile(full):
+    except FileNotFoundError:
+        raise ApiError(404, "Not Found") from None
+    if os.path.islink(full) or not os.path.isfile(full):
         raise ApiError(404, "Not Found")
     return full
 

@@ -103,6 +103,7 @@ def run_job(job_id):
                                        current_app.config)
             job_log.line("Copying the result files")
             copy_outputs(out_dir, results_dir, job_log, **output_limits(current_app.config))
+            storage.publish_results(job_id, keep=True)  # before the row says finished
             jobs.finish_job(job_id, results)
             job_log.line("Job execution done.")
         except PluginRunError as exc:
@@ -116,6 +117,15 @@ def run_job(job_id):
         finally:
             if not current_app.config.get("PLUGIN_KEEP_WORK_DIR"):
                 remove_work_dir(work_dir)
+    publish_log(job_id)
+
+
+def publish_log(job_id):
+    """Store the job's final log with its results (a failing store leaves it local)."""
+    try:
+        storage.publish_results(job_id, names=[LOG_NAME])
+    except OSError:
+        log.exception("The log of job %s could not be stored", job_id)
 
 
 def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=None):
