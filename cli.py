@@ -8,7 +8,7 @@ from flask.cli import AppGroup
 
 import accounts
 import admin_records
-import clinical_cases
+import cases
 import db_check
 import dbmigrate
 import exports
@@ -281,9 +281,9 @@ def register_case_command(project, series, user_ref, tags):
         raise click.ClickException(f"No user with e-mail or login ID {user_ref!r}.")
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     try:
-        project_id = clinical_cases.find_project(project).project_id
-        entries = [clinical_cases.series_entry_from_text(text) for text in series]
-        case_id = clinical_cases.create_case(account.user_email, compute_privileges(account),
+        project_id = cases.find_project(project).project_id
+        entries = [cases.series_entry_from_text(text) for text in series]
+        case_id = cases.create_case(account.user_email, compute_privileges(account),
                                              project_id, entries, tag_list)
     except ApiError as exc:
         db.session.rollback()

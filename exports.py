@@ -20,7 +20,7 @@ import numpy as np
 
 import archives
 import blobs
-import clinical_cases
+import cases
 import series_access
 import storage
 import tasks
@@ -280,7 +280,7 @@ def _label_slices(labels, dimension, combined):
 
 
 def _revision(case, revision_index):
-    revisions = clinical_cases.revisions(case)
+    revisions = cases.revisions(case)
     index = len(revisions) - 1 if revision_index is None else revision_index
     if not 0 <= index < len(revisions):
         raise ExportError(f"Invalid revision index: {revision_index}")
