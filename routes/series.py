@@ -8,7 +8,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 import multipart_spool
 import my_lists
 import search
-import series_access
+import series
 import storage
 import tasks
 from auth import (can_view_personal_info, readable_domains, require_series_domain,
@@ -123,7 +123,7 @@ def _check_upload_domain(domain):
 def list_series():
     """Search the series of the caller's domains."""
     domains = tuple(readable_domains())
-    return search.run(series_access.search_spec(can_view_personal_info()),
+    return search.run(series.search_spec(can_view_personal_info()),
                       lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains))
 
 
@@ -175,9 +175,9 @@ def _spool_one(folder, prefix):
 @bp.get("/<series_uid>")
 def get_series(series_uid):
     """One series; patient information only for those allowed to see it."""
-    series = series_access.get_series(series_uid)
-    require_series_domain(series)
-    return series.to_json(with_patient_info=can_view_personal_info())
+    row = series.get_series(series_uid)
+    require_series_domain(row)
+    return row.to_json(with_patient_info=can_view_personal_info())
 
 
 def _image_number(name):
@@ -192,23 +192,22 @@ def _image_number(name):
 @bp.get("/<series_uid>/orientation")
 def get_orientation(series_uid):
     """Whether images start..end of a series run head-first or foot-first."""
-    series = series_access.get_series(series_uid)
-    numbers = series_access.parse_ranges(series.images)
+    row = series.get_series(series_uid)
+    numbers = series.parse_ranges(row.images)
     start = _image_number("start") or (numbers[0][0] if numbers else None)
     end = _image_number("end") or (numbers[-1][1] if numbers else None)
-    if start is None or end is None or not (series_access.has_image(series.images, start)
-                                            and series_access.has_image(series.images, end)):
+    if start is None or end is None or not (series.has_image(row.images, start)
+                                            and series.has_image(row.images, end)):
         raise ApiError(400, "The given start/end number is out of bounds.")
-    require_series_domain(series)
-    return {"orientation": series_access.orientation(series, start, end)}
+    require_series_domain(row)
+    return {"orientation": series.orientation(row, start, end)}
 
 
 @bp.delete("/<series_uid>")
 def delete_series(series_uid):
     """Delete a series of the caller's domains and its files (not if a case or job uses it)."""
-    series = series_access.get_series(series_uid)
-    require_series_domain(series)
-    series_access.delete_series(series_uid)
+    require_series_domain(series.get_series(series_uid))
+    series.delete_series(series_uid)
     return "", 204
 
 
@@ -219,5 +218,5 @@ def list_series_in_my_list(my_list_id):
     query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
-    return search.run(series_access.search_spec(can_view_personal_info(), in_my_list=True),
+    return search.run(series.search_spec(can_view_personal_info(), in_my_list=True),
                       query)
