@@ -1,10 +1,11 @@
-"""Clinical cases: /api/cases."""
+"""Clinical cases: /api/cases (cases, revisions, tags, the MHD export)."""
 from flask import Blueprint, g, request
 
 import cases
+import exports
 import my_lists
 import search
-from auth import can_view_personal_info, require_case_role
+from auth import can_view_personal_info, require_case_role, require_global
 from validation import expects
 
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
@@ -81,3 +82,14 @@ def delete_case(case_id):
     require_case_role(case, "moderate")
     cases.delete_case(case, force=request.args.get("force") == "1")
     return "", 204
+
+
+def _may_download(**_kwargs):
+    require_global("downloadVolume")
+
+
+@bp.post("/export-mhd")
+@expects("export-mhd", before=_may_download)
+def export_mhd(body):
+    """Export cases as MHD/RAW volumes and labels (a task with a download)."""
+    return {"taskId": exports.start_mhd_export(g.user.user_email, g.privileges, body)}, 201

@@ -1,23 +1,24 @@
-"""DICOM series: /api/series."""
+"""DICOM series: /api/series (uploads, search, orientation, deletion, volume export)."""
 import os
 import re
 
 from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+import exports
 import multipart_spool
 import my_lists
 import search
 import series
 import storage
 import tasks
-from auth import (can_view_personal_info, readable_domains, require_series_domain,
+from auth import (can_view_personal_info, readable_domains, require_global, require_series_domain,
                   require_upload_domain)
 from dicom import importer
 from dicom.errors import DicomImportError, NotDicomError
 from errors import ApiError
 from models import MyListItem, Series, ServerParam, db, new_ulid
-from validation import content_type
+from validation import content_type, expects
 
 bp = Blueprint("series", __name__, url_prefix="/api/series")
 
@@ -220,3 +221,14 @@ def list_series_in_my_list(my_list_id):
                                        MyListItem.resource_id == Series.series_uid)))
     return search.run(series.search_spec(can_view_personal_info(), in_my_list=True),
                       query)
+
+
+def _may_download(**_kwargs):
+    require_global("downloadVolume")
+
+
+@bp.post("/export-cs-volume")
+@expects("export-cs-volume", before=_may_download)
+def export_cs_volume(body):
+    """Export series volumes in the plug-in input format (a task with a download)."""
+    return {"taskId": exports.start_cs_volume_export(g.user.user_email, g.privileges, body)}, 201
