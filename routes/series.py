@@ -2,8 +2,7 @@
 import os
 import re
 
-from flask import Blueprint, current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, g, request
 
 import exports
 import multipart_spool
@@ -22,9 +21,7 @@ from validation import content_type, expects
 
 bp = Blueprint("series", __name__, url_prefix="/api/series")
 
-FIELD_NAME = "files"
 POSITIVE_INT_RE = re.compile(r"^[1-9]\d*$")
-UPLOAD_BUFFER = 1024 * 1024
 
 _DOMAINS = db.select(ServerParam.value).where(ServerParam.key == "domains")
 
@@ -40,72 +37,6 @@ def _in_domains(domains):
     """``domain IN (...)`` with one parameter per domain: a memoized statement then runs
     without re-rendering its SQL, as an expanding IN would each time."""
     return Series.domain.in_([db.bindparam(None, domain) for domain in domains])
-
-
-# --- multipart spooling -------------------------------------------------------------------
-
-class _LimitedFile:
-    """A spool file that refuses to grow beyond the per-file upload limit (413)."""
-
-    def __init__(self, path, limit):
-        self.path = path
-        self.limit = limit
-        self.size = 0
-        self.fh = open(path, "w+b")
-
-    def write(self, data):
-        self.size += len(data)
-        if self.size > self.limit:
-            raise RequestEntityTooLarge()
-        return self.fh.write(data)
-
-    def seek(self, *args):
-        return self.fh.seek(*args)
-
-    def read(self, *args):
-        return self.fh.read(*args)
-
-    def tell(self):
-        return self.fh.tell()
-
-    def close(self):
-        self.fh.close()
-
-
-def _spool_upload(folder, prefix=""):
-    """Stream the multipart body into ``folder``: one file per part, never in memory.
-
-    Returns the spooled paths of the ``files`` parts in order. Any other file field, a
-    malformed body or a file above UPLOAD_FILE_SIZE_MAX_BYTES is refused.
-    """
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-    limit = current_app.config["UPLOAD_FILE_SIZE_MAX_BYTES"]
-    opened = []
-
-    def on_file(name):
-        if name != FIELD_NAME:
-            raise ApiError(400, f'Uploaded files must use the field name "{FIELD_NAME}".')
-        spooled = _LimitedFile(os.path.join(folder, f"{prefix}{len(opened) + 1:06d}"), limit)
-        opened.append(spooled)
-        return spooled
-
-    boundary = request.mimetype_params.get("boundary", "").encode("ascii", "replace")
-    if not boundary:
-        raise ApiError(400, "The multipart body could not be parsed.")
-    try:
-        # 1 MiB reads: werkzeug's default 64 KiB halves the throughput of large uploads.
-        multipart_spool.parse(request.stream, boundary, on_file, chunk=UPLOAD_BUFFER,
-                              field_max=4 * UPLOAD_BUFFER,
-                              max_parts=current_app.config["ARCHIVE_MAX_ENTRIES"])
-    except (RequestEntityTooLarge, multipart_spool.MultipartTooLarge):
-        raise ApiError(413, "request entity too large") from None
-    except multipart_spool.MultipartError:
-        raise ApiError(400, "The multipart body could not be parsed.") from None
-    finally:
-        for spooled in opened:
-            spooled.close()
-    return [spooled.path for spooled in opened]
 
 
 def _check_upload_domain(domain):
@@ -136,7 +67,7 @@ def upload_series(domain):
     task_id = new_ulid()
     spool = storage.spool_dir(task_id)
     try:
-        paths = _spool_upload(spool)
+        paths = multipart_spool.spool_upload(spool)
         if not paths:
             raise ApiError(400, "No file was uploaded.")
         task = tasks.create_task(g.user.user_email, importer.TASK_NAME, kind="series_import",
@@ -167,7 +98,7 @@ def upload_single(domain):
 
 def _spool_one(folder, prefix):
     """Spool the upload of /single straight into the import's staging ``folder``."""
-    paths = _spool_upload(folder, prefix=prefix)
+    paths = multipart_spool.spool_upload(folder, prefix=prefix)
     if len(paths) != 1:
         raise ApiError(400, "Only one file is allowed.")
     return paths[0]
