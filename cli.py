@@ -302,17 +302,13 @@ def import_series_command(domain, recursive, paths):
         raise click.ClickException(f'The domain "{domain}" is not in the server '
                                    'parameter "domains".')
     files = importer.collect_paths(paths, recursive)
-    run = importer.Importer(domain)
     try:
-        with click.progressbar(files, label="Importing", show_pos=True) as bar:
-            for path in bar:
-                run.import_file(path)
-        entities, _files, skipped, series = run.finish()
+        with click.progressbar(length=len(files), label="Importing", show_pos=True) as bar:
+            result = importer.import_paths(domain, files, on_file=lambda _path: bar.update(1))
     except DicomImportError as exc:
-        raise click.ClickException(f"{exc} (after {run.entities} imported)") from None
-    finally:
-        run.close()
-    click.echo(f"{entities} files imported into {series} series, {skipped} skipped")
+        raise click.ClickException(f"{exc} (after {exc.imported} imported)") from None
+    click.echo(f"{result.entities} files imported into {result.series} series, "
+               f"{result.skipped} skipped")
 
 
 @commands.command("dump-dicom")
