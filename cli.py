@@ -9,8 +9,7 @@ from flask.cli import AppGroup
 import accounts
 import admin_records
 import cases
-import db_check
-import dbmigrate
+import db_maintenance
 import exports
 import table_versions
 import worker
@@ -218,7 +217,7 @@ def generate_password_hash_command():
 
 @commands.command("db-check")
 @click.option("-t", "--target", multiple=True,
-              type=click.Choice(list(db_check.RECORD_CHECKS)),
+              type=click.Choice(list(db_maintenance.RECORD_CHECKS)),
               help="Check only this collection (repeatable).")
 def db_check_command(target):
     """Validate every stored record against its schema; stop at the first invalid one."""
@@ -226,8 +225,8 @@ def db_check_command(target):
         click.echo(f"Validating: {name}" if count is None else
                    f"  Validated: {count} {'item' if count == 1 else 'items'}.")
     try:
-        db_check.check_records(list(target) or None, progress)
-    except db_check.InvalidRecord as exc:
+        db_maintenance.check_records(list(target) or None, progress)
+    except db_maintenance.InvalidRecord as exc:
         click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
         for error in exc.errors:
             click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)
@@ -368,8 +367,8 @@ def _run_api_call(function, body, schema):
 
 
 def _prepare_schema():
-    """Run dbmigrate.prepare(), turning its refusal into a CLI error."""
+    """Run db_maintenance.prepare(), turning its refusal into a CLI error."""
     try:
-        return dbmigrate.prepare()
-    except dbmigrate.UnversionedSchemaError as exc:
+        return db_maintenance.prepare()
+    except db_maintenance.UnversionedSchemaError as exc:
         raise click.ClickException(str(exc)) from exc
