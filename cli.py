@@ -283,7 +283,7 @@ def register_case_command(project, series, user_ref, tags):
         project_id = cases.find_project(project).project_id
         entries = [cases.series_entry_from_text(text) for text in series]
         case_id = cases.create_case(account.user_email, compute_privileges(account),
-                                             project_id, entries, tag_list)
+                                    project_id, entries, tag_list)
     except ApiError as exc:
         db.session.rollback()
         raise click.ClickException(exc.message) from None

@@ -23,8 +23,8 @@ def list_cases():
 def list_cases_in_my_list(my_list_id):
     """Search the cases of a my list (the caller's own or a public one)."""
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
-    query = cases.in_list(
-        cases.readable_cases(g.privileges, can_view_personal_info()), my_list.my_list_id)
+    query = cases.in_list(cases.readable_cases(g.privileges, can_view_personal_info()),
+                          my_list.my_list_id)
     return search.run(cases.search_spec(g.privileges, in_my_list=True), query)
 
 
@@ -33,7 +33,7 @@ def list_cases_in_my_list(my_list_id):
 def create_case(body):
     """Create a case (with its first revision) from series of one domain."""
     case_id = cases.create_case(g.user.user_email, g.privileges, body["projectId"],
-                                         body["series"], body["tags"])
+                                body["series"], body["tags"])
     return {"caseId": case_id}, 201
 
 
