@@ -6,6 +6,7 @@ from flask import current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from models import db
+from storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ def register_error_handlers(app):
         if error.code == 413:
             return error_response(413, "request entity too large")
         return error_response(error.code, error.name)
+
+    @app.errorhandler(StorageError)
+    def handle_storage_error(error):
+        # The object store failed mid-request (unreachable, refused): the client may retry.
+        log.warning("Storage failure on %s %s: %s", request.method, request.path, error)
+        db.session.rollback()
+        return error_response(503, "The file storage is not available; try again later.")
 
     @app.errorhandler(Exception)
     def handle_unexpected(error):

@@ -167,6 +167,9 @@ def _run_export(task, fill, wrap_error):
     except (volumes.VolumeError, ExportError) as exc:
         log.info("Export task %s failed: %s", task.task_id, exc)
         raise tasks.TaskError(wrap_error(str(exc))) from None
+    except storage.StorageError as exc:
+        log.warning("Export task %s: %s", task.task_id, exc)
+        raise tasks.TaskError(f"The download file could not be stored: {exc}") from None
     except OSError:
         log.exception("Export task %s: file system error", task.task_id)
         raise tasks.TaskError(FILE_ERROR) from None

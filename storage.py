@@ -286,8 +286,10 @@ def check_key(key):
     if not isinstance(key, str) or not key or "\\" in key or "\x00" in key:
         raise UnsafePathError(str(key))
     parts = key.split("/")
-    if parts[-1] == "":  # a prefix
+    if parts[-1] == "":  # a prefix: a root alone is one
         parts = parts[:-1]
+    elif len(parts) < 2:
+        raise UnsafePathError(key)  # an object is never a root itself
     if not parts or parts[0] not in STORED_ROOTS or \
             any(p in ("", ".", "..") for p in parts):
         raise UnsafePathError(key)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from flask import current_app
 
-from dicom import importer
+from dicom import batch, importer
 import exports
 import tasks
 from models import Task, db, utcnow
@@ -26,6 +26,7 @@ from plugins import job_source
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SWEEP_SECONDS = 3600  # how often old task downloads are looked for
+ORPHAN_SWEEP_SECONDS = 6 * 3600  # how often stored files without a row are looked for
 
 
 def worker_id():
@@ -101,7 +102,7 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = last_download_sweep = float("-inf")  # both run once at start
+    last_sweep = last_download_sweep = last_orphan_sweep = float("-inf")  # all run at start
     while not stopping.is_set():
         if time.monotonic() - last_sweep > 60:
             tasks.fail_interrupted()
@@ -112,6 +113,12 @@ def run_forever(app, poll_interval=None):
             except OSError:
                 log.exception("Sweeping old downloads failed")
             last_download_sweep = time.monotonic()
+        if time.monotonic() - last_orphan_sweep > ORPHAN_SWEEP_SECONDS:
+            try:
+                batch.sweep_orphans(app.config["ORPHAN_GRACE_SECONDS"])
+            except OSError:
+                log.exception("Sweeping stored files without a row failed")
+            last_orphan_sweep = time.monotonic()
         did_work = False
         for src in JOB_SOURCES:
             if stopping.is_set():

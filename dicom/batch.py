@@ -24,7 +24,9 @@ import ctypes
 import io
 import logging
 import os
+import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -493,3 +495,34 @@ def _copy_bounded(stream, out, size):
         if copied > size:
             raise ArchiveLimitError("An archive entry is larger than declared.")
         out.write(chunk)
+
+
+# --- orphans ------------------------------------------------------------------------------------
+
+_INSTANCE_KEY = re.compile(r"^dicom/([0-9.]+)/([0-9]{8})\.dcm$")
+
+
+def sweep_orphans(grace_seconds, now=None):
+    """Delete stored instance files that no instances row points at and that are older than
+    ``grace_seconds`` (an import killed between placing its files and its commit, a store
+    that failed while a deletion removed files). Younger ones may belong to a batch still
+    committing. Returns the number deleted."""
+    store = storage.store()
+    limit = (time.time() if now is None else now) - grace_seconds
+    by_series = {}
+    for key, _size, mtime in store.list("dicom/"):
+        match = _INSTANCE_KEY.match(key)
+        if match and mtime < limit:
+            by_series.setdefault(match.group(1), []).append((int(match.group(2)), key))
+    removed = 0
+    for uid, found in by_series.items():
+        known = set(db.session.execute(sa.select(Instance.instance_number)
+                                       .where(Instance.series_uid == uid)).scalars())
+        for number, key in found:
+            if number not in known:
+                store.delete(key)
+                removed += 1
+    db.session.rollback()
+    if removed:
+        log.info("Swept %d stored instance file(s) without a row.", removed)
+    return removed

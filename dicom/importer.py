@@ -149,6 +149,8 @@ class Importer:
             except DicomImportError as exc:
                 self._fail(f"{exc} Nothing of this archive was imported.",
                            self.entities + staged + 1)
+            except storage.StorageError:
+                raise  # not the archive's fault: the task says the store failed
             except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError,
                     OSError, RuntimeError, NotImplementedError, zlib.error) as exc:
                 self._fail(f"The archive cannot be read ({exc}). Nothing of this archive "
@@ -268,6 +270,10 @@ def run_import_task(task, progress):
                               on_entity=lambda n: progress(f"Imported {n} entities..."))
     except DicomImportError as exc:
         raise tasks.TaskError(str(exc)) from None
+    except storage.StorageError as exc:
+        # Nothing of the failed batch is indexed; its placed objects were removed (or are
+        # swept): uploading again works once the store is back.
+        raise tasks.TaskError(f"The files could not be stored: {exc}") from None
     finally:
         storage.remove_tree(spool)
     message = f"Imported {result.entities} entities from {result.files} files."

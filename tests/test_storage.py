@@ -1,0 +1,328 @@
+"""The storage backends (``storage.py``): the data directory (``file://``) and an S3 store.
+
+Every test of the ``store`` fixture runs on both; the S3 ones need a real S3-compatible
+store (``../shared/tools/s3-throwaway.sh start`` prints its settings: CIRCUS_S3_ENDPOINT_URL
+and the AWS variables) and skip without one. Each S3 test gets a prefix of its own in the
+bucket ``circus-test``. Uploads go through the API, the spool and the real worker; reads
+through /rs, exports and downloads; faults through a real TCP proxy that is cut mid-upload.
+"""
+import io
+import os
+import socket
+import tarfile
+import threading
+import time
+import uuid
+import zipfile
+
+import pytest
+
+import storage
+import worker
+from app import create_app
+from dicom import batch
+from models import Instance, Series, Task, db
+
+pytestmark = [pytest.mark.storage, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+BUCKET = "circus-test"
+ENDPOINT = os.environ.get("CIRCUS_S3_ENDPOINT_URL")
+NEEDS_S3 = pytest.mark.skipif(
+    not ENDPOINT, reason="no S3 store: start one with ../shared/tools/s3-throwaway.sh start "
+                         "and export what it prints (CIRCUS_S3_ENDPOINT_URL, AWS_*)")
+
+
+def s3_config(prefix=None, endpoint=None, bucket=BUCKET, create=True):
+    return {"STORAGE_URL": f"s3://{bucket}/{prefix or 't-' + uuid.uuid4().hex[:12]}",
+            "S3_ENDPOINT_URL": endpoint or ENDPOINT, "S3_CREATE_BUCKET": create}
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=NEEDS_S3)])
+def app_config(request):
+    return {} if request.param == "file" else s3_config()
+
+
+@pytest.fixture
+def ctx(app):
+    with app.app_context():
+        yield app
+
+
+def stored_keys(prefix):
+    return sorted(key for key, _size, _mtime in storage.store().list(prefix))
+
+
+def upload(client, headers, files):
+    """POST files to the default domain, run the worker; return the task row as JSON."""
+    data = {"files": [(io.BytesIO(body), name) for name, body in files]}
+    res = client.post("/api/series/domain/default", data=data, headers=headers,
+                      content_type="multipart/form-data")
+    assert res.status_code == 201, res.get_json()
+    task_id = res.get_json()["taskId"]
+    worker.run_pending()
+    return db.session.get(Task, task_id).to_json()
+
+
+def head_first_zip(dicom_dir):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for path in sorted((dicom_dir / "head-first").glob("*.dcm")):
+            archive.write(path, path.name)
+    return out.getvalue()
+
+
+def series_uid_of(client, headers):
+    items = client.get("/api/series", headers=headers).get_json()["items"]
+    assert len(items) == 1
+    return items[0]["seriesUid"]
+
+
+def test_upload_view_export_delete(ctx, client, auth_headers, dicom_dir):
+    alice = auth_headers["alice"]
+    task = upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])
+    assert task["status"] == "finished", task
+    uid = series_uid_of(client, alice)
+    assert stored_keys(storage.series_key(uid)) == [
+        storage.instance_key(uid, n) for n in range(1, 11)]
+    # /rs reads every slice
+    res = client.get(f"/rs/series/{uid}/metadata")
+    assert res.status_code == 200 and res.get_json()["voxelCount"] == [320, 260, 10]
+    token = alice["Authorization"].split()[1]
+    res = client.get(f"/rs/series/{uid}/volume?token={token}")
+    assert res.status_code == 200 and len(res.data) == 320 * 260 * 10 * 2
+    # an export becomes a download object, streamed back
+    res = client.post("/api/series/export-cs-volume", headers=alice, json={"series": [
+        {"seriesUid": uid, "partialVolumeDescriptor": {"start": 1, "end": 10, "delta": 1}}]})
+    assert res.status_code == 201, res.get_json()
+    task_id = res.get_json()["taskId"]
+    worker.run_pending()
+    assert db.session.get(Task, task_id).status == "finished"
+    assert stored_keys("downloads/") == [storage.download_key(task_id)]
+    res = client.get(f"/api/tasks/{task_id}/download", headers=alice)
+    assert res.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(res.data)) as tar:
+        raw = tar.extractfile("0.raw").read()
+    assert len(raw) == 320 * 260 * 10 * 2
+    # dismissing deletes the download; deleting the series deletes its objects
+    assert client.patch(f"/api/tasks/{task_id}", json={"dismissed": True},
+                        headers=alice).status_code in (200, 204)
+    assert stored_keys("downloads/") == []
+    assert client.delete(f"/api/series/{uid}", headers=alice).status_code == 204
+    assert stored_keys("dicom/") == []
+    assert client.get(f"/rs/series/{uid}/metadata").status_code == 404
+
+
+def test_blobs_round_trip(ctx, client, auth_headers):
+    import hashlib
+    body = os.urandom(100_000)
+    sha1 = hashlib.sha1(body).hexdigest()
+    headers = {**auth_headers["alice"], "Content-Type": "application/octet-stream"}
+    assert client.put(f"/api/blob/{sha1}", data=body, headers=headers).status_code == 201
+    assert stored_keys("blobs/") == [storage.blob_key(sha1)]
+    res = client.get(f"/api/blob/{sha1}", headers=auth_headers["alice"])
+    assert res.status_code == 200 and res.data == body
+    # a body that does not match its hash leaves nothing stored
+    wrong = "0" * 40
+    res = client.put(f"/api/blob/{wrong}", data=b"xyz", headers=headers)
+    assert res.status_code == 400 and res.get_json() == {"error": "Hash mismatch."}
+    assert stored_keys("blobs/") == [storage.blob_key(sha1)]
+    assert client.get(f"/api/blob/{wrong}", headers=auth_headers["alice"]).status_code == 404
+
+
+def test_plugin_results_are_stored_and_served(ctx, client, auth_headers):
+    job_id = "01J0000000000000000000TEST"
+    folder = storage.results_dir(job_id)
+    os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as fh:
+        fh.write('{"results": {}}')
+    with open(os.path.join(folder, "sub", "image.png"), "wb") as fh:
+        fh.write(b"\x89PNG")
+    storage.publish_results(job_id)
+    from plugins import jobs
+    assert jobs.attachment_list(job_id) == ["results.json", "sub", "sub/image.png"]
+    with open(jobs.attachment_path(job_id, "sub/image.png"), "rb") as fh:
+        assert fh.read() == b"\x89PNG"
+    with pytest.raises(Exception) as raised:
+        jobs.attachment_path(job_id, "missing.txt")
+    assert raised.value.status == 404
+
+
+def test_sweep_removes_objects_without_rows_only(ctx, client, auth_headers, dicom_dir):
+    alice = auth_headers["alice"]
+    assert upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])["status"] == "finished"
+    uid = series_uid_of(client, alice)
+    # an orphan in a known series and one of a series that has no row at all
+    for key in (storage.instance_key(uid, 99), storage.instance_key("1.2.3.999", 1)):
+        with storage.published_file(key) as fh:
+            fh.write(b"not indexed")
+    assert batch.sweep_orphans(3600) == 0  # young: may belong to an import committing now
+    assert batch.sweep_orphans(3600, now=time.time() + 7200) == 2
+    assert stored_keys("dicom/") == [storage.instance_key(uid, n) for n in range(1, 11)]
+    assert client.get(f"/rs/series/{uid}/metadata").status_code == 200
+
+
+def test_import_killed_before_its_commit_is_swept(ctx, client, auth_headers, dicom_dir,
+                                                  monkeypatch):
+    """An import that dies after placing its files and before its commit (its clean-up
+    never runs, as when the process is killed) leaves objects without rows; the sweep
+    removes them and a new upload of the same files works."""
+    class Killed(BaseException):
+        pass
+
+    def killed_commit():
+        raise Killed()
+    monkeypatch.setattr(batch.ImportBatch, "_remove_new", staticmethod(lambda *a: None))
+    monkeypatch.setattr(batch.db.session, "commit", killed_commit)
+    with pytest.raises(Killed):
+        with batch.ImportBatch("default") as import_batch:
+            for path in sorted((dicom_dir / "head-first").glob("*.dcm")):
+                import_batch.add_file(str(path))
+            import_batch.commit()
+    monkeypatch.undo()
+    db.session.rollback()
+    assert db.session.query(Series).count() == 0 and db.session.query(Instance).count() == 0
+    assert len(stored_keys("dicom/")) == 10
+    assert batch.sweep_orphans(0, now=time.time() + 5) == 10
+    assert stored_keys("dicom/") == []
+    task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+    assert task["status"] == "finished" and len(stored_keys("dicom/")) == 10
+
+
+@pytest.mark.parametrize("key", ["dicom/../x", "../dicom/x", "/dicom/x", "dicom//x", "dicom/./x",
+                                 "dicom/a\\..\\b", "dicom/x\x00", "spool/x", "", "dicom"])
+def test_keys_that_would_leave_the_prefix_are_refused(ctx, key):
+    with pytest.raises(storage.UnsafePathError):
+        storage.store().fetch(key)
+    with pytest.raises(storage.UnsafePathError):
+        with storage.published_file(key) as fh:
+            fh.write(b"x")
+
+
+def test_unsafe_ids_never_become_keys(ctx):
+    for bad in ("../1", "1.2/../../3", "1..2"):
+        with pytest.raises(storage.UnsafePathError):
+            storage.instance_key(bad, 1)
+    with pytest.raises(storage.UnsafePathError):
+        storage.download_key("../../etc")
+
+
+# --- settings and faults (S3) ------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3://UPPER/x", "s3://ok-bucket/a/../b", "ftp://x/y",
+                                 "file:///somewhere/else"])
+def test_bad_storage_urls_stop_the_start(tmp_path, url):
+    with pytest.raises(storage.StorageConfigError):
+        create_app({"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path), "STORAGE_URL": url})
+
+
+def test_wrong_endpoint_stops_the_start(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(storage.StorageConfigError, match="cannot be reached"):
+        create_app({"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path),
+                    **s3_config(endpoint=endpoint)})
+
+
+@NEEDS_S3
+def test_missing_bucket_is_refused_or_created(tmp_path):
+    bucket = "circus-missing-" + uuid.uuid4().hex[:8]
+    config = {"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path)}
+    with pytest.raises(storage.StorageConfigError, match="does not exist.*CIRCUS_S3_CREATE_BUCKET"):
+        create_app({**config, **s3_config(bucket=bucket, create=False)})
+    app = create_app({**config, **s3_config(bucket=bucket, create=True)})
+    with app.app_context():
+        assert storage.store().bucket == bucket
+        storage.store().client.delete_bucket(Bucket=bucket)
+
+
+class CuttableProxy:
+    """A TCP proxy to the store that can be cut: every connection is closed and new ones
+    are refused, as when the store's host goes away."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.cut_after = None  # bytes client -> store after which the link is cut
+        self.sent = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, target, outgoing):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if outgoing:
+                    with self.lock:
+                        self.sent += len(data)
+                        over = self.cut_after is not None and self.sent > self.cut_after
+                    if over:
+                        self.cut()
+                        return
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, auth_headers,
+                                                           dicom_dir, app):
+    """The store vanishes during an import: the task fails saying so, nothing is indexed, and
+    the same upload works once the store is back."""
+    target_port = int(ENDPOINT.rsplit(":", 1)[1])
+    proxy = CuttableProxy(target_port)
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    app.extensions.pop("circus.store")
+    app.config.update(s3_config(prefix=prefix, endpoint=f"http://127.0.0.1:{proxy.port}"))
+    with app.app_context():
+        storage.init_app(app)
+        proxy.cut_after = proxy.sent + 600_000  # a part of the ten files' 1.7 MB
+        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+        assert task["status"] == "error"
+        assert task["errorMessage"].startswith("The files could not be stored: The object "
+                                               "store failed"), task["errorMessage"]
+        assert db.session.query(Series).count() == 0 and db.session.query(Instance).count() == 0
+        # the store is back (the same bucket and prefix, reached directly)
+        app.extensions.pop("circus.store")
+        app.config.update(s3_config(prefix=prefix))
+        storage.init_app(app)
+        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+        assert task["status"] == "finished", task
+        assert len(stored_keys("dicom/")) == 10
