@@ -164,7 +164,27 @@ def download_staging_dir():
 
 
 def spool_dir(task_id):
+    """The local folder an upload is spooled to (``share_spool`` then stores it)."""
     return os.path.join(root("spool"), _checked_id(task_id))
+
+
+def share_spool(task_id):
+    """Store the spooled files of an upload, so that a worker on any host can import them
+    (data directory store: they are already in place)."""
+    store().publish_tree(spool_dir(task_id), f"spool/{_checked_id(task_id)}/")
+
+
+def take_spool(task_id):
+    """The local folder holding an upload's stored spool files (fetched if needed)."""
+    folder = spool_dir(task_id)
+    store().fetch_tree(f"spool/{_checked_id(task_id)}/", folder)
+    return folder
+
+
+def remove_spool(task_id):
+    """Delete an upload's spool files, here and in the store."""
+    remove_tree(spool_dir(task_id))
+    store().delete_prefix(f"spool/{_checked_id(task_id)}/")
 
 
 def work_dir(job_id):
@@ -277,7 +297,8 @@ def published_file(key, fsync=True):
 
 # --- the stores ------------------------------------------------------------------------------
 
-STORED_ROOTS = ("dicom", "blobs", "plugin-results", "downloads")
+# spool/: an upload's files, stored until its import task (on any host) has read them
+STORED_ROOTS = ("dicom", "blobs", "plugin-results", "downloads", "spool")
 
 
 def check_key(key):
@@ -342,6 +363,11 @@ class LocalStore:
         if os.path.realpath(folder) != os.path.realpath(target):
             shutil.copytree(folder, target, symlinks=True, dirs_exist_ok=True)
             shutil.rmtree(folder, ignore_errors=True)
+
+    def fetch_tree(self, prefix, folder):
+        """Copy the objects below ``prefix`` into the local ``folder`` (in place: nothing)."""
+        if os.path.realpath(folder) != os.path.realpath(self.path(prefix).rstrip("/")):
+            shutil.copytree(self.path(prefix), folder, dirs_exist_ok=True)
 
     def fetch(self, key):
         if key.startswith("plugin-results/"):
@@ -604,6 +630,17 @@ class S3Store:
                 pass
         self.cache.added(head["ContentLength"])
         return path
+
+    def fetch_tree(self, prefix, folder):
+        for key, _size, _mtime in list(self.list(prefix)):
+            target = os.path.join(folder, *key[len(prefix):].split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                self.client.download_file(self.bucket, self._name(key), target,
+                                          Config=self.transfer)
+            except (botocore.exceptions.BotoCoreError,
+                    botocore.exceptions.ClientError) as exc:
+                raise _store_error(exc, key) from None
 
     def open(self, key):
         """A stream of the object (read in chunks) and its size."""

@@ -261,11 +261,11 @@ TASK_NAME = "Series import"
 
 def run_import_task(task, progress):
     """Worker: import the files spooled for an upload task (POST /series/domain/:domain)."""
-    spool = storage.spool_dir(task.task_id)
     params = task.params or {}
     domain = params["domain"]
-    paths = [os.path.join(spool, name) for name in params.get("files", [])]
     try:
+        spool = storage.take_spool(task.task_id)
+        paths = [os.path.join(spool, name) for name in params.get("files", [])]
         result = import_paths(domain, paths, move_files=True,
                               on_entity=lambda n: progress(f"Imported {n} entities..."))
     except DicomImportError as exc:
@@ -275,7 +275,10 @@ def run_import_task(task, progress):
         # swept): uploading again works once the store is back.
         raise tasks.TaskError(f"The files could not be stored: {exc}") from None
     finally:
-        storage.remove_tree(spool)
+        try:
+            storage.remove_spool(task.task_id)
+        except OSError:  # the store is failing: the task is over either way
+            log.warning("The spool of task %s could not be removed", task.task_id)
     message = f"Imported {result.entities} entities from {result.files} files."
     if result.skipped:
         message += f" {result.skipped} non-DICOM entries were skipped."

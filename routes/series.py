@@ -70,13 +70,14 @@ def upload_series(domain):
         paths = multipart_spool.spool_upload(spool)
         if not paths:
             raise ApiError(400, "No file was uploaded.")
+        storage.share_spool(task_id)  # before the task row: any host's worker may claim it
         task = tasks.create_task(g.user.user_email, importer.TASK_NAME, kind="series_import",
                                  params={"domain": domain,
                                          "files": [os.path.basename(p) for p in paths]})
         task.task_id = task_id
         db.session.commit()
     except BaseException:
-        storage.remove_tree(spool)
+        storage.remove_spool(task_id)
         raise
     return {"taskId": task_id}, 201
 

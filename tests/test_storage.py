@@ -27,8 +27,10 @@ pytestmark = [pytest.mark.storage, pytest.mark.filterwarnings("ignore::UserWarni
 
 BUCKET = "circus-test"
 ENDPOINT = os.environ.get("CIRCUS_S3_ENDPOINT_URL")
+# CI's third run sets CIRCUS_REQUIRE_S3=1: there a missing store is a failure, not a skip.
+REQUIRED = os.environ.get("CIRCUS_REQUIRE_S3") == "1"
 NEEDS_S3 = pytest.mark.skipif(
-    not ENDPOINT, reason="no S3 store: start one with ../shared/tools/s3-throwaway.sh start "
+    not ENDPOINT and not REQUIRED, reason="no S3 store: start one with ../shared/tools/s3-throwaway.sh start "
                          "and export what it prints (CIRCUS_S3_ENDPOINT_URL, AWS_*)")
 
 
@@ -48,17 +50,24 @@ def ctx(app):
         yield app
 
 
+def test_s3_store_is_configured_when_required():
+    if REQUIRED:
+        assert ENDPOINT, "CIRCUS_REQUIRE_S3=1 but CIRCUS_S3_ENDPOINT_URL is not set"
+
+
 def stored_keys(prefix):
     return sorted(key for key, _size, _mtime in storage.store().list(prefix))
 
 
-def upload(client, headers, files):
+def upload(client, headers, files, before_worker=None):
     """POST files to the default domain, run the worker; return the task row as JSON."""
     data = {"files": [(io.BytesIO(body), name) for name, body in files]}
     res = client.post("/api/series/domain/default", data=data, headers=headers,
                       content_type="multipart/form-data")
     assert res.status_code == 201, res.get_json()
     task_id = res.get_json()["taskId"]
+    if before_worker is not None:
+        before_worker()
     worker.run_pending()
     return db.session.get(Task, task_id).to_json()
 
@@ -189,7 +198,7 @@ def test_import_killed_before_its_commit_is_swept(ctx, client, auth_headers, dic
 
 
 @pytest.mark.parametrize("key", ["dicom/../x", "../dicom/x", "/dicom/x", "dicom//x", "dicom/./x",
-                                 "dicom/a\\..\\b", "dicom/x\x00", "spool/x", "", "dicom"])
+                                 "dicom/a\\..\\b", "dicom/x\x00", "work/x", "", "dicom"])
 def test_keys_that_would_leave_the_prefix_are_refused(ctx, key):
     with pytest.raises(storage.UnsafePathError):
         storage.store().fetch(key)
@@ -313,12 +322,21 @@ def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, au
     app.config.update(s3_config(prefix=prefix, endpoint=f"http://127.0.0.1:{proxy.port}"))
     with app.app_context():
         storage.init_app(app)
-        proxy.cut_after = proxy.sent + 600_000  # a part of the ten files' 1.7 MB
-        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+
+        def cut_soon():  # the worker's uploads: a part of the ten files' 1.7 MB
+            proxy.cut_after = proxy.sent + 600_000
+        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))],
+                      before_worker=cut_soon)
         assert task["status"] == "error"
         assert task["errorMessage"].startswith("The files could not be stored: The object "
                                                "store failed"), task["errorMessage"]
         assert db.session.query(Series).count() == 0 and db.session.query(Instance).count() == 0
+        # an upload while the store is away is refused at once, with a clear error
+        res = client.post("/api/series/domain/default", headers=auth_headers["alice"],
+                          data={"files": [(io.BytesIO(head_first_zip(dicom_dir)), "ct.zip")]},
+                          content_type="multipart/form-data")
+        assert res.status_code == 503 and res.get_json() == {
+            "error": "The file storage is not available; try again later."}
         # the store is back (the same bucket and prefix, reached directly)
         app.extensions.pop("circus.store")
         app.config.update(s3_config(prefix=prefix))
