@@ -54,6 +54,11 @@ def from_environment():
         "FILTER_MAX_CHARS": 16384,
         # Minutes east of UTC assumed for DICOM dates without Timezone Offset From UTC.
         "DICOM_DEFAULT_UTC_OFFSET": int(os.environ.get("CIRCUS_DICOM_DEFAULT_UTC_OFFSET", 0)),
+        # A running task's worker renews its heartbeat this often (seconds); a task whose
+        # heartbeat is older than the stale limit is failed as interrupted (its worker died),
+        # by any worker or task listing.
+        "TASK_HEARTBEAT_SECONDS": float(os.environ.get("CIRCUS_TASK_HEARTBEAT_SECONDS", 15)),
+        "TASK_STALE_SECONDS": float(os.environ.get("CIRCUS_TASK_STALE_SECONDS", 120)),
         # Seconds between polls of the worker when nothing is queued.
         "WORKER_POLL_INTERVAL": float(os.environ.get("CIRCUS_WORKER_POLL_INTERVAL", 1.0)),
         # Seconds between the task-table polls of each open /api/tasks/report stream.

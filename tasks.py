@@ -18,6 +18,7 @@ import time
 from datetime import timedelta
 
 import sqlalchemy as sa
+from flask import current_app
 
 import storage
 from models import Task, db, utcnow
@@ -159,7 +160,8 @@ def run_task(task_id, handlers):
 
 def fail_interrupted():
     """Fail claimed tasks whose worker stopped sending heartbeats (a crash or restart)."""
-    stale = utcnow() - STALE_AFTER
+    seconds = current_app.config.get("TASK_STALE_SECONDS")
+    stale = utcnow() - (timedelta(seconds=seconds) if seconds else STALE_AFTER)
     condition = sa.and_(Task.status == "processing", Task.claimed_by.is_not(None),
                         sa.or_(Task.heartbeat_at.is_(None), Task.heartbeat_at < stale))
     with db.engine.begin() as conn:

@@ -40,7 +40,8 @@ def heartbeat(app, task_id):
 
     def beat():
         with app.app_context():
-            while not stop.wait(tasks.HEARTBEAT_SECONDS):
+            while not stop.wait(app.config.get("TASK_HEARTBEAT_SECONDS")
+                                or tasks.HEARTBEAT_SECONDS):
                 with db.engine.begin() as conn:
                     conn.execute(sa.update(Task).where(Task.task_id == task_id)
                                  .values(heartbeat_at=utcnow()))
@@ -104,7 +105,7 @@ def run_forever(app, poll_interval=None):
     tasks.fail_claimed_by(wid)
     last_sweep = last_download_sweep = last_orphan_sweep = float("-inf")  # all run at start
     while not stopping.is_set():
-        if time.monotonic() - last_sweep > 60:
+        if time.monotonic() - last_sweep > min(60, app.config["TASK_STALE_SECONDS"] / 2):
             tasks.fail_interrupted()
             last_sweep = time.monotonic()
         if time.monotonic() - last_download_sweep > DOWNLOAD_SWEEP_SECONDS:

@@ -8,6 +8,7 @@ without them.
 """
 import io
 import os
+import signal
 import sys
 import tarfile
 import time
@@ -21,6 +22,7 @@ from app import create_app
 from models import Task, User, db
 from tests.factories import make_group
 from tests.conftest import DICOM_DIR
+from tests.dicom_factory import dicom_bytes
 from tests.plugin_helpers import grant, remote_definition
 from tests.remote_plugin_server import RemotePlugin
 from tests.scratch_db import scratch_database_url
@@ -49,7 +51,9 @@ def hosts(tmp_path_factory):
         servers = []
         base_env = {**os.environ, "DATABASE_URL": database_url,
                     "CIRCUS_STORAGE_URL": storage_url, "CIRCUS_S3_CREATE_BUCKET": "1",
-                    "CIRCUS_WORKER_POLL_INTERVAL": "0.1", "WEB_CONCURRENCY": "1"}
+                    "CIRCUS_WORKER_POLL_INTERVAL": "0.1", "WEB_CONCURRENCY": "1",
+                    # a killed worker's task is seen as interrupted within seconds
+                    "CIRCUS_TASK_HEARTBEAT_SECONDS": "0.5", "CIRCUS_TASK_STALE_SECONDS": "4"}
         for name in ("a", "b"):
             folder = tmp / name
             folder.mkdir()
@@ -149,3 +153,44 @@ def test_every_task_is_claimed_once(hosts, tmp_path):
     # claims were shared by both workers
     assert all(claimed) and len(set(c.rsplit(":", 1)[0] for c in claimed)) >= 1
     assert len(set(claimed)) == 2, claimed
+
+
+def test_a_worker_killed_mid_import_leaves_the_task_to_the_other(hosts, tmp_path):
+    """SIGKILL the worker running an import: the task is failed as interrupted (the other
+    host's listing notices the silent heartbeat), nothing of the archive is indexed, and
+    the same upload then succeeds on the surviving worker."""
+    a, b = hosts
+    uid = "1.2.826.0.1.3680043.2.1125.99." + str(uuid.uuid4().int % 10**12)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for n in range(1, 1501):
+            archive.writestr(f"{n}.dcm", dicom_bytes(series_uid=uid, instance=n, z=float(n)))
+    body = out.getvalue()
+    task_id = upload(a, body, "big.zip")
+    app = shared_app(a, tmp_path)
+    claimant = None
+    with app.app_context():
+        for _ in range(400):
+            db.session.rollback()
+            claimant = db.session.get(Task, task_id).claimed_by
+            if claimant:
+                break
+            time.sleep(0.02)
+        db.engine.dispose()
+    assert claimant, "no worker claimed the task"
+    pid = int(claimant.rsplit(":", 1)[1])
+    victim = next(srv for srv in hosts if srv.processes["worker"].pid == pid)
+    survivor = b if victim is a else a
+    victim.processes["worker"].send_signal(signal.SIGKILL)
+    victim.processes["worker"].wait()
+    task = wait_for_task(survivor, task_id, seconds=60)
+    assert task["status"] == "error", task
+    assert task["errorMessage"] == "The task was interrupted because the worker running it " \
+                                   "stopped."
+    assert not [s for s in survivor.get("/api/series").json()["items"] if s["seriesUid"] == uid]
+    # a worker for the victim's host again (the fixture stops it), then the retry
+    victim.start("worker", [sys.executable, "-m", "flask", "--app", "app", "worker"])
+    task = wait_for_task(survivor, upload(survivor, body, "big.zip"), seconds=120)
+    assert task["status"] == "finished", task
+    [series] = [s for s in victim.get("/api/series").json()["items"] if s["seriesUid"] == uid]
+    assert series["images"] == "1-1500"
