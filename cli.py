@@ -11,6 +11,7 @@ import admin_records
 import cases
 import db_maintenance
 import exports
+import storage
 import table_versions
 import worker
 from auth import (GLOBAL_PRIVILEGES, compute_privileges, find_user, hash_password,
@@ -135,6 +136,35 @@ def worker_command(once):
 def migrate_command():
     """Upgrade the database schema to the newest revision, keeping every row."""
     click.echo("Schema: " + _prepare_schema())
+
+
+@commands.command("migrate-storage")
+@click.option("--to", "target_url", required=True, help="The new store: s3://bucket/prefix.")
+@click.option("--create-bucket", is_flag=True, help="Create the bucket if it does not exist.")
+def migrate_storage_command(target_url, create_bucket):
+    """Copy the stored files (DICOM, blobs, plug-in results, downloads) of the current store
+    into another; resumable (objects already there with their size are skipped)."""
+    config = {**current_app.config, "S3_CREATE_BUCKET": create_bucket or
+              current_app.config.get("S3_CREATE_BUCKET")}
+    try:
+        target = storage.open_store(target_url, current_app.config["CIRCUS_DATA_DIR"], config)
+    except storage.StorageConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    source = storage.store()
+    to_copy, skipped = storage.migration_plan(source, target)
+    total = sum(size for _key, size in to_copy)
+    click.echo(f"{len(to_copy)} objects ({total / 1e6:.1f} MB) to copy, {len(skipped)} "
+               f"already in {target_url}.")
+    try:
+        with click.progressbar(length=total, label="Copying", file=click.get_text_stream(
+                "stderr")) as bar:
+            storage.migrate(source, target, to_copy, lambda _key, size: bar.update(size))
+    except (storage.MigrationError, OSError) as exc:
+        raise click.ClickException(f"The copy stopped: {exc} Run the command again to "
+                                   "resume.") from None
+    click.echo(f"Copied {len(to_copy)} objects ({total / 1e6:.1f} MB), sizes verified; "
+               f"skipped {len(skipped)} already there. Set CIRCUS_STORAGE_URL={target_url} "
+               "(and CIRCUS_S3_ENDPOINT_URL) on every host to use it.")
 
 
 @commands.command("register-cad-plugin")

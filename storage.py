@@ -369,6 +369,17 @@ class LocalStore:
         if os.path.realpath(folder) != os.path.realpath(self.path(prefix).rstrip("/")):
             shutil.copytree(self.path(prefix), folder, dirs_exist_ok=True)
 
+    def put_copy(self, local, key):
+        """Store a copy of the local file ``local`` as ``key`` (the file stays)."""
+        with atomic_file(self.path(key)) as fh, open(local, "rb") as source:
+            shutil.copyfileobj(source, fh, 1024 * 1024)
+
+    def size(self, key):
+        try:
+            return os.stat(self.path(key)).st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "No such object", key) from None
+
     def fetch(self, key):
         if key.startswith("plugin-results/"):
             # A plug-in's output is untrusted: a link in it must not lead out.
@@ -574,6 +585,11 @@ class S3Store:
                 boto3.exceptions.S3UploadFailedError) as exc:
             raise _store_error(exc, key) from None
 
+    put_copy = _upload
+
+    def size(self, key):
+        return self._head(key)["ContentLength"]
+
     def publish(self, local, key):
         self._upload(local, key)
         os.unlink(local)
@@ -729,3 +745,37 @@ def open_store(url, data_dir, config):
     found = S3Store(parsed.netloc, prefix + "/" if prefix else "", data_dir, config)
     found.check()
     return found
+
+
+# --- moving a data directory into a store ----------------------------------------------------
+
+MIGRATED_ROOTS = ("dicom", "blobs", "plugin-results", "downloads")
+
+
+class MigrationError(RuntimeError):
+    """Raised when a copied object does not have the size of its source."""
+
+
+def migration_plan(source, target):
+    """``(to_copy, skipped)``: lists of ``(key, size)`` of the source's objects, those the
+    target lacks (or holds with another size) and those it already holds (a run that was
+    interrupted resumes where it stopped)."""
+    to_copy, skipped = [], []
+    for name in MIGRATED_ROOTS:
+        there = {key: size for key, size, _mtime in target.list(name + "/")}
+        for key, size, _mtime in source.list(name + "/"):
+            (skipped if there.get(key) == size else to_copy).append((key, size))
+    return to_copy, skipped
+
+
+def migrate(source, target, to_copy, on_copied=None):
+    """Copy each ``(key, size)`` of ``to_copy`` from ``source`` to ``target`` and check the
+    stored size; MigrationError on a mismatch (the object is removed again)."""
+    for key, size in to_copy:
+        target.put_copy(source.fetch(key), key)
+        stored = target.size(key)
+        if stored != size:
+            target.delete(key)
+            raise MigrationError(f"{key}: {stored} bytes stored for {size} read.")
+        if on_copied is not None:
+            on_copied(key, size)

@@ -344,3 +344,46 @@ def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, au
         task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
         assert task["status"] == "finished", task
         assert len(stored_keys("dicom/")) == 10
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_migrate_storage_copies_resumes_and_verifies(ctx, client, auth_headers, dicom_dir):
+    import hashlib
+    alice = auth_headers["alice"]
+    assert upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])["status"] == "finished"
+    blob = b"label bits" * 100
+    sha1 = hashlib.sha1(blob).hexdigest()
+    client.put(f"/api/blob/{sha1}", data=blob,
+               headers={**alice, "Content-Type": "application/octet-stream"})
+    url = s3_config()["STORAGE_URL"]
+    runner = ctx.test_cli_runner()
+    env = {"CIRCUS_S3_ENDPOINT_URL": ENDPOINT}
+    ctx.config["S3_ENDPOINT_URL"] = ENDPOINT
+    result = runner.invoke(args=["migrate-storage", "--to", url, "--create-bucket"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "11 objects" in result.output and "sizes verified; skipped 0" in result.output
+    target = storage.open_store(url, ctx.config["CIRCUS_DATA_DIR"], ctx.config)
+    source_keys = stored_keys("dicom/") + stored_keys("blobs/")
+    assert sorted(k for k, _s, _m in target.list("dicom/")) + \
+        sorted(k for k, _s, _m in target.list("blobs/")) == source_keys
+    # one object lost (an interrupted run): the next run copies only it
+    target.delete(storage.instance_key(series_uid_of(client, alice), 3))
+    result = runner.invoke(args=["migrate-storage", "--to", url], env=env)
+    assert result.exit_code == 0, result.output
+    assert "Copied 1 objects" in result.output and "skipped 10 already there" in result.output
+    # the data served from the new store is the same
+    app = create_app({"TESTING": True, "CIRCUS_DATA_DIR": ctx.config["CIRCUS_DATA_DIR"],
+                      "DATABASE_URL": ctx.config.get("DATABASE_URL"),
+                      **s3_config(prefix=url.split("/", 3)[3])})
+    with app.app_context():
+        res = app.test_client().get(f"/api/blob/{sha1}", headers=alice)
+        assert res.status_code == 200 and res.data == blob
+        uid = app.test_client().get("/api/series", headers=alice).get_json()["items"][0][
+            "seriesUid"]
+        assert app.test_client().get(f"/rs/series/{uid}/metadata").status_code == 200
+
+
+def test_migrate_storage_refuses_a_bad_target(ctx):
+    result = ctx.test_cli_runner().invoke(args=["migrate-storage", "--to", "s3://x"])
+    assert result.exit_code != 0 and "CIRCUS_STORAGE_URL must be" in result.output
