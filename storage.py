@@ -158,9 +158,10 @@ def blob_path(sha1):
     return store().fetch(blob_key(sha1))
 
 
-def download_staging_dir():
-    """The local folder where exports write their archives before publishing them."""
-    return root("downloads")
+def download_staging_dirs():
+    """This host's local folders where exports write their archives before publishing them
+    (``published_file``: beside the downloads on the data directory, else below them)."""
+    return [root("downloads"), os.path.join(root("downloads"), ".staging")]
 
 
 def spool_dir(task_id):
@@ -345,18 +346,22 @@ class LocalStore:
         """A local folder for files about to become ``key`` (renames from it are atomic)."""
         return os.path.dirname(self.path(key))
 
-    def publish(self, local, key):
+    def publish(self, local, key, known_folders=None):
         target = self.path(key)
         folder = os.path.dirname(target)
         new_folder = False
-        if not os.path.isdir(folder):
-            os.makedirs(folder, exist_ok=True)
-            new_folder = True
+        if known_folders is None or folder not in known_folders:
+            if not os.path.isdir(folder):  # one stat per folder of a batch
+                os.makedirs(folder, exist_ok=True)
+                new_folder = True
+            if known_folders is not None:
+                known_folders.add(folder)
         os.replace(local, target)
         return Placed(target, new_folder)
 
     def publish_many(self, pairs):
-        return [self.publish(local, key) for local, key in pairs]
+        folders = set()
+        return [self.publish(local, key, folders) for local, key in pairs]
 
     def publish_tree(self, folder, prefix, names=None, keep=False):
         target = self.path(prefix).rstrip("/")

@@ -320,8 +320,7 @@ def sweep_downloads(retention_seconds, temp_grace_seconds=3600):
     now = time.time()
     removed = 0
     # This host's temporary files (on every store: exports write them locally first)
-    for folder in (storage.download_staging_dir(),
-                   os.path.join(storage.download_staging_dir(), ".staging")):
+    for folder in storage.download_staging_dirs():
         if not os.path.isdir(folder):
             continue
         for entry in os.scandir(folder):
