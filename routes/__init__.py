@@ -20,13 +20,6 @@ from routes import plugin_displays
 from routes import openapi
 from routes import admin
 from routes import rs
-from routes.admin import groups as admin_groups
-from routes.admin import users as admin_users
-from routes.admin import projects as admin_projects
-from routes.admin import plugins as admin_plugins
-from routes.admin import server_params as admin_server_params
-from routes.admin import onetime_urls as admin_onetime_urls
-from routes.admin import plugin_job_manager as admin_plugin_job_manager
 
 BLUEPRINTS = [
     status.bp,
@@ -48,11 +41,4 @@ BLUEPRINTS = [
     openapi.bp,
     admin.bp,
     rs.bp,
-    admin_groups.bp,
-    admin_users.bp,
-    admin_projects.bp,
-    admin_plugins.bp,
-    admin_server_params.bp,
-    admin_onetime_urls.bp,
-    admin_plugin_job_manager.bp,
 ]
