@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint, cast, event, type_coerce)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import UserDefinedType
 
@@ -84,6 +85,13 @@ def put_value(model, key, value, session=None):
         session.add(model(key=key, value=value))
     else:
         row.value = value
+
+
+def insert_ignore(connection, table, values):
+    """INSERT ... ON CONFLICT DO NOTHING (SQLite and PostgreSQL): a row that concurrent
+    requests may both create."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
 
 
 def random_hex(nbytes=20):
@@ -183,6 +191,10 @@ class Token(Timestamps, db.Model):
         ForeignKey("users.user_email", ondelete="CASCADE", onupdate="CASCADE"), index=True)
     permanent_token_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     permanent_token_description: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # None: every right of the owner (tokens made before scopes, login sessions)
+    scopes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # written at most once a minute (auth.py): a write per request would serialise readers
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class OnetimeUrl(Timestamps, db.Model):
@@ -514,3 +526,41 @@ class Feedback(db.Model):
                 "isConsensual": self.is_consensual, "data": self.data,
                 "actionLog": self.action_log or [], "createdAt": iso(self.created_at)}
 
+
+
+# --- the audit trail (audit.py) ----------------------------------------------------------
+
+class AuditEvent(db.Model):
+    """One append-only audit record; ``hash`` chains it to the record before it."""
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    user_email: Mapped[str | None] = mapped_column(String(254), nullable=True, index=True)
+    token_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    target_id: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # canonical JSON text (sorted keys): hashed exactly as stored
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(db.Model):
+    """The chain head: one row, locked only while a commit appends records."""
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LoginThrottle(db.Model):
+    """Failed logins of one account or address ("user:<email>", "ip:<addr>")."""
+    __tablename__ = "login_throttle"
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    blocked_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -1,6 +1,7 @@
 """Clinical cases: /api/cases."""
 from flask import Blueprint, g, request
 
+import audit
 import clinical_cases
 import my_lists
 import search
@@ -15,7 +16,15 @@ def list_cases():
     """Search the cases of the projects the caller can read."""
     key = clinical_cases.search_key(g.privileges, can_view_personal_info())
     return search.run(clinical_cases.search_spec(g.privileges),
-                      lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
+                      lambda: clinical_cases.readable_cases_of(key), memo=("cases", key),
+                      shown=_audit_search)
+
+
+def _audit_search(items):
+    """A search that shows patient information: those cases go into the audit trail."""
+    shown = [item["caseId"] for item in items if item.get("patientInfo") is not None]
+    if shown:
+        audit.record("case-search", "case", None, detail={"caseIds": shown})
 
 
 @bp.get("/list/<my_list_id>")
@@ -24,7 +33,8 @@ def list_cases_in_my_list(my_list_id):
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
     query = clinical_cases.in_list(
         clinical_cases.readable_cases(g.privileges, can_view_personal_info()), my_list.my_list_id)
-    return search.run(clinical_cases.search_spec(g.privileges, in_my_list=True), query)
+    return search.run(clinical_cases.search_spec(g.privileges, in_my_list=True), query,
+                      shown=_audit_search)
 
 
 @bp.post("")
@@ -41,6 +51,7 @@ def get_case(case_id):
     """A case with every revision; the ETag names its latest revision."""
     case = clinical_cases.get_case(case_id)
     require_case_role(case, "read")
+    audit.record("case-view", "case", case_id)
     response = clinical_cases.case_document(case)
     return response, 200, {"ETag": f'"{clinical_cases.etag(case)}"'}
 
@@ -79,5 +90,6 @@ def delete_case(case_id):
     """Delete a case (moderate role); force=1 removes it from every my list first."""
     case = clinical_cases.get_case(case_id)
     require_case_role(case, "moderate")
+    audit.record("case-delete", "case", case_id)
     clinical_cases.delete_case(case, force=request.args.get("force") == "1")
     return "", 204

@@ -5,6 +5,7 @@ import re
 from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+import audit
 import multipart_spool
 import my_lists
 import search
@@ -123,8 +124,17 @@ def _check_upload_domain(domain):
 def list_series():
     """Search the series of the caller's domains."""
     domains = tuple(readable_domains())
-    return search.run(series_access.search_spec(can_view_personal_info()),
-                      lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains))
+    personal = can_view_personal_info()
+    return search.run(series_access.search_spec(personal),
+                      lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains),
+                      shown=_audit_search if personal else None)
+
+
+def _audit_search(items):
+    """A search that shows patient information: its series UIDs go into the audit trail."""
+    if items:
+        audit.record("series-search", "series", None,
+                     detail={"seriesUids": [item["seriesUid"] for item in items]})
 
 
 @bp.post("/domain/<domain>")
@@ -177,7 +187,9 @@ def get_series(series_uid):
     """One series; patient information only for those allowed to see it."""
     series = series_access.get_series(series_uid)
     require_series_domain(series)
-    return series.to_json(with_patient_info=can_view_personal_info())
+    personal = can_view_personal_info()
+    audit.record("series-view", "series", series_uid, detail={"patientInfo": personal})
+    return series.to_json(with_patient_info=personal)
 
 
 def _image_number(name):
@@ -208,6 +220,7 @@ def delete_series(series_uid):
     """Delete a series of the caller's domains and its files (not if a case or job uses it)."""
     series = series_access.get_series(series_uid)
     require_series_domain(series)
+    audit.record("series-delete", "series", series_uid)
     series_access.delete_series(series_uid)
     return "", 204
 
@@ -219,5 +232,6 @@ def list_series_in_my_list(my_list_id):
     query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
-    return search.run(series_access.search_spec(can_view_personal_info(), in_my_list=True),
-                      query)
+    personal = can_view_personal_info()
+    return search.run(series_access.search_spec(personal, in_my_list=True), query,
+                      shown=_audit_search if personal else None)

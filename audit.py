@@ -1,0 +1,274 @@
+"""The audit trail: an append-only, hash-chained record of who did what to which data.
+
+``record(action, target_type, target_id, ...)`` is the one call every feature makes (views,
+the image server, later WADO and DICOM C-GET/C-MOVE). It only queues the record on the
+session: the record is written by the next commit of that session, in the same transaction
+as the action it describes, so an acknowledged action is never missing from the trail and a
+rolled-back one leaves a record only when it is re-committed as a failure (below).
+
+The chain: record *n* holds ``prev_hash`` (record *n-1*'s hash) and ``hash`` =
+SHA-256(prev_hash, its own fields). ``audit_head`` is one row holding the last sequence
+number and hash. A commit with queued records locks that row (one UPDATE), numbers and
+hashes its records, writes them and commits: the row is held only while that commit runs,
+never for the rest of the request, so concurrent readers serialise only on a few short
+statements.
+
+In a request, ``install``'s after_request hook commits records still queued when the answer
+is ready (read views commit nothing else). An answer of 400 or more first rolls back what
+the view left unfinished and then commits the queued records as ``failure``. Outside a
+request (CLI, worker, the volume WebSocket) the caller commits.
+
+Actions are plain names a person filters on: ``login``, ``login-failed``,
+``login-throttled``, ``token-create``, ``token-delete``, ``series-view``, ``series-search``,
+``series-delete``, ``case-view``, ``case-search``, ``case-delete``, ``export``,
+``download``, ``rs-volume``, ``admin-post``/``-put``/``-patch``/``-delete``, ``audit-prune``;
+``wado``, ``dicom-get``, ``dicom-move`` for the features that will call ``record`` next.
+"""
+import hashlib
+import json
+import logging
+from datetime import timedelta
+
+from flask import current_app, g, has_request_context, request
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from models import AuditEvent, AuditHead, db, insert_ignore, iso, utcnow
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64  # prev_hash of the first record ever
+HEAD_ID = 1
+PRUNED = "audit-pruned"  # action of the marker that replaces pruned records
+_PENDING = "circus.audit_pending"
+_FIELDS = ("seq", "at", "user_email", "token_id", "client", "action", "target_type",
+           "target_id", "outcome", "status", "detail")
+
+
+def enabled():
+    return bool(current_app.config.get("AUDIT_ENABLED", True))
+
+
+def record(action, target_type=None, target_id=None, outcome="success", detail=None,
+           user_email=None, session=None):
+    """Queue one audit record; the next commit of ``session`` writes it.
+
+    Parameters
+    ----------
+    action : str
+        A plain name (``login``, ``series-view``, ``wado``, ``dicom-move``...).
+    target_type, target_id : str, optional
+        What was acted on: ``series``/UID, ``case``/ID, ``task``, ``user``, ``token``...
+    outcome : str
+        ``success``, ``failure`` or ``denied``.
+    detail : dict, optional
+        Anything else worth keeping (e.g. the series UIDs a search showed); never secrets.
+    user_email : str, optional
+        Defaults to the request's authenticated user.
+    """
+    if not enabled():
+        return
+    entry = {"at": utcnow(), "user_email": user_email, "token_id": None, "client": None,
+             "action": action, "target_type": target_type,
+             "target_id": None if target_id is None else str(target_id)[:255],
+             "outcome": outcome, "status": None,
+             "detail": None if detail is None else json.dumps(
+                 detail, sort_keys=True, separators=(",", ":"), default=str)}
+    if has_request_context():
+        user = g.get("user")
+        if user_email is None and user is not None:
+            entry["user_email"] = user.user_email
+        entry["token_id"] = g.get("token_id")
+        entry["client"] = (request.remote_addr or "")[:64] or None
+    (session or db.session).info.setdefault(_PENDING, []).append(entry)
+
+
+def has_pending(session=None):
+    return bool((session or db.session).info.get(_PENDING))
+
+
+def record_hash(prev_hash, entry):
+    """The hash of a record: SHA-256 over its predecessor's hash and its own fields."""
+    values = [prev_hash] + [entry[name] for name in _FIELDS]
+    values[2] = values[2].isoformat(timespec="microseconds")  # "at"
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()
+
+
+def _advance_head(connection, count):
+    """Lock the head row and reserve ``count`` numbers: (last seq before, its hash)."""
+    statement = (db.update(AuditHead).where(AuditHead.id == HEAD_ID)
+                 .values(seq=AuditHead.seq + count).returning(AuditHead.seq, AuditHead.hash))
+    row = connection.execute(statement).first()
+    if row is None:  # a database created without the migration's head row
+        insert_ignore(connection, AuditHead.__table__, {"id": HEAD_ID, "seq": 0, "hash": GENESIS})
+        row = connection.execute(statement).first()
+    return row.seq - count, row.hash
+
+
+@event.listens_for(Session, "before_commit")
+def _append_pending(session):
+    """Write the session's queued records at the end of the chain, in its transaction."""
+    pending = session.info.get(_PENDING)
+    if not pending:
+        return
+    session.flush()  # the action's own writes first: the head is locked after them
+    connection = session.connection()
+    seq, prev = _advance_head(connection, len(pending))
+    rows = []
+    for entry in pending:
+        seq += 1
+        row = {**entry, "seq": seq, "prev_hash": prev}
+        row["hash"] = prev = record_hash(prev, row)
+        rows.append(row)
+    connection.execute(db.update(AuditHead).where(AuditHead.id == HEAD_ID).values(hash=prev))
+    connection.execute(db.insert(AuditEvent), rows)
+
+
+@event.listens_for(Session, "after_commit")
+def _clear_pending(session):
+    session.info.pop(_PENDING, None)
+
+
+def _commit_with_answer(response):
+    """after_request: commit the records still queued, as failures if the answer is one."""
+    pending = db.session.info.get(_PENDING)
+    if not pending:
+        return response
+    if response.status_code >= 400:
+        db.session.rollback()  # whatever the failed view left half done is not committed
+        for entry in pending:
+            entry["status"] = response.status_code
+            if entry["outcome"] == "success":
+                entry["outcome"] = "failure"
+    else:
+        for entry in pending:
+            entry["status"] = response.status_code
+    try:
+        db.session.commit()
+    except Exception:
+        # the answer was not sent yet: refuse it rather than give data without a record
+        log.exception("Audit records could not be committed")
+        db.session.rollback()
+        db.session.info.pop(_PENDING, None)
+        response = current_app.response_class(
+            json.dumps({"error": "Internal server error."}), status=500,
+            mimetype="application/json")
+    return response
+
+
+def install(app):
+    """Commit queued records with each answer (see the module docstring)."""
+    app.after_request(_commit_with_answer)
+
+
+def admin_change():
+    """before_request of /api/admin: every change made there is recorded."""
+    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+        record("admin-" + request.method.lower(), "admin", request.path)
+
+
+# --- reading, verifying, exporting, pruning ----------------------------------------------
+
+def to_json(row):
+    """An audit record on the wire (camelCase, as every document)."""
+    return {"seq": row.seq, "at": iso(row.at), "userEmail": row.user_email,
+            "tokenId": row.token_id, "client": row.client, "action": row.action,
+            "targetType": row.target_type, "targetId": row.target_id,
+            "outcome": row.outcome, "status": row.status,
+            "detail": None if row.detail is None else json.loads(row.detail),
+            "prevHash": row.prev_hash, "hash": row.hash}
+
+
+def verify(batch=5000, progress=None):
+    """Walk the chain in order; return (records checked, None) or (n, first bad seq, why).
+
+    A leading ``audit-pruned`` marker is the chain's anchor: its own hash is the kept hash
+    of the last pruned record, so it is taken as given (pruning itself is recorded in the
+    chain by an ``audit-prune`` record).
+    """
+    columns = [getattr(AuditEvent, name) for name in (*_FIELDS, "prev_hash", "hash")]
+    head = db.session.get(AuditHead, HEAD_ID)
+    connection = db.session.connection()
+    prev, expected_seq, checked, last = None, None, 0, 0
+    marker, prunes = None, set()
+    while True:
+        rows = connection.execute(db.select(*columns).where(AuditEvent.seq > last)
+                                  .order_by(AuditEvent.seq).limit(batch)).mappings().all()
+        if not rows:
+            break
+        for row in rows:
+            seq = row["seq"]
+            if prev is None and row["action"] == PRUNED:
+                prev, expected_seq, marker = row["hash"], seq + 1, seq
+                checked += 1
+                continue
+            if prev is None:
+                prev, expected_seq = GENESIS, 1
+            if seq != expected_seq:
+                return checked, expected_seq, f"record {expected_seq} is missing"
+            if row["prev_hash"] != prev:
+                return checked, seq, "its prevHash does not match the record before it"
+            if record_hash(prev, row) != row["hash"]:
+                return checked, seq, "its content does not match its hash"
+            if row["action"] == "audit-prune":
+                prunes.add(row["target_id"])
+            prev, expected_seq = row["hash"], seq + 1
+            checked += 1
+        last = rows[-1]["seq"]
+        if progress:
+            progress(checked)
+    if marker is not None and str(marker) not in prunes:
+        return checked, marker, "no audit-prune record vouches for this pruned marker"
+    if head is not None and head.seq and (expected_seq or 1) - 1 != head.seq:
+        return checked, (expected_seq or 1), f"the chain ends before the head ({head.seq})"
+    if head is not None and prev is not None and head.hash != prev:
+        return checked, last, "the last record's hash does not match the head"
+    return checked, None, None
+
+
+def export(since=None, until=None, batch=5000):
+    """Yield the records from ``since`` (a datetime) on, oldest first, as dicts."""
+    last = 0
+    while True:
+        query = db.select(AuditEvent).where(AuditEvent.seq > last)
+        if since is not None:
+            query = query.where(AuditEvent.at >= since)
+        if until is not None:
+            query = query.where(AuditEvent.at < until)
+        rows = db.session.execute(query.order_by(AuditEvent.seq).limit(batch)).scalars().all()
+        if not rows:
+            return
+        for row in rows:
+            yield to_json(row)
+        last = rows[-1].seq
+        db.session.expunge_all()
+
+
+def prune(retention_days):
+    """Delete records older than ``retention_days``; return how many went.
+
+    The newest pruned record becomes an ``audit-pruned`` marker keeping its sequence number
+    and hash (the next record's prevHash still matches), and an ``audit-prune`` record is
+    appended, so ``verify`` still proves the rest of the chain.
+    """
+    if not retention_days or retention_days <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(days=retention_days)
+    last = db.session.execute(db.select(db.func.max(AuditEvent.seq))
+                              .where(AuditEvent.at < cutoff)).scalar()
+    if last is None:
+        return 0
+    first = db.session.execute(db.select(AuditEvent).order_by(AuditEvent.seq).limit(1)).scalar_one()
+    if first.seq == last and first.action == PRUNED:
+        return 0  # only the marker itself is old
+    previous = json.loads(first.detail).get("pruned", 0) if first.action == PRUNED else 0
+    marker = db.session.get(AuditEvent, last)
+    deleted = db.session.execute(db.delete(AuditEvent).where(AuditEvent.seq < last)).rowcount
+    count = deleted + 1 - (1 if first.action == PRUNED else 0)  # the marker's record is gone too
+    detail = {"pruned": previous + count, "through": last, "hash": marker.hash}
+    marker.action, marker.user_email, marker.token_id, marker.client = PRUNED, None, None, None
+    marker.target_type, marker.target_id, marker.outcome, marker.status = None, None, "success", None
+    marker.detail = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+    record("audit-prune", "audit", str(last), detail=detail)
+    db.session.commit()
+    return count
