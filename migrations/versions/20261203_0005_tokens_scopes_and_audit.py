@@ -41,8 +41,6 @@ def upgrade():
         sa.Column('hash', sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint('seq'))
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_audit_events_action'), ['action'], unique=False)
-        batch_op.create_index(batch_op.f('ix_audit_events_at'), ['at'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_events_target_id'), ['target_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_events_user_email'), ['user_email'], unique=False)
     head = op.create_table(
@@ -67,8 +65,6 @@ def downgrade():
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_audit_events_user_email'))
         batch_op.drop_index(batch_op.f('ix_audit_events_target_id'))
-        batch_op.drop_index(batch_op.f('ix_audit_events_at'))
-        batch_op.drop_index(batch_op.f('ix_audit_events_action'))
     op.drop_table('audit_events')
     with op.batch_alter_table('tokens', schema=None) as batch_op:
         batch_op.drop_column('last_used_at')
