@@ -27,6 +27,7 @@ Actions are plain names a person filters on: ``login``, ``login-failed``,
 import hashlib
 import json
 import logging
+import weakref
 from datetime import timedelta
 
 import orjson
@@ -117,7 +118,8 @@ _SQL = {
 }
 _STYLES = {"qmark": ":{}", "named": ":{}", "pyformat": "%({})s", "format": "%({})s"}
 _compiled = {}  # paramstyle -> {name: SQL}
-_last_head = {}  # id(engine) -> (seq, hash) after this process's last audited commit
+# engine -> (seq, hash) after this process's last audited commit on it
+_last_head = weakref.WeakKeyDictionary()
 _NEW_HEAD = "circus.audit_new_head"
 
 
@@ -164,7 +166,7 @@ def _append_pending(session):
     connection = session.connection()
     sql = _statements(connection.dialect)
     sqlite = connection.dialect.name == "sqlite"
-    key = id(connection.engine)
+    key = connection.engine
     cursor = connection.connection.dbapi_connection.cursor()
     try:
         rows = None
