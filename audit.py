@@ -27,6 +27,9 @@ Actions are plain names a person filters on: ``login``, ``login-failed``,
 import hashlib
 import json
 import logging
+import sqlite3
+import threading
+import time
 import weakref
 from datetime import timedelta
 
@@ -121,6 +124,14 @@ _compiled = {}  # paramstyle -> {name: SQL}
 # engine -> (seq, hash) after this process's last audited commit on it
 _last_head = weakref.WeakKeyDictionary()
 _NEW_HEAD = "circus.audit_new_head"
+# SQLite: the threads of a process take turns here rather than in SQLite's busy handler,
+# which sleeps a millisecond or more on every collision; held from the first statement of
+# the chain to the end of the commit (the span SQLite holds its write lock anyway).
+_WRITING = threading.Lock()
+_HOLDS = "circus.audit_holds_lock"
+LOCK_TIMEOUT = 30  # seconds; then the commit fails instead of waiting forever
+BUSY_NAPS = (0.00005, 0.0001, 0.0001, 0.0002, 0.0002, 0.0005, 0.0005, 0.001, 0.001, 0.002)
+SQLITE_BUSY_TIMEOUT_MS = 30000  # app.py's busy_timeout, restored after the naps
 
 
 class _Names(dict):
@@ -140,9 +151,36 @@ def _statements(dialect):
     return _compiled[style]
 
 
-def _advance_head(cursor, sql, count):
+def _first_write(cursor, statement, params, sqlite):
+    """Execute the chain's first statement, which takes SQLite's write lock. Another process
+    holding it is waited for in short naps: SQLite's own busy handler sleeps a millisecond
+    and more per try, while the lock is held for a fraction of that."""
+    if not sqlite:
+        cursor.execute(statement, params)
+        return
+    pragmas = cursor.connection.cursor()  # not ``cursor``: its RETURNING row is still to read
+    pragmas.execute("PRAGMA busy_timeout = 0")
+    try:
+        for nap in BUSY_NAPS:
+            try:
+                cursor.execute(statement, params)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            time.sleep(nap)
+    finally:
+        pragmas.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        pragmas.close()
+    cursor.execute(statement, params)  # the last try waits as long as any other statement
+
+
+def _advance_head(cursor, sql, count, sqlite=False, first=True):
     """Lock the head row and reserve ``count`` numbers: (last seq before, its hash)."""
-    cursor.execute(sql["advance"], {"count": count})
+    if first:
+        _first_write(cursor, sql["advance"], {"count": count}, sqlite)
+    else:
+        cursor.execute(sql["advance"], {"count": count})
     row = cursor.fetchone()
     if row is None:  # a database created without the migration's head row (create_all)
         cursor.execute(sql["create_head"], {"genesis": GENESIS})
@@ -166,25 +204,34 @@ def _append_pending(session):
     connection = session.connection()
     sql = _statements(connection.dialect)
     sqlite = connection.dialect.name == "sqlite"
+    if sqlite and not session.info.get(_HOLDS):
+        if not _WRITING.acquire(timeout=LOCK_TIMEOUT):
+            raise RuntimeError("the audit trail is busy")
+        session.info[_HOLDS] = True
     key = connection.engine
     cursor = connection.connection.dbapi_connection.cursor()
+    ok = False
     try:
         rows = None
         if key in _last_head:
             seq, prev = _last_head[key]
             rows = _chained(pending, seq, prev)
-            cursor.execute(sql["advance_if"], {"expected": seq, "new_seq": rows[-1]["seq"],
-                                               "new_hash": rows[-1]["hash"]})
+            _first_write(cursor, sql["advance_if"], {
+                "expected": seq, "new_seq": rows[-1]["seq"], "new_hash": rows[-1]["hash"]},
+                sqlite)
             if cursor.rowcount != 1:
                 rows = None  # another process wrote in between
         if rows is None:
-            seq, prev = _advance_head(cursor, sql, len(pending))
+            seq, prev = _advance_head(cursor, sql, len(pending), sqlite, first=key not in _last_head)
             rows = _chained(pending, seq, prev)
             cursor.execute(sql["set_hash"], {"new_hash": rows[-1]["hash"]})
         for row in rows:
             cursor.execute(sql["insert"], {**row, "at": _stored_at(row["at"], sqlite)})
+        ok = True
     finally:
         cursor.close()
+        if not ok:
+            _release(session)
     session.info[_NEW_HEAD] = (key, rows[-1]["seq"], rows[-1]["hash"])
 
 
@@ -206,6 +253,7 @@ def _chained(pending, seq, prev):
 
 @event.listens_for(Session, "after_commit")
 def _clear_pending(session):
+    _release(session)
     session.info.pop(_PENDING, None)
     head = session.info.pop(_NEW_HEAD, None)
     if head is not None:
@@ -214,7 +262,13 @@ def _clear_pending(session):
 
 @event.listens_for(Session, "after_rollback")
 def _forget_new_head(session):
+    _release(session)
     session.info.pop(_NEW_HEAD, None)
+
+
+def _release(session):
+    if session.info.pop(_HOLDS, False):
+        _WRITING.release()
 
 
 def _commit_with_answer(response):
