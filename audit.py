@@ -99,7 +99,12 @@ def has_pending(session=None):
 
 def record_hash(prev_hash, entry):
     """The hash of a record: SHA-256 over its predecessor's hash and its own fields."""
-    values = [prev_hash] + [entry[name] for name in _FIELDS]
+    return _hash_values(prev_hash, [entry[name] for name in _FIELDS])
+
+
+def _hash_values(prev_hash, values):
+    """``record_hash`` of the fields in ``_FIELDS`` order."""
+    values = [prev_hash, *values]
     values[2] = values[2].isoformat(timespec="microseconds")  # "at"
     return hashlib.sha256(orjson.dumps(values)).hexdigest()
 
@@ -329,34 +334,37 @@ def verify(batch=5000, progress=None):
     chain by an ``audit-prune`` record).
     """
     columns = [getattr(AuditEvent, name) for name in (*_FIELDS, "prev_hash", "hash")]
+    width = len(_FIELDS)  # plain tuples: a third of the time of mappings over a million rows
+    seq_at, action_at, target_at = (_FIELDS.index(name) for name in ("seq", "action",
+                                                                       "target_id"))
     head = db.session.get(AuditHead, HEAD_ID)
     connection = db.session.connection()
     prev, expected_seq, checked, last = None, None, 0, 0
     marker, prunes = None, set()
     while True:
         rows = connection.execute(db.select(*columns).where(AuditEvent.seq > last)
-                                  .order_by(AuditEvent.seq).limit(batch)).mappings().all()
+                                  .order_by(AuditEvent.seq).limit(batch)).all()
         if not rows:
             break
         for row in rows:
-            seq = row["seq"]
-            if prev is None and row["action"] == PRUNED:
-                prev, expected_seq, marker = row["hash"], seq + 1, seq
+            seq, row_prev, row_hash = row[seq_at], row[width], row[width + 1]
+            if prev is None and row[action_at] == PRUNED:
+                prev, expected_seq, marker = row_hash, seq + 1, seq
                 checked += 1
                 continue
             if prev is None:
                 prev, expected_seq = GENESIS, 1
             if seq != expected_seq:
                 return checked, expected_seq, f"record {expected_seq} is missing"
-            if row["prev_hash"] != prev:
+            if row_prev != prev:
                 return checked, seq, "its prevHash does not match the record before it"
-            if record_hash(prev, row) != row["hash"]:
+            if _hash_values(prev, row[:width]) != row_hash:
                 return checked, seq, "its content does not match its hash"
-            if row["action"] == "audit-prune":
-                prunes.add(row["target_id"])
-            prev, expected_seq = row["hash"], seq + 1
+            if row[action_at] == "audit-prune":
+                prunes.add(row[target_at])
+            prev, expected_seq = row_hash, seq + 1
             checked += 1
-        last = rows[-1]["seq"]
+        last = rows[-1][seq_at]
         if progress:
             progress(checked)
     if marker is not None and str(marker) not in prunes:
