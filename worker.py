@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from dicom import importer
+import audit
 import exports
 import tasks
 from models import Task, db, utcnow
@@ -26,6 +27,7 @@ from plugins import job_source
 log = logging.getLogger(__name__)
 
 DOWNLOAD_SWEEP_SECONDS = 3600  # how often old task downloads are looked for
+AUDIT_PRUNE_SECONDS = 3600  # how often audit records beyond the retention are pruned
 
 
 def worker_id():
@@ -101,7 +103,7 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = last_download_sweep = float("-inf")  # both run once at start
+    last_sweep = last_download_sweep = last_audit_prune = float("-inf")  # each runs at start
     while not stopping.is_set():
         if time.monotonic() - last_sweep > 60:
             tasks.fail_interrupted()
@@ -112,6 +114,13 @@ def run_forever(app, poll_interval=None):
             except OSError:
                 log.exception("Sweeping old downloads failed")
             last_download_sweep = time.monotonic()
+        if time.monotonic() - last_audit_prune > AUDIT_PRUNE_SECONDS:
+            try:
+                audit.prune(app.config["AUDIT_RETENTION_DAYS"])
+            except Exception:
+                log.exception("Pruning the audit trail failed")
+                db.session.rollback()
+            last_audit_prune = time.monotonic()
         did_work = False
         for src in JOB_SOURCES:
             if stopping.is_set():

@@ -1,5 +1,7 @@
 """Every blueprint of the API, in registration order (literal routes before :id routes
-are handled inside each blueprint by Werkzeug's rule ordering). ``web_ui`` is not listed:
+are handled inside each blueprint by Werkzeug's rule ordering). The /api/admin children are
+registered only through their parent (routes/admin), never on their own: on their own they
+would answer at the root (/groups...) without the admin guard. ``web_ui`` is not listed:
 create_app registers it last, and only when CIRCUS_WEB_UI_DIR is set."""
 from routes import status
 from routes import login
