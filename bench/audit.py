@@ -30,6 +30,10 @@ from loadgen import wait_up, wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app import create_app  # noqa: E402
+from models import db  # noqa: E402
+from tests.factories import make_token  # noqa: E402
+
 SERIES = 1000
 FLASK = [sys.executable, "-m", "flask", "--app", "app"]
 
@@ -139,9 +143,6 @@ def bench_size(scratch, args):
     """In-process (the test client): 10,000 audited searches, the file's growth."""
     env, _token = prepare(scratch / "size", True)
     os.environ["CIRCUS_DATA_DIR"] = env["CIRCUS_DATA_DIR"]
-    from app import create_app
-    from models import db
-    from tests.factories import make_token
     app = create_app({"CIRCUS_DATA_DIR": env["CIRCUS_DATA_DIR"]})
     with app.app_context():
         token = make_token("circus@circus.example.com")

@@ -11,6 +11,7 @@ import audit
 from auth import hash_password
 from models import AuditEvent, LoginThrottle, User, db, utcnow
 from tests.case_helpers import UID1, UID2, create_case, seed_series
+from tests.sample_series import store_series
 
 LOGIN = {"grant_type": "password", "client_id": "circus-front", "client_secret": "x"}
 
@@ -122,7 +123,6 @@ def test_admin_changes_are_recorded(app, client, auth_headers):
 
 
 def test_volume_downloads_are_recorded(app, client, auth_headers, tokens, dicom_dir):
-    from tests.sample_series import store_series
     with app.app_context():
         uid = store_series(sorted((dicom_dir / "head-first").iterdir())[:3])
     res = client.get(f"/rs/series/{uid}/volume", headers=auth_headers["alice"])
