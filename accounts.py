@@ -7,11 +7,13 @@ from datetime import timedelta
 
 from flask import current_app
 
+import audit
 from auth import check_password, digest, find_user, issue_login_token
 from errors import ApiError, not_found
-from models import (MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project, ServerParam,
-                    Token, User, db, utcnow)
+from models import (LoginThrottle, MyList, MyListEditor, OnetimeUrl, PluginDefinition, Project,
+                    ServerParam, Token, User, db, insert_ignore, utcnow)
 from plugins import definitions
+from table_versions import app_memo
 
 log = logging.getLogger(__name__)
 ONETIME_LIFETIME = timedelta(seconds=60)
@@ -39,16 +41,85 @@ def _onetime_user(username, password):
     return db.session.get(User, row.user_email)
 
 
-def password_grant(username, password, ip):
-    """Check credentials (or a one-time string); return a new token triple."""
+def password_grant(username, password, ip, client=None):
+    """Check credentials (or a one-time string); return a new token triple.
+
+    ``client`` is the address failures are throttled by (the connection's, never a header
+    the caller chose). A throttled account or address answers 429 whatever the password.
+    """
+    known = find_user(username)
+    account = known.user_email if known is not None else username[:254]
+    keys = ["user:" + account] + (["ip:" + client] if client else [])
+    wait = _throttled(keys)
+    if wait:
+        audit.record("login-throttled", "user", account, outcome="denied", user_email=account)
+        db.session.commit()
+        raise ApiError(429, "Too many failed logins: try again later.",
+                       headers={"Retry-After": str(wait)})
     user = _onetime_user(username, password)
     if user is None:
-        user = find_user(username)
+        user = known
         if user is None or not check_password(user.password, password):
-            raise ApiError(400, INVALID_CREDENTIALS)
+            _login_failed(keys, account)
     if not user.login_enabled:
-        raise ApiError(400, INVALID_CREDENTIALS)
+        _login_failed(keys, account)
+    _forgive(keys[0])
+    audit.record("login", "user", user.user_email, user_email=user.user_email)
     return _logged_in(user, ip)
+
+
+# --- login throttling -------------------------------------------------------------------
+
+def _throttled(keys):
+    """Seconds until the longest block of ``keys`` ends; 0 when none is blocked."""
+    now = utcnow()
+    rows = db.session.execute(db.select(LoginThrottle.blocked_until).where(
+        LoginThrottle.key.in_(keys), LoginThrottle.blocked_until > now)).scalars().all()
+    return max((int((until - now).total_seconds()) + 1 for until in rows), default=0)
+
+
+def _login_failed(keys, account):
+    """Count a failure against the account and the address (committed with its audit
+    record, the answer being an error), then refuse."""
+    db.session.rollback()  # a consumed one-time string stays unconsumed, as before
+    config = current_app.config
+    now = utcnow()
+    window = timedelta(seconds=config["LOGIN_THROTTLE_WINDOW"])
+    for key in keys:
+        insert_ignore(db.session.connection(), LoginThrottle.__table__,
+                             {"key": key, "failures": 0, "window_start": now})
+        row = db.session.execute(db.select(LoginThrottle).where(LoginThrottle.key == key)
+                                 .with_for_update()).scalar_one()
+        if row.window_start < now - window:
+            row.failures, row.window_start = 0, now
+        row.failures += 1
+        if row.failures >= config["LOGIN_THROTTLE_FAILURES"]:
+            row.blocked_until = now + timedelta(seconds=config["LOGIN_THROTTLE_BLOCK"])
+            row.failures, row.window_start = 0, now
+    audit.record("login-failed", "user", account, outcome="failure", user_email=account)
+    db.session.commit()
+    raise ApiError(400, INVALID_CREDENTIALS)
+
+
+def _forgive(key):
+    """A successful login clears its account's failures (not its address's)."""
+    db.session.execute(db.delete(LoginThrottle).where(LoginThrottle.key == key))
+
+
+# --- the first start --------------------------------------------------------------------
+
+DEFAULT_ADMIN = "circus"
+DEFAULT_PASSWORD = "circus"
+
+
+def default_password_in_use():
+    """Whether the account ``circus`` still has the password init-db gave it (checked once
+    per stored hash: a password check costs tens of milliseconds)."""
+    user = find_user(DEFAULT_ADMIN)
+    if user is None or not user.password:
+        return False
+    return app_memo("circus.default_password", 8).get(
+        user.password, lambda: check_password(user.password, DEFAULT_PASSWORD))
 
 
 def refresh_grant(refresh_token, ip):
@@ -237,5 +308,10 @@ def full_login_info(user, privileges, image_server_url):
         "uploadFileMax": UPLOAD_FILE_MAX,
         "uploadFileSizeMaxBytes": config["UPLOAD_FILE_SIZE_MAX_BYTES"],
     })
+    if privileges.has_global("manageServer"):
+        doc["defaultPasswordInUse"] = default_password_in_use()
+        if doc["defaultPasswordInUse"]:
+            doc["warnings"] = [f'The account "{DEFAULT_ADMIN}" still has its default password: '
+                               "change it (README, first steps)."]
     return doc
 

@@ -8,6 +8,8 @@ from sqlalchemy import event
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import accounts
+import audit
 import auth
 import cli
 import config as config_module
@@ -19,6 +21,7 @@ from errors import register_error_handlers
 from models import db
 from routes import BLUEPRINTS, web_ui
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, GET, PUT, OPTIONS, PATCH, DELETE",
@@ -87,6 +90,26 @@ def _cors(response):
     return response
 
 
+def _security_headers(response):
+    """Answers carry patient data: never cached, never content-sniffed. The web UI's own
+    files keep their caching and get a content security policy (routes/web_ui.py)."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.blueprint != "web_ui":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _warn_default_password(app):
+    """Log a warning at every start while the account circus has its default password."""
+    try:
+        with app.app_context():
+            if accounts.default_password_in_use():
+                log.warning('The account "%s" still has its default password: change it '
+                            "(README, first steps).", accounts.DEFAULT_ADMIN)
+    except Exception:  # no schema yet (before init-db): nothing to warn about
+        pass
+
+
 def create_app(config=None):
     """Build the Flask app; ``config`` overrides the environment (tests pass a dict)."""
     app = Flask(__name__)
@@ -127,6 +150,8 @@ def create_app(config=None):
     app.before_request(auth.authenticate_request)
     app.before_request(validation.check_content_type)
     app.after_request(_cors)
+    app.after_request(_security_headers)
+    audit.install(app)
     register_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
@@ -137,4 +162,6 @@ def create_app(config=None):
     app.wsgi_app = CaseInsensitiveRouting(app, app.wsgi_app)
     if app.config.get("TRUST_FORWARDED_HEADERS"):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    if not app.testing:
+        _warn_default_password(app)
     return app

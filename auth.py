@@ -7,20 +7,31 @@ Every "may this user do X" decision of the project is made by the helpers below.
 """
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import bcrypt
-from flask import current_app, g, request
+from flask import current_app, g, has_request_context, request
 from werkzeug.security import check_password_hash, generate_password_hash
 
 import table_versions
 from errors import ApiError
-from models import GROUPS_STAMP, Group, SystemState, Token, User, db, random_hex, utcnow
+from models import (GROUPS_STAMP, Group, SystemState, Token, User, db, iso, parse_iso,
+                    random_hex, utcnow)
 
 log = logging.getLogger(__name__)
 
 PERMANENT_EXPIRY = datetime(2100, 12, 31)
+MAX_TOKEN_LIFETIME = 100 * 365 * 86400  # seconds; beyond it expiresIn overflows dates
+# Token scopes (None on a token: all of them). "admin" covers everything, "write"
+# everything but /api/admin, "read" GET/HEAD of /api, /rs and /dicom-web (not /api/admin),
+# "upload" only series uploads and STOW-RS. They narrow the owner's rights, never add.
+SCOPES = ("read", "upload", "write", "admin")
+UPLOAD_ENDPOINTS = {"series.upload_series", "series.upload_single"}
+STOW_PATH = re.compile(r"^/dicom-web/studies(/[^/]+)?/?$")  # STOW-RS (routes/dicomweb.py)
+READ_PREFIXES = ("/api", "/rs", "/dicom-web")
+LAST_USED_INTERVAL = timedelta(seconds=60)  # lastUsedAt is written at most this often
 CLIENT_ID = "CIRCUS Front UI"
 
 GLOBAL_PRIVILEGES = [
@@ -95,15 +106,62 @@ def issue_login_token(user_email):
     return access, refresh, lifetime
 
 
-def issue_permanent_token(user_email, description):
-    """Create a permanent token; return (token_id, access_token). The caller commits."""
+def issue_permanent_token(user_email, description, scopes=None, expires_at=None):
+    """Create a permanent token; return (token_id, access_token). The caller commits.
+
+    ``scopes`` (None: every right of the owner) narrow it; ``expires_at`` (None: never,
+    i.e. CIRCUS's 2100-12-31) ends it. Both are checked by ``check_token_request``.
+    """
     access, token_id = random_hex(), random_hex()
+    expiry = expires_at or PERMANENT_EXPIRY
     db.session.add(Token(
         access_token_hash=digest(access), refresh_token_hash=digest(random_hex()),
-        access_token_expires_at=PERMANENT_EXPIRY, refresh_token_expires_at=PERMANENT_EXPIRY,
+        access_token_expires_at=expiry, refresh_token_expires_at=expiry,
         client_id=CLIENT_ID, user_email=user_email, permanent_token_id=token_id,
-        permanent_token_description=description))
+        permanent_token_description=description,
+        scopes=None if scopes is None else sorted(set(scopes), key=SCOPES.index)))
     return token_id, access
+
+
+def token_expiry_json(expires_at):
+    """``expiresAt`` on the wire: null for a token that never expires."""
+    return None if expires_at is None or expires_at >= PERMANENT_EXPIRY else iso(expires_at)
+
+
+def check_token_request(scopes=None, expires_in=None, expires_at=None):
+    """The (scopes, expiry datetime) of a new token, or ApiError 400/403.
+
+    Scopes must exist; the expiry must lie in the future. A scoped caller's token can only
+    make tokens within its own scopes: scopes narrow a token, they never add to it.
+    """
+    if scopes is not None:
+        unknown = [scope for scope in scopes if scope not in SCOPES]
+        if unknown or not scopes:
+            raise ApiError(400, f"Unknown token scope: {', '.join(map(str, unknown))}. "
+                           f"Scopes are {', '.join(SCOPES)}." if unknown
+                           else "scopes must name at least one scope.")
+    if expires_in is not None and expires_at is not None:
+        raise ApiError(400, "Give either expiresIn or expiresAt, not both.")
+    expiry = None
+    if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
+            raise ApiError(400, "expiresIn must be a positive number of seconds.")
+        if expires_in > MAX_TOKEN_LIFETIME:
+            raise ApiError(400, "expiresIn is too large.")
+        expiry = utcnow() + timedelta(seconds=expires_in)
+    elif expires_at is not None:
+        try:
+            expiry = parse_iso(expires_at)
+        except (TypeError, ValueError):
+            raise ApiError(400, "expiresAt must be an ISO-8601 date and time.") from None
+        if expiry <= utcnow():
+            raise ApiError(400, "expiresAt must lie in the future.")
+        expiry = min(expiry, PERMANENT_EXPIRY)
+    caller = g.get("token_scopes") if has_request_context() else None
+    if caller is not None and not all(
+            _covers(caller, want) for want in (scopes if scopes is not None else SCOPES)):
+        raise ApiError(403, "A token cannot create a token with scopes beyond its own.")
+    return scopes, expiry
 
 
 def find_user(email_or_login_id):
@@ -123,7 +181,8 @@ def find_user(email_or_login_id):
 _STAMP_KEYS = (GROUPS_STAMP, *table_versions.KEYS)
 _STAMPS = [db.select(SystemState.value).where(SystemState.key == key).scalar_subquery()
            for key in _STAMP_KEYS]
-_TOKEN_OWNER = (db.select(Token.access_token_expires_at, User, *_STAMPS)
+_TOKEN_OWNER = (db.select(Token.access_token_expires_at, Token.id, Token.permanent_token_id,
+                          Token.scopes, Token.last_used_at, User, *_STAMPS)
                 .join(User, User.user_email == Token.user_email)
                 .where(Token.access_token_hash == db.bindparam("digest")))
 _USER_BY_EMAIL = (db.select(User, *_STAMPS)
@@ -237,20 +296,75 @@ def _bearer_token():
 
 
 def authenticate_token(token):
-    """(user, state stamps) of a valid, unexpired token, else ApiError 401: one query."""
+    """(user, state stamps) of a valid, unexpired token, else ApiError 401: one query.
+
+    The token's public ID (for the audit trail) and scopes go into ``g``.
+    """
     row = db.session.execute(_TOKEN_OWNER, {"digest": digest(token)}).first()
     if row is None:
         raise ApiError(401, "Invalid token: access token is invalid")
-    expires_at, user, *stamps = row
-    if expires_at < utcnow():
+    expires_at, row_id, public_id, scopes, last_used, user, *stamps = row
+    now = utcnow()
+    if expires_at < now:
         raise ApiError(401, "Invalid token: access token has expired")
+    if public_id is not None and (last_used is None or last_used < now - LAST_USED_INTERVAL):
+        _touch(row_id, now)
+    g.token_id = public_id or f"session-{row_id}"  # never the token's value
+    g.token_scopes = scopes
     return user, dict(zip(_STAMP_KEYS, stamps))
+
+
+def _touch(row_id, now):
+    """Write a token's lastUsedAt, at most once a minute (a short transaction of its own:
+    the request's may be read-only; the condition keeps concurrent requests from writing it
+    twice)."""
+    try:
+        with db.engine.begin() as connection:
+            connection.execute(db.update(Token).where(
+                Token.id == row_id, db.or_(Token.last_used_at.is_(None),
+                                           Token.last_used_at < now - LAST_USED_INTERVAL))
+                .values(last_used_at=now))
+    except Exception:  # a busy database must not refuse the request for a statistic
+        log.warning("lastUsedAt of token %s not written", row_id, exc_info=True)
+
+
+def _covers(scopes, scope):
+    """Whether a token holding ``scopes`` may hold ``scope``."""
+    return (scope in scopes or "admin" in scopes
+            or ("write" in scopes and scope in ("read", "upload")))
+
+
+def _is_admin_path(path):
+    return path == "/api/admin" or path.startswith("/api/admin/")
+
+
+def scope_allows(scopes, method, path, endpoint):
+    """Whether a token of ``scopes`` (None: unscoped) may make this request."""
+    if scopes is None or "admin" in scopes:
+        return True
+    admin = _is_admin_path(path) or (endpoint or "").startswith("admin.")
+    if "write" in scopes and not admin:
+        return True
+    if ("read" in scopes and method in ("GET", "HEAD") and not admin
+            and any(path == p or path.startswith(p + "/") for p in READ_PREFIXES)):
+        return True
+    return "upload" in scopes and method == "POST" and (
+        endpoint in UPLOAD_ENDPOINTS or STOW_PATH.match(path) is not None)
+
+
+def require_token_scope():
+    """ApiError 403 unless the request's token scopes allow it (a no-op for unscoped tokens)."""
+    scopes = g.get("token_scopes")
+    if not scope_allows(scopes, request.method, request.path, request.endpoint):
+        raise ApiError(403, f"This token's scopes ({', '.join(scopes)}) do not allow "
+                       f"{request.method} {request.path}.")
 
 
 def authenticate_request():
     """before_request hook: fail closed unless the endpoint is public."""
     g.user = None
     g.privileges = Privileges()
+    g.token_id = g.token_scopes = None
     if request.method == "OPTIONS" or request.endpoint is None:
         return  # CORS preflight, or an unknown route that will answer 404
     if request.endpoint in PUBLIC_ENDPOINTS:
@@ -263,6 +377,7 @@ def authenticate_request():
         user, stamps = row[0], dict(zip(_STAMP_KEYS, row[1:]))
     else:
         user, stamps = authenticate_token(_bearer_token())
+        require_token_scope()
     g.user = user
     table_versions.remember(stamps)
     g.privileges = cached_privileges(user, stamps[GROUPS_STAMP])
@@ -279,6 +394,7 @@ def check_series_token(token, domain):
     """The owner of a valid token whose groups hold ``domain`` (the image server's check,
     made outside the hook); ApiError 401 for the token, 403 for the domain."""
     user, stamps = authenticate_token(token)
+    require_token_scope()
     if not cached_privileges(user, stamps[GROUPS_STAMP]).has_domain(domain):
         raise ApiError(403, "You do not have privilege to access this series.")
     return user

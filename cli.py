@@ -1,6 +1,8 @@
 """The admin commands of `flask --app app ...`, each a module-level command of ``commands``
 (create_app adds them all to the app's CLI)."""
 import json
+import sys
+import time
 
 import click
 from flask import current_app
@@ -8,14 +10,15 @@ from flask.cli import AppGroup
 
 import accounts
 import admin_records
+import audit
 import cases
 import db_maintenance
 import exports
 import storage
 import table_versions
 import worker
-from auth import (GLOBAL_PRIVILEGES, compute_privileges, find_user, hash_password,
-                  issue_permanent_token)
+from auth import (GLOBAL_PRIVILEGES, SCOPES, check_token_request, compute_privileges,
+                  find_user, hash_password, issue_permanent_token, token_expiry_json)
 from dicom import importer, instance
 from dicom.errors import DicomImportError
 from errors import ApiError
@@ -105,15 +108,71 @@ def init_db_command():
 @commands.command("add-permanent-token")
 @click.argument("user")
 @click.option("-d", "--description", default=DEFAULT_TOKEN_DESCRIPTION, show_default=True)
-def add_permanent_token_command(user, description):
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(SCOPES),
+              help="Narrow the token to this scope (repeatable); default: all the user's rights.")
+@click.option("--expires", default=None,
+              help="Seconds until the token expires, or an ISO-8601 date; default: never.")
+def add_permanent_token_command(user, description, scopes, expires):
     """Issue a permanent token for USER (e-mail or login ID); the token is the last line."""
     account = find_user(user)
     if account is None:
         raise click.ClickException(f"No user with e-mail or login ID {user!r}.")
-    _token_id, token = issue_permanent_token(account.user_email, description)
+    seconds = int(expires) if expires and expires.lstrip("-").isdigit() else None
+    try:
+        scopes, expires_at = check_token_request(
+            list(scopes) or None, seconds, expires if expires and seconds is None else None)
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+    token_id, token = issue_permanent_token(account.user_email, description, scopes, expires_at)
+    audit.record("token-create", "token", token_id, user_email=account.user_email,
+                 detail={"scopes": scopes, "via": "cli"})
     db.session.commit()
+    if scopes or expires_at:
+        click.echo(f"Scopes: {', '.join(scopes) if scopes else 'all'}; expires: "
+                   f"{token_expiry_json(expires_at) or 'never'}")
     click.echo(f"Your permanent access token for {account.user_email} is:")
     click.echo(token)
+
+
+@commands.command("audit-verify")
+def audit_verify_command():
+    """Prove the audit chain unbroken, or name its first bad record (exit status 1)."""
+    started = time.monotonic()
+    checked, bad, why = audit.verify()
+    elapsed = time.monotonic() - started
+    if bad is not None:
+        click.echo(f"Audit chain BROKEN at record {bad}: {why} "
+                   f"({checked} record(s) verified before it).")
+        sys.exit(1)
+    click.echo(f"Audit chain intact: {checked} record(s) verified in {elapsed:.2f} s.")
+
+
+@commands.command("audit-export")
+@click.option("--since", required=True, help="ISO-8601 date or date-time (UTC).")
+@click.option("--until", default=None, help="ISO-8601 date or date-time (UTC), exclusive.")
+@click.option("-o", "--out", type=click.File("w"), default="-", show_default=True,
+              help="File to write the JSON lines to.")
+def audit_export_command(since, until, out):
+    """Write the audit records from --since on as JSON lines, oldest first."""
+    try:
+        since_at = parse_iso(since)
+        until_at = parse_iso(until) if until else None
+    except ValueError:
+        raise click.BadParameter("not an ISO-8601 date") from None
+    for item in audit.export(since_at, until_at):
+        out.write(json.dumps(item, separators=(",", ":")) + "\n")
+
+
+@commands.command("audit-prune")
+@click.option("--days", type=int, default=None,
+              help="Keep this many days (default: the AUDIT_RETENTION_DAYS setting).")
+def audit_prune_command(days):
+    """Delete audit records older than the retention, keeping the chain verifiable."""
+    days = current_app.config["AUDIT_RETENTION_DAYS"] if days is None else days
+    if not days or days <= 0:
+        raise click.ClickException("No retention: give --days or set "
+                                   "CIRCUS_AUDIT_RETENTION_DAYS.")
+    click.echo(f"Pruned {audit.prune(days)} audit record(s).")
 
 
 @commands.command("ulid")

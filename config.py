@@ -88,6 +88,17 @@ def from_environment():
         # Image server WebSocket (flask-sock): a client message over 64 KiB closes the socket
         # (1009); a ping every 30 s ends sockets of vanished clients (their thread with them).
         "SOCK_SERVER_OPTIONS": {"max_message_size": 64 * 1024, "ping_interval": 30},
+        # The audit trail (audit.py): off only to measure what it costs.
+        "AUDIT_ENABLED": os.environ.get("CIRCUS_AUDIT_ENABLED", "1") != "0",
+        # Audit records older than this many days are pruned by the worker (0: kept forever).
+        "AUDIT_RETENTION_DAYS": int(os.environ.get("CIRCUS_AUDIT_RETENTION_DAYS", 0)),
+        # Failed logins: this many within LOGIN_THROTTLE_WINDOW seconds for one account or
+        # from one address block it for LOGIN_THROTTLE_BLOCK seconds (429 with Retry-After).
+        "LOGIN_THROTTLE_FAILURES": int(os.environ.get("CIRCUS_LOGIN_THROTTLE_FAILURES", 10)),
+        "LOGIN_THROTTLE_WINDOW": int(os.environ.get("CIRCUS_LOGIN_THROTTLE_WINDOW", 300)),
+        "LOGIN_THROTTLE_BLOCK": int(os.environ.get("CIRCUS_LOGIN_THROTTLE_BLOCK", 300)),
+        # Content-Security-Policy of the web UI's files; unset: routes/web_ui.py's strict one.
+        "WEB_UI_CSP": os.environ.get("CIRCUS_WEB_UI_CSP") or None,
         # Fixed-user mode for debugging (never in production): every request runs as this user.
         "FIX_USER": os.environ.get("CIRCUS_API_FIX_USER"),
     }

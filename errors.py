@@ -14,10 +14,11 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error answered as ``{"error": message, **extra}`` with the given HTTP status."""
 
-    def __init__(self, status, message=None, **extra):
+    def __init__(self, status, message=None, headers=None, **extra):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -49,7 +50,9 @@ def register_error_handlers(app):
         message = error.message
         if message is None:
             message = HTTPStatus(error.status).phrase
-        return error_response(error.status, message, **error.extra)
+        response = error_response(error.status, message, **error.extra)
+        response.headers.update(error.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error):

@@ -15,8 +15,8 @@ WebSockets (/rs/ws/volume, one per logged-in UI) hold a thread each in the same 
 """
 import os
 
-# Default address; `-b` on the command line replaces it.
-bind = [f"0.0.0.0:{os.environ.get('PORT', '8080')}"]
+# Default address: this machine only (HOST=0.0.0.0 for every interface); `-b` replaces it.
+bind = [f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"]
 # Processes: one per core is enough for Python; raise with WEB_CONCURRENCY.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"

@@ -12,8 +12,7 @@ from datetime import datetime, timezone
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint, cast, event, type_coerce)
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import UserDefinedType
 
@@ -91,11 +90,15 @@ def put_value(model, key, value, session=None):
 def upsert_statement(table):
     """``INSERT ... ON CONFLICT (primary key) DO UPDATE`` of every other column, in the
     dialect of the app's database (SQLite and PostgreSQL both say it; executemany-able)."""
-    dialects = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
-    insert = dialects[db.engine.dialect.name](table)
+    insert = (postgresql if db.engine.dialect.name == "postgresql" else sqlite).insert(table)
     keys = [c.name for c in table.primary_key.columns]
     return insert.on_conflict_do_update(index_elements=keys, set_={
         c.name: insert.excluded[c.name] for c in table.columns if c.name not in keys})
+def insert_ignore(connection, table, values):
+    """INSERT ... ON CONFLICT DO NOTHING (SQLite and PostgreSQL): a row that concurrent
+    requests may both create."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
 
 
 def random_hex(nbytes=20):
@@ -195,6 +198,10 @@ class Token(Timestamps, db.Model):
         ForeignKey("users.user_email", ondelete="CASCADE", onupdate="CASCADE"), index=True)
     permanent_token_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
     permanent_token_description: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # None: every right of the owner (tokens made before scopes, login sessions)
+    scopes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # written at most once a minute (auth.py): a write per request would serialise readers
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class OnetimeUrl(Timestamps, db.Model):
@@ -549,3 +556,43 @@ class Feedback(db.Model):
                 "isConsensual": self.is_consensual, "data": self.data,
                 "actionLog": self.action_log or [], "createdAt": iso(self.created_at)}
 
+
+
+# --- the audit trail (audit.py) ----------------------------------------------------------
+
+class AuditEvent(db.Model):
+    """One append-only audit record; ``hash`` chains it to the record before it."""
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # Two indexes only ("who did", "what was touched"): every index is pages written by every
+    # audited commit; time follows seq closely enough for exports and pruning to scan.
+    at: Mapped[datetime] = mapped_column(DateTime)
+    user_email: Mapped[str | None] = mapped_column(String(254), nullable=True, index=True)
+    token_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    target_id: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # canonical JSON text (sorted keys): hashed exactly as stored
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(db.Model):
+    """The chain head: one row, locked only while a commit appends records."""
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LoginThrottle(db.Model):
+    """Failed logins of one account or address ("user:<email>", "ip:<addr>")."""
+    __tablename__ = "login_throttle"
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    blocked_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -392,7 +392,7 @@ class SearchSpec:
     plain_rows: bool = False
 
 
-def run(spec, query, memo=None, patient_info_allowed=None):
+def run(spec, query, memo=None, patient_info_allowed=None, shown=None):
     """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
 
     Parameters
@@ -408,6 +408,9 @@ def run(spec, query, memo=None, patient_info_allowed=None):
         Leave it out wherever the query depends on anything else.
     patient_info_allowed : bool, optional
         Whether the filter may name patientInfo.* keys; by default auth decides.
+    shown : callable, optional
+        Called with the page's items before they are answered (the audit trail of
+        searches that show patient information).
     """
     fields, filter_allowed, count_cap = spec.fields, spec.filter_allowed, spec.count_cap
     if patient_info_allowed is None and filter_allowed:
@@ -451,6 +454,8 @@ def run(spec, query, memo=None, patient_info_allowed=None):
         items = spec.serialize(rows)
     else:
         items = [spec.serialize(row) for row in rows]
+    if shown is not None:
+        shown(items)
     return jsonify({"items": items, "totalItems": total, "page": page})
 
 

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from dicom import batch, importer
+import audit
 import exports
 import tasks
 from models import Task, db, utcnow
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_SWEEP_SECONDS = 3600  # how often old task downloads are looked for
 ORPHAN_SWEEP_SECONDS = 6 * 3600  # how often stored files without a row are looked for
+AUDIT_PRUNE_SECONDS = 3600  # how often audit records beyond the retention are pruned
 
 
 def worker_id():
@@ -103,7 +105,7 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = last_download_sweep = last_orphan_sweep = float("-inf")  # all run at start
+    last_sweep = last_download_sweep = last_orphan_sweep = last_audit_prune = float("-inf")
     while not stopping.is_set():
         if time.monotonic() - last_sweep > min(60, app.config["TASK_STALE_SECONDS"] / 2):
             tasks.fail_interrupted()
@@ -119,7 +121,15 @@ def run_forever(app, poll_interval=None):
                 batch.sweep_orphans(app.config["ORPHAN_GRACE_SECONDS"])
             except OSError:
                 log.exception("Sweeping stored files without a row failed")
+                db.session.rollback()
             last_orphan_sweep = time.monotonic()
+        if time.monotonic() - last_audit_prune > AUDIT_PRUNE_SECONDS:
+            try:
+                audit.prune(app.config["AUDIT_RETENTION_DAYS"])
+            except Exception:
+                log.exception("Pruning the audit trail failed")
+                db.session.rollback()
+            last_audit_prune = time.monotonic()
         did_work = False
         for src in JOB_SOURCES:
             if stopping.is_set():

@@ -42,10 +42,18 @@ import time
 import urllib.parse
 from datetime import datetime, timedelta
 
+import sqlalchemy as sa
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")
 PG_TOOL = os.path.join(os.path.dirname(ROOT), "shared", "tools", "pg-throwaway.sh")
 sys.path.insert(0, ROOT)
+import db_maintenance  # noqa: E402
+from app import create_app  # noqa: E402
+from auth import issue_permanent_token  # noqa: E402
+from cli import create_initial_data  # noqa: E402
+from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, Group,  # noqa: E402
+                    Project, Series, User, db, iso, new_ulid)
 
 PROJECTS = 20
 READABLE = 10
@@ -138,21 +146,12 @@ def load(port, path, headers, seconds, clients, count_limit=10**9):
 # --- data -------------------------------------------------------------------------------
 
 def make_app(data_dir, database_url):
-    from app import create_app
     return create_app({"CIRCUS_DATA_DIR": data_dir, "DATABASE_URL": database_url})
 
 
 def generate(data_dir, database_url, n_cases):
     """Create the schema, 20 projects, the bench user and ``n_cases`` cases; return the
     user's token, the first readable case and the filter."""
-    import sqlalchemy as sa
-
-    import db_maintenance
-    from auth import issue_permanent_token
-    from cli import create_initial_data
-    from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, Group, Project,
-                        Series, User, db, iso, new_ulid)
-
     app = make_app(data_dir, database_url)
     with app.app_context():
         if database_url:
@@ -256,9 +255,6 @@ def search_path():
 
 
 def revision_count(data_dir, database_url, case_id):
-    import sqlalchemy as sa
-
-    from models import CaseRevision, ClinicalCase, db
     app = make_app(data_dir, database_url)
     with app.app_context():
         count = db.session.get(ClinicalCase, case_id).revision_count

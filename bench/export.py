@@ -36,8 +36,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import tarfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
 
 import numpy as np
@@ -45,7 +47,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.loadgen import wait_up  # noqa: E402
+import archives  # noqa: E402
+import auth  # noqa: E402
+import storage  # noqa: E402
+from app import create_app  # noqa: E402
 from bench.synthetic_ct import write_ct_series  # noqa: E402
+from cli import create_initial_data  # noqa: E402
+from models import (CaseRevision, ClinicalCase, Group, Project, Series, Task,  # noqa: E402
+                    User, db, iso, utcnow)
 
 SERIES_UID = "1.2.826.0.1.3680043.10.999.300"
 SIZE = 512
@@ -59,11 +68,6 @@ def generate_ct(folder, slices):
 
 def setup(data_dir, dicom_paths):
     """Series files and row, a case with one voxel label, a token with downloadVolume."""
-    from app import create_app
-    import auth
-    import storage
-    from cli import create_initial_data
-    from models import CaseRevision, ClinicalCase, Group, Project, Series, User, db, iso, utcnow
     app = create_app({"CIRCUS_DATA_DIR": data_dir})
     with app.app_context():
         create_initial_data()
@@ -181,9 +185,6 @@ def deflate_ceiling(archive_path, rounds=3):
     work (``archives._deflate_block``: raw deflate at its level, and the CRC-32) on the
     .raw entries of a finished export, on all of the archive's threads, with nothing else
     to do (no DICOM reading, no tar, no disk). Returns MB/s of raw voxels (median)."""
-    import tarfile
-    from concurrent.futures import ThreadPoolExecutor
-    import archives
     with tarfile.open(archive_path, "r:gz") as tar:
         raws = [tar.extractfile(m).read() for m in tar if m.name.endswith(".raw")]
     blocks = [memoryview(raw)[i:i + archives.BLOCK]
@@ -235,7 +236,6 @@ def main():
             fh.write(block[:raw_bytes % len(block)])
         os.sync()
 
-        from models import Task, db
         rates, delays, cp_rates, cp_sync_rates, sizes, cpus = [], [], [], [], [], []
         other_shares = []
         for run in range(args.runs):
@@ -286,7 +286,6 @@ def main():
             rates.append(raw_bytes / elapsed / 1e6)
             delays.append((finish - ended) * 1000 if finish else float("nan"))
             with app.app_context():
-                import storage
                 sizes.append(os.path.getsize(storage.download_path(task_id)))
             cp_rates.append(raw_bytes / timed_cp(source, source + ".copy") / 1e6)
             cp_sync_rates.append(raw_bytes / timed_cp(source, source + ".copy", sync=True) / 1e6)
@@ -313,8 +312,6 @@ def main():
         print(f"SSE finish delay after endedAt: median {statistics.median(delays):.0f} ms, "
               f"max {max(delays):.0f} ms (report poll interval 0.5 s)")
         with app.app_context():
-            import archives
-            import storage
             ceiling = deflate_ceiling(storage.download_path(task_id))
         print(f"deflate alone (archives._deflate_block, level {archives.LEVEL}, "
               f"{archives.THREADS} threads, the last export's .raw bytes, nothing else): "

@@ -30,13 +30,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import socket
+import threading
 import time
 import warnings
+from pathlib import Path
+
+import sqlalchemy as sa
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import plugins.jobs  # noqa: E402
+import storage  # noqa: E402
+from app import create_app  # noqa: E402
 from bench.synthetic_ct import write_ct_series  # noqa: E402
+from cli import create_initial_data  # noqa: E402
+from models import PluginJob, SystemState, db  # noqa: E402
+from plugins import definitions, runner  # noqa: E402
+from plugins.job_source import _heartbeat_key  # noqa: E402
+from tests.factories import make_series, make_token, make_user  # noqa: E402
+from tests.plugin_helpers import grant, remote_definition, store_sample_series  # noqa: E402
 SHARED_DICOM = os.path.join(os.path.dirname(ROOT), "shared", "dicom", "head-first")
 CT_UID = "1.2.826.0.1.3680043.10.999.306"
 
@@ -58,26 +72,18 @@ def start_plugin_server():
 
 
 def make_app(data_dir, poll):
-    from app import create_app
     return create_app({"CIRCUS_DATA_DIR": data_dir, "WORKER_POLL_INTERVAL": poll,
                        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
 
 
 def setup(app, endpoint):
     """Initial data, a runner user with a token, the small series, the remote plug-in."""
-    from pathlib import Path
-
-    from cli import create_initial_data
-    from models import db
-    from tests.factories import make_token, make_user
-    from tests.plugin_helpers import grant, remote_definition, store_sample_series
     with app.app_context():
         create_initial_data()
         make_user("runner@example.com", "runner", groups=[2])
         db.session.commit()
         token = make_token("runner@example.com")
         series_uid = store_sample_series(Path(SHARED_DICOM))
-        from plugins import definitions
         plugin_id = definitions.create_plugin(remote_definition(
             endpoint=endpoint, secret="bench"))
         grant("runner@example.com", plugin_id)
@@ -118,10 +124,6 @@ def cpu_seconds(pid, descendants=False):
 
 def wait_ready(app, worker, timeout=120):
     """Wait until the worker has its job pool (its heartbeat row appears then)."""
-    import socket
-
-    from models import SystemState, db
-    from plugins.job_source import _heartbeat_key
     key = _heartbeat_key(f"{socket.gethostname()}:{worker.pid}")
     deadline = time.monotonic() + timeout
     with app.app_context():
@@ -151,7 +153,6 @@ def post_job(client, headers, plugin_id, series_uid):
 
 
 def job_rows(app, ids):
-    from models import PluginJob, db
     with app.app_context():
         rows = db.session.execute(db.select(PluginJob).where(PluginJob.job_id.in_(ids))).scalars()
         result = {j.job_id: (j.status, j.created_at, j.started_at, j.finished_at) for j in rows}
@@ -163,9 +164,6 @@ def wait_done(app, ids, timeout=1800):
     """The rows of ``ids`` once all have ended. The poll is one COUNT every 100 ms, so the
     bench takes little CPU from the worker it measures (the figures come from the rows'
     timestamps, not from when the end is seen)."""
-    import sqlalchemy as sa
-
-    from models import PluginJob, db
     deadline = time.monotonic() + timeout
     with app.app_context():
         pending = sa.select(sa.func.count()).where(
@@ -179,7 +177,6 @@ def wait_done(app, ids, timeout=1800):
 
 
 def switch(app, status):
-    import plugins.jobs
     with app.app_context():
         plugins.jobs.set_manager_status(status)
 
@@ -229,10 +226,6 @@ def latency(app, client, headers, plugin_id, series_uid, data_dir, samples, poll
 
 def queue_capacity(app, jobs, threads):
     """Jobs/s the queue alone moves (claim + finish, no work) with ``threads`` claimers."""
-    import threading
-
-    import plugins.jobs
-    from models import PluginJob, db
     with app.app_context():
         db.session.execute(db.update(PluginJob).where(PluginJob.queue_state.is_not(None))
                            .values(queue_state=None, status="cancelled"))
@@ -264,10 +257,6 @@ def generate_ct(folder, slices):
 
 
 def input_preparation(app, scratch, slices):
-    from plugins import runner
-    import storage
-    from models import db
-    from tests.factories import make_series
     with app.app_context():
         generate_ct(storage.series_dir(CT_UID), slices)
         make_series(CT_UID, images=f"1-{slices}", modality="CT")

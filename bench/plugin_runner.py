@@ -31,16 +31,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.jobs import (make_app, post_job, setup, start_plugin_server,  # noqa: E402
                         start_worker, stop, switch, wait_done, wait_ready)
+from models import db  # noqa: E402
+from plugins import definitions  # noqa: E402
 from tests.container_engine import (EngineUnavailable, ImageBuilder,  # noqa: E402
                                     check_engine, containers_of, find_engine)
+from tests.plugin_helpers import cad_definition, grant  # noqa: E402
 
 NO_OP = "#!/bin/sh\necho '{}' > /circus/out/results.json\n"
 
 
 def register_cad(app, image):
-    from models import db
-    from plugins import definitions
-    from tests.plugin_helpers import cad_definition, grant
     with app.app_context():
         definitions.create_plugin(cad_definition(plugin_id=image, pluginName="No-op CAD"))
         grant("runner@example.com", image)

@@ -38,6 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT.parent / "shared" / "bench")]
 from loadgen import wait_up, wrk  # noqa: E402
 
 import gen_dicom  # noqa: E402
+from app import create_app  # noqa: E402
+from tests.sample_series import store_series  # noqa: E402
 
 METADATA_REQUESTS = 50
 
@@ -84,8 +86,6 @@ def prepare(data_dir, paths):
     subprocess.run(flask + ["init-db"], env=env, cwd=ROOT, check=True, capture_output=True)
     token = subprocess.run(flask + ["add-permanent-token", "circus"], env=env, cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()[-1]
-    from app import create_app
-    from tests.sample_series import store_series
     with create_app({"CIRCUS_DATA_DIR": data_dir, "DATABASE_URL": None}).app_context():
         uid = store_series(paths)
     return env, token, uid

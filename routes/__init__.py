@@ -1,5 +1,7 @@
 """Every blueprint of the API, in registration order (literal routes before :id routes
-are handled inside each blueprint by Werkzeug's rule ordering). ``web_ui`` is not listed:
+are handled inside each blueprint by Werkzeug's rule ordering). The /api/admin children are
+registered only through their parent (routes/admin), never on their own: on their own they
+would answer at the root (/groups...) without the admin guard. ``web_ui`` is not listed:
 create_app registers it last, and only when CIRCUS_WEB_UI_DIR is set."""
 from routes import status
 from routes import login
@@ -20,13 +22,6 @@ from routes import plugin_displays
 from routes import openapi
 from routes import admin
 from routes import rs
-from routes.admin import groups as admin_groups
-from routes.admin import users as admin_users
-from routes.admin import projects as admin_projects
-from routes.admin import plugins as admin_plugins
-from routes.admin import server_params as admin_server_params
-from routes.admin import onetime_urls as admin_onetime_urls
-from routes.admin import plugin_job_manager as admin_plugin_job_manager
 
 BLUEPRINTS = [
     status.bp,
@@ -48,11 +43,4 @@ BLUEPRINTS = [
     openapi.bp,
     admin.bp,
     rs.bp,
-    admin_groups.bp,
-    admin_users.bp,
-    admin_projects.bp,
-    admin_plugins.bp,
-    admin_server_params.bp,
-    admin_onetime_urls.bp,
-    admin_plugin_job_manager.bp,
 ]

@@ -1,6 +1,7 @@
 """Clinical cases: /api/cases (cases, revisions, tags, the MHD export)."""
 from flask import Blueprint, g, request
 
+import audit
 import cases
 import exports
 import my_lists
@@ -16,7 +17,15 @@ def list_cases():
     """Search the cases of the projects the caller can read."""
     key = cases.search_key(g.privileges, can_view_personal_info())
     return search.run(cases.search_spec(g.privileges),
-                      lambda: cases.readable_cases_of(key), memo=("cases", key))
+                      lambda: cases.readable_cases_of(key), memo=("cases", key),
+                      shown=_audit_search)
+
+
+def _audit_search(items):
+    """A search that shows patient information: those cases go into the audit trail."""
+    shown = [item["caseId"] for item in items if item.get("patientInfo") is not None]
+    if shown:
+        audit.record("case-search", "case", None, detail={"caseIds": shown})
 
 
 @bp.get("/list/<my_list_id>")
@@ -25,7 +34,8 @@ def list_cases_in_my_list(my_list_id):
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
     query = cases.in_list(cases.readable_cases(g.privileges, can_view_personal_info()),
                           my_list.my_list_id)
-    return search.run(cases.search_spec(g.privileges, in_my_list=True), query)
+    return search.run(cases.search_spec(g.privileges, in_my_list=True), query,
+                      shown=_audit_search)
 
 
 @bp.post("")
@@ -42,6 +52,7 @@ def get_case(case_id):
     """A case with every revision; the ETag names its latest revision."""
     case = cases.get_case(case_id)
     require_case_role(case, "read")
+    audit.record("case-view", "case", case_id)
     response = cases.case_document(case)
     return response, 200, {"ETag": f'"{cases.etag(case)}"'}
 
@@ -80,6 +91,7 @@ def delete_case(case_id):
     """Delete a case (moderate role); force=1 removes it from every my list first."""
     case = cases.get_case(case_id)
     require_case_role(case, "moderate")
+    audit.record("case-delete", "case", case_id)
     cases.delete_case(case, force=request.args.get("force") == "1")
     return "", 204
 
@@ -92,4 +104,5 @@ def _may_download(**_kwargs):
 @expects("export-mhd", before=_may_download)
 def export_mhd(body):
     """Export cases as MHD/RAW volumes and labels (a task with a download)."""
+    audit.record("export", "case", None, detail={"caseIds": body["caseIds"]})
     return {"taskId": exports.start_mhd_export(g.user.user_email, g.privileges, body)}, 201

@@ -36,7 +36,7 @@ def post_login():
     ip = request.headers.get("X-Forwarded-For", request.remote_addr or "").split(",")[0].strip()
     if grant_type == "password":
         access, refresh, lifetime = accounts.password_grant(
-            _required("username"), _required("password"), ip)
+            _required("username"), _required("password"), ip, client=request.remote_addr)
     elif grant_type == "refresh_token":
         access, refresh, lifetime = accounts.refresh_grant(_required("refresh_token"), ip)
     else:

@@ -5,6 +5,7 @@ checks are the handler's, not route-level privileges).
 """
 from flask import Blueprint, g, jsonify
 
+import audit
 import my_lists
 from auth import require_my_list_editable, require_my_list_owner, require_my_list_readable
 from validation import expects
@@ -50,6 +51,7 @@ def delete_my_list(my_list_id):
     """Delete a my list and its items (owner only)."""
     my_list = my_lists.get_list(my_list_id)
     require_my_list_owner(my_list, "delete")
+    audit.record("my-list-delete", "myList", my_list_id)
     my_lists.delete_list(my_list)
     return "", 204
 

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from flask_sock import Sock
 from isal import isal_zlib
 
+import audit
 import auth
 import storage
 from dicom import reformat, rs_metadata, transfer, volume_cache, volumes
@@ -53,7 +54,8 @@ def _pvd_numbers():
 
 
 def _open(series_uid, token_required):
-    """(volume, zs) of the request's series and descriptor, its first slice decoded."""
+    """(volume, zs) of the request's series and descriptor, its first slice decoded.
+    A volume (``token_required``) is audited, committed with the answer."""
     numbers = _pvd_numbers()
     if not _valid_uid(series_uid):
         raise ApiError(400, "Invalid series UID")
@@ -64,7 +66,10 @@ def _open(series_uid, token_required):
     if series is None or not series.images:
         raise ApiError(404, "Series could not be loaded")
     if token is not None:
-        auth.check_series_token(token, series.domain)
+        user = auth.check_series_token(token, series.domain)
+        if token_required:
+            audit.record("rs-volume", "series", series_uid, user_email=user.user_email,
+                         detail={"images": numbers and [min(numbers), max(numbers)]})
     try:
         volume, zs = volume_cache.open_volume(series, numbers)
     except ImagesStringError:
@@ -161,9 +166,15 @@ def _begin_transfer(token, series_uid, pvd):
         series = db.session.get(Series, series_uid)
         if series is None or not series.images:
             return None
-        auth.check_series_token(token, series.domain)
+        user = auth.check_series_token(token, series.domain)
         volume, zs = volume_cache.open_volume(series, numbers)
-        return None if zs is None else (volume, zs)
+        if zs is None:
+            return None
+        # no answer carries this record: it is committed here, before a slice is sent
+        audit.record("rs-volume", "series", series_uid, user_email=user.user_email,
+                     detail={"via": "websocket", "pvd": pvd})
+        db.session.commit()
+        return volume, zs
     except (ApiError, ImagesStringError):
         return None
     finally:

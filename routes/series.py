@@ -4,6 +4,7 @@ import re
 
 from flask import Blueprint, g, request
 
+import audit
 import exports
 import multipart_spool
 import my_lists
@@ -55,8 +56,17 @@ def _check_upload_domain(domain):
 def list_series():
     """Search the series of the caller's domains."""
     domains = tuple(readable_domains())
-    return search.run(series.search_spec(can_view_personal_info()),
-                      lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains))
+    personal = can_view_personal_info()
+    return search.run(series.search_spec(personal),
+                      lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains),
+                      shown=_audit_search if personal else None)
+
+
+def _audit_search(items):
+    """A search that shows patient information: its series UIDs go into the audit trail."""
+    if items:
+        audit.record("series-search", "series", None,
+                     detail={"seriesUids": [item["seriesUid"] for item in items]})
 
 
 @bp.post("/domain/<domain>")
@@ -110,7 +120,9 @@ def get_series(series_uid):
     """One series; patient information only for those allowed to see it."""
     row = series.get_series(series_uid)
     require_series_domain(row)
-    return row.to_json(with_patient_info=can_view_personal_info())
+    personal = can_view_personal_info()
+    audit.record("series-view", "series", series_uid, detail={"patientInfo": personal})
+    return row.to_json(with_patient_info=personal)
 
 
 def _image_number(name):
@@ -140,6 +152,7 @@ def get_orientation(series_uid):
 def delete_series(series_uid):
     """Delete a series of the caller's domains and its files (not if a case or job uses it)."""
     require_series_domain(series.get_series(series_uid))
+    audit.record("series-delete", "series", series_uid)
     series.delete_series(series_uid)
     return "", 204
 
@@ -151,8 +164,9 @@ def list_series_in_my_list(my_list_id):
     query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
-    return search.run(series.search_spec(can_view_personal_info(), in_my_list=True),
-                      query)
+    personal = can_view_personal_info()
+    return search.run(series.search_spec(personal, in_my_list=True), query,
+                      shown=_audit_search if personal else None)
 
 
 def _may_download(**_kwargs):
@@ -163,4 +177,7 @@ def _may_download(**_kwargs):
 @expects("export-cs-volume", before=_may_download)
 def export_cs_volume(body):
     """Export series volumes in the plug-in input format (a task with a download)."""
+    # audited before its task is queued, so both commit together (the download again)
+    audit.record("export", "series", None,
+                 detail={"seriesUids": [item["seriesUid"] for item in body["series"]]})
     return {"taskId": exports.start_cs_volume_export(g.user.user_email, g.privileges, body)}, 201

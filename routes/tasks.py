@@ -2,6 +2,7 @@
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.wsgi import wrap_file
 
+import audit
 import search
 import tasks
 from auth import owns_task, require_task_owner
@@ -68,6 +69,7 @@ def download_task_file(task_id):
     except tasks.DownloadGone:
         raise ApiError(404, f"The requested download file for the task {task_id} "
                        "is no longer available.") from None
+    audit.record("download", "task", task_id, detail={"name": task.name, "size": size})
     mime = task.download_file_type
     response = Response(wrap_file(request.environ, fh), direct_passthrough=True,
                         content_type="application/gzip" if mime == "application/x-tgz" else mime)

@@ -1,7 +1,8 @@
 """Permanent tokens: /api/tokens."""
 from flask import Blueprint, g
 
-from auth import issue_permanent_token
+import audit
+from auth import check_token_request, issue_permanent_token, token_expiry_json
 from errors import ApiError
 from models import Token, db, iso
 from validation import expects
@@ -21,19 +22,25 @@ def list_tokens():
     rows = db.session.execute(_permanent_tokens(g.user.user_email)
                               .order_by(Token.created_at)).scalars().all()
     items = [{"tokenId": t.permanent_token_id, "description": t.permanent_token_description,
-              "createdAt": iso(t.created_at), "updatedAt": iso(t.updated_at)} for t in rows]
+              "scopes": t.scopes, "expiresAt": token_expiry_json(t.access_token_expires_at),
+              "createdAt": iso(t.created_at), "updatedAt": iso(t.updated_at),
+              "lastUsedAt": iso(t.last_used_at)} for t in rows]
     return {"items": items, "totalItems": len(items), "page": 1}
 
 
 @bp.post("")
 @expects("token-request")
 def create_token(body):
-    """Issue a permanent token; its value is shown only in this answer."""
+    """Issue a permanent token (optionally scoped, expiring); its value is shown only here."""
+    scopes, expires_at = check_token_request(body.get("scopes"), body.get("expiresIn"),
+                                             body.get("expiresAt"))
     count = db.session.execute(db.select(db.func.count()).select_from(
         _permanent_tokens(g.user.user_email).subquery())).scalar_one()
     if count > MAX_TOKENS:
         raise ApiError(400, "You cannot create more than 10 tokens.")
-    token_id, access = issue_permanent_token(g.user.user_email, body["description"])
+    token_id, access = issue_permanent_token(g.user.user_email, body["description"],
+                                             scopes, expires_at)
+    audit.record("token-create", "token", token_id, detail={"scopes": scopes})
     db.session.commit()
     return {"tokenId": token_id, "accessToken": access}, 201
 
@@ -46,5 +53,6 @@ def delete_token(token_id):
     if token is None:
         raise ApiError(404, "The requested token was not found.")
     db.session.delete(token)
+    audit.record("token-delete", "token", token_id)
     db.session.commit()
     return "", 204

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Serves CIRCUS on http://localhost:8080 (PORT changes it) with the worker beside gunicorn.
+# Serves CIRCUS on http://127.0.0.1:8080 with the worker beside gunicorn: this machine only,
+# until HOST says otherwise (HOST=0.0.0.0: every interface; the Dockerfile sets it). PORT
+# changes the port.
 # Data in ./data (CIRCUS_DATA_DIR), SQLite unless DATABASE_URL is set. The first run prints a
 # permanent token for the user circus. Ctrl-C or SIGTERM stops the server and the worker.
 set -euo pipefail
@@ -15,7 +17,7 @@ if [ ! -e "$first_token" ]; then
 fi
 
 flask --app app worker & worker=$!
-gunicorn -b "0.0.0.0:${PORT:-8080}" 'app:create_app()' & server=$!  # reads ./gunicorn.conf.py
+gunicorn -b "${HOST:-127.0.0.1}:${PORT:-8080}" 'app:create_app()' & server=$!  # reads ./gunicorn.conf.py
 stop() { kill -TERM "$server" "$worker" 2>/dev/null || true; }
 trap stop INT TERM
 wait -n "$server" "$worker" || true  # the first of them to end, or a signal

@@ -1,6 +1,8 @@
 """Factories that create only what a test needs, through the real models."""
+import secrets
+
 from auth import hash_password, issue_permanent_token
-from models import Group, Project, Series, User, db, new_ulid
+from models import Group, PluginDefinition, Project, Series, User, db, new_ulid
 
 
 def make_group(name, **fields):
@@ -52,8 +54,6 @@ def make_series(series_uid, domain="default", images="1-10", modality="CT", pati
 
 def make_plugin(plugin_id=None, name="Lung CAD", version="1.0.0", type="CAD", **fields):
     """A plug-in definition (CAD by default; a 64-hex ID is made up when none is given)."""
-    import secrets
-    from models import PluginDefinition
     plugin = PluginDefinition(
         plugin_id=plugin_id or secrets.token_hex(32),
         type=type, plugin_name=name, version=version,

@@ -39,6 +39,19 @@ def test_admin_routes_are_all_nested(app):
     assert all(endpoint.startswith("admin.") for _, _, endpoint in routes)
 
 
+def test_no_admin_view_is_reachable_outside_the_guarded_prefix(app, client, auth_headers):
+    """An admin child blueprint registered on its own too would serve its views at the
+    root without the guard: every admin endpoint lives under /api/admin only, and every
+    rule under one of the server's mounts."""
+    mounts = ("/api/", "/api", "/login", "/rs/", "/dicom-web", "/static/")
+    for rule in app.url_map.iter_rules():
+        assert rule.rule.startswith(mounts), rule.rule
+        if rule.endpoint.split(".")[0].startswith("admin"):
+            assert rule.rule.startswith("/api/admin"), rule.rule
+    for path in ("/groups", "/users", "/projects", "/server-params"):
+        assert client.get(path, headers=auth_headers["bob"]).status_code == 404
+
+
 @pytest.mark.parametrize("who", ["bob", "guest"])
 def test_every_admin_route_needs_manage_server(app, client, auth_headers, who):
     for method, path, _ in admin_routes(app):

@@ -2,7 +2,7 @@
 import pytest
 
 from auth import digest
-from models import Token, db
+from models import GROUPS_STAMP, Group, SystemState, Token, db
 
 
 def test_status_needs_no_token(client):
@@ -146,7 +146,6 @@ def test_schema_errors_have_validation_errors(client, auth_headers):
 # --- privileges cached per groupsStamp --------------------------------------------------
 
 def _groups_stamp(app):
-    from models import GROUPS_STAMP, SystemState
     with app.app_context():
         row = db.session.get(SystemState, GROUPS_STAMP)
         return row and row.value
@@ -167,7 +166,6 @@ def test_revoking_a_privilege_applies_at_once(app, client, auth_headers):
 
 def test_group_changed_outside_the_api_applies_at_once(app, client, auth_headers):
     """A script or CLI command changing a group through the models renews the stamp too."""
-    from models import Group
     assert client.get("/api/series", headers=auth_headers["bob"]).status_code == 200
     res = client.get("/api/login-info/full", headers=auth_headers["bob"])
     assert res.get_json()["domains"] == ["default"]

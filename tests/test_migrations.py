@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
 import db_maintenance
+import table_versions
 from app import MIGRATIONS_DIR, create_app
 from models import User, db
 from tests.scratch_db import scratch_database  # noqa: F401  (fixture)
@@ -81,7 +82,6 @@ def test_upgrade_of_an_older_database_keeps_its_rows(empty_app, command):
             "old", "made before the upgrade", [1], {"theme": "mode_black"})
         assert user.last_login_time == datetime(2024, 5, 6, 7, 8, 9)
         # The search totals' version stamps exist after either command (revision 0004).
-        import table_versions
         assert table_versions.stamps(table_versions.VERSIONED) is not None
     assert "Schema: current" in run(empty_app, "migrate")
 

@@ -2,8 +2,8 @@
 import pytest
 from sqlalchemy import event
 
-from models import MyListEditor, db
-from tests.case_helpers import UID1, UID2, create_case, persona, seed_series
+from models import MyListEditor, User, db
+from tests.case_helpers import UID1, UID2, UID_OTHER_DOMAIN, create_case, persona, seed_series
 from tests.factories import make_series
 
 
@@ -153,7 +153,6 @@ def test_patch_list_owner_only_and_editors(app, client, auth_headers, series):
 
     editor_group = persona(app, "helen@example.com")
     with app.app_context():
-        from models import User
         helen_group = db.session.get(User, "helen@example.com").groups[0]
     editors = [{"type": "user", "userEmail": "alice@example.com"},
                {"type": "group", "groupId": helen_group}]
@@ -231,7 +230,6 @@ def test_my_lists_need_a_token(client):
 # --- GET /api/series/list/<id> ----------------------------------------------------------
 
 def test_series_list_search(app, client, auth_headers, series):
-    from tests.case_helpers import UID_OTHER_DOMAIN
     list_id = new_list(client, auth_headers["bob"])
     for uid in (UID1, UID_OTHER_DOMAIN, UID2):  # one request each: distinct addedToListAt
         assert patch_items(client, auth_headers["bob"], list_id, "add", [uid]).status_code == 200

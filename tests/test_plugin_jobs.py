@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
+from flask import g
 
+import auth
 import storage
 from models import MyList, MyListItem, PluginJob, Series, User, db
 from plugins import jobs
@@ -220,8 +222,6 @@ def test_cancel_job_that_is_not_queued(client, auth_headers, env, app, status):
 def test_cancel_loses_the_race_against_a_worker(client, auth_headers, env, app):
     job_id = post_job(client, auth_headers["bob"], env.plugin_id, env.series_uid).get_json()["jobId"]
     with app.test_request_context():
-        import auth
-        from flask import g
         g.user = db.session.get(User, "bob@example.com")
         g.privileges = auth.compute_privileges(g.user)
         job = jobs.get_job(job_id)          # read while still in the queue

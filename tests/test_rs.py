@@ -16,6 +16,8 @@ import pytest
 import websocket
 
 import storage
+from app import create_app
+from auth import digest
 from dicom import transfer, volume_cache
 from models import Series, Token, db, utcnow
 from tests.conftest import DICOM_DIR
@@ -327,7 +329,6 @@ def rs_server(tmp_path_factory):
         flask_cli(env, "init-db")
         srv = Server(tmp, env)
         srv.token = flask_cli(env, "add-permanent-token", "circus").strip().splitlines()[-1]
-        from app import create_app
         app = create_app({"CIRCUS_DATA_DIR": env["CIRCUS_DATA_DIR"], "DATABASE_URL": database_url,
                           "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
         with app.app_context():
@@ -339,7 +340,6 @@ def rs_server(tmp_path_factory):
             db.session.commit()
             srv.outsider = make_token("out@example.com")
             srv.expired = make_token("out@example.com")
-            from auth import digest
             row = db.session.execute(db.select(Token).where(
                 Token.access_token_hash == digest(srv.expired))).scalar_one()
             row.access_token_expires_at = utcnow() - timedelta(seconds=1)

@@ -14,9 +14,10 @@ import worker
 from dicom.batch import EarlySync, ImportBatch
 from errors import ApiError
 from models import (CaseSeries, ClinicalCase, PluginJob, PluginJobSeries, Series, ServerParam,
-                    Task, db)
+                    Task, User, db, parse_iso)
 from series import (OrientationError, auto_pvd, check_pvd_range, get_series, orientation,
                     pvd_images, resolve_pvd, validate_pvd)
+from tests.conftest import DICOM_DIR
 from tests.dicom_factory import dicom_bytes, write_dicom
 from tests.factories import make_group, make_series, make_token, make_user
 
@@ -282,7 +283,6 @@ def searchable(app, tokens, other_domain):
 
 
 def parse(text):
-    from models import parse_iso
     return parse_iso(text + "T00:00:00Z")
 
 
@@ -308,7 +308,6 @@ def test_search_masks_patient_info(app, client, auth_headers, other_domain, sear
     assert set(item["patientInfo"]) == {"patientId", "patientName", "age", "sex"}
     assert "patientInfo" not in search(client, other_domain).json["items"][0]
     with app.app_context():
-        from models import User
         db.session.get(User, "alice@example.com").preferences = {"personalInfoView": False}
         db.session.commit()
     assert "patientInfo" not in search(client, auth_headers["alice"]).json["items"][0]
@@ -432,13 +431,8 @@ def test_delete_series_removes_row_and_files(app, client, auth_headers, imported
     files, rows = leftovers(app)
     assert rows == 1 and all(FOOT_FIRST in f for f in files)
     # the series can be imported again afterwards
-    assert upload(client, auth_headers["bob"], "default", head_first_files(app_dicom())[:1],
+    assert upload(client, auth_headers["bob"], "default", head_first_files(DICOM_DIR)[:1],
                   single=True).status_code == 201
-
-
-def app_dicom():
-    from tests.conftest import DICOM_DIR
-    return DICOM_DIR
 
 
 def test_delete_needs_the_domain(client, auth_headers, other_domain, imported):

@@ -9,7 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 import json_codec
-from models import Series, User, db
+from cli import create_initial_data
+from models import GROUPS_STAMP, Series, SystemState, User, db
 from tests.factories import make_series
 
 BIG = 2 ** 70 + 1
@@ -134,8 +135,6 @@ def test_stored_json_in_answers(app):
 def test_init_db_gives_an_upgraded_database_a_groups_stamp(app, client, auth_headers):
     """A database whose groups predate groupsStamp gets one from init-db, so that a list
     request reuses the caller's privileges instead of querying the groups each time."""
-    from cli import create_initial_data
-    from models import GROUPS_STAMP, SystemState
     with app.app_context():
         db.session.delete(db.session.get(SystemState, GROUPS_STAMP))
         db.session.commit()

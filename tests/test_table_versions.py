@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 import table_versions
-from models import Series, SystemState, db
+from models import CaseTag, ClinicalCase, Series, SystemState, db
 from series import delete_series
 from tests.factories import make_series
 
@@ -121,7 +121,6 @@ def test_without_version_rows_totals_are_always_counted(app, client, auth_header
 
 def test_case_totals_follow_tag_changes(app, client, auth_headers, default_project):
     """Case totals depend on the tag table too: a tag edit shows at once."""
-    from models import ClinicalCase, CaseTag
     with app.app_context():
         make_series("1.2.7.1")
         db.session.commit()

@@ -1,9 +1,11 @@
 """Tasks: /api/tasks (list, get, report, download, dismiss) and the task rows."""
 import json
+import os
 from datetime import timedelta
 
 import pytest
 
+import storage
 import tasks
 from models import Task, db, utcnow
 
@@ -222,7 +224,6 @@ def test_report_task_created_and_finished_between_polls(app):
 def finished_with_file(app, content=b"archive bytes", mime="application/x-tgz", **fields):
     task_id = add_task(app, status="finished", download=mime, ended_at=utcnow(), **fields)
     with app.app_context():
-        import storage
         storage.write_atomic(storage.download_path(task_id), content)
     return task_id
 
@@ -292,9 +293,8 @@ def test_dismiss_deletes_the_download(app, client, auth_headers):
                        headers=auth_headers["alice"])
     assert res.status_code == 204 and res.data == b""
     with app.app_context():
-        import storage
         assert db.session.get(Task, task_id).dismissed is True
-        assert not __import__("os").path.exists(storage.download_path(task_id))
+        assert not os.path.exists(storage.download_path(task_id))
     res = client.get(f"/api/tasks/{task_id}/download", headers=auth_headers["alice"])
     assert res.status_code == 404
 
@@ -342,8 +342,6 @@ def test_dismiss_someone_elses_task(app, client, auth_headers):
 # --- sweeping ---------------------------------------------------------------------------------
 
 def test_sweep_downloads(app):
-    import os
-    import storage
     old = finished_with_file(app)
     new = finished_with_file(app)
     with app.app_context():

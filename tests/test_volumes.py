@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
+import storage
 from dicom import tag_dump, volumes
 from tests.sample_series import store_series
 
@@ -266,7 +267,6 @@ def test_zero_spacing_fails(ctx, dicom_dir, tmp_path):
 
 def test_missing_file_fails_and_leaves_nothing(ctx, dicom_dir, tmp_path):
     uid = store_series(files(dicom_dir, "head-first"))
-    import storage
     os.unlink(storage.instance_path(uid, 7))
     out = tmp_path / "in"
     with pytest.raises(volumes.ImageMissingError, match="Image #7 of series .* is missing"):
@@ -285,7 +285,6 @@ def test_unsupported_pixel_format(ctx, dicom_dir, tmp_path):
 
 def test_not_dicom(ctx, dicom_dir, tmp_path):
     uid = store_series([dicom_dir / "misc" / "MR-phantom-LE.dcm"])
-    import storage
     with open(storage.instance_path(uid, 1), "wb") as fh:
         fh.write(b"not a dicom file at all")
     with pytest.raises(volumes.VolumeError):
