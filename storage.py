@@ -374,6 +374,9 @@ class LocalStore:
         if os.path.realpath(folder) != os.path.realpath(self.path(prefix).rstrip("/")):
             shutil.copytree(self.path(prefix), folder, dirs_exist_ok=True)
 
+    def prefetch(self, keys):
+        """Nothing to do: the files are here."""
+
     def put_copy(self, local, key):
         """Store a copy of the local file ``local`` as ``key`` (the file stays)."""
         with atomic_file(self.path(key)) as fh, open(local, "rb") as source:
@@ -467,6 +470,7 @@ class LocalStore:
 
 MULTIPART_BYTES = 8 * 1024 * 1024  # objects from this size upload (and download) in parts
 PUBLISH_THREADS = 8  # parallel uploads of one import batch
+FETCH_THREADS = 8  # parallel downloads into the host cache (prefetch of a volume's slices)
 
 
 def _store_error(exc, key=None):
@@ -480,7 +484,13 @@ def _store_error(exc, key=None):
 
 class ObjectCache:
     """A host's folder of objects read from the store, named by key and ETag (a replaced
-    object is fetched afresh), the least recently used dropped past ``limit`` bytes."""
+    object is fetched afresh), the least recently used dropped past ``limit`` bytes.
+
+    Files used in the last ``KEEP_SECONDS`` are never dropped: a reader opens the path it
+    was given just after ``fetch`` returns it (the limit may be passed by that much).
+    """
+
+    KEEP_SECONDS = 30
 
     def __init__(self, folder, limit):
         self.folder = folder
@@ -518,8 +528,9 @@ class ObjectCache:
                     continue
                 entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
-        for _mtime, size, path in sorted(entries):
-            if total <= self.limit * 0.9:
+        recent = time.time() - self.KEEP_SECONDS
+        for mtime, size, path in sorted(entries):
+            if total <= self.limit * 0.9 or mtime > recent:
                 break
             try:
                 os.unlink(path)  # a reader's open file or map stays valid
@@ -551,6 +562,9 @@ class S3Store:
                                  int(config.get("OBJECT_CACHE_BYTES") or 2 * 1024**3))
         self._pool = None
         self._pool_pid = None
+        self._fetch_pool = None
+        self._fetching = {}  # key -> Future of the download in flight (one per key)
+        self._fetching_lock = threading.Lock()
 
     def _name(self, key):
         return self.prefix + check_key(key)
@@ -631,7 +645,34 @@ class S3Store:
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise _store_error(exc, key) from None
 
+    def prefetch(self, keys):
+        """Start fetching ``keys`` into the cache on a few threads (the image server asks
+        for the slices it will decode next: their round trips overlap)."""
+        with self._fetching_lock:
+            if self._fetch_pool is None or self._fetch_pid != os.getpid():
+                self._fetch_pool = ThreadPoolExecutor(FETCH_THREADS,
+                                                      thread_name_prefix="s3-fetch")
+                self._fetch_pid = os.getpid()
+                self._fetching = {}
+            for key in keys:
+                if key not in self._fetching:
+                    self._fetching[key] = self._fetch_pool.submit(self._fetch_once, key)
+
     def fetch(self, key):
+        with self._fetching_lock:
+            pending = self._fetching.get(key)
+        if pending is not None:
+            return pending.result()  # its error too
+        return self._fetch(key)
+
+    def _fetch_once(self, key):
+        try:
+            return self._fetch(key)
+        finally:
+            with self._fetching_lock:
+                self._fetching.pop(key, None)
+
+    def _fetch(self, key):
         head = self._head(key)
         path = self.cache.path(key, head["ETag"])
         if self.cache.hit(path):

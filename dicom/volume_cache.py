@@ -80,10 +80,12 @@ class CachedVolume:
     def request(self, zs):
         """Queue the decoding of the slices ``zs`` not yet decoded nor queued."""
         with self._cond:
-            for z in zs:
-                if not self._done[z] and z not in self._pending and z not in self._errors:
-                    self._pending.add(z)
-                    self.pool.submit(self._decode, z)
+            wanted = [z for z in zs if not self._done[z] and z not in self._pending
+                      and z not in self._errors]
+            self.store.prefetch([self.keys[z] for z in wanted])
+            for z in wanted:
+                self._pending.add(z)
+                self.pool.submit(self._decode, z)
 
     def get(self, z, timeout=None):
         """Slice ``z``'s bytes (a numpy row), decoding it first if needed; VolumeError."""

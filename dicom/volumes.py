@@ -45,6 +45,8 @@ PIXEL_FORMATS = {
 }
 RGB_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
 READ_AHEAD = 3  # slices decoded ahead of the consumer
+FETCH_AHEAD = 16  # stored files asked of the store ahead of the decoder (an object store
+                  # fetches them in parallel; the data directory has nothing to do)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the pages at once
 _FLOAT_RE = re.compile(r"^[+-]?(Infinity|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)")
 
@@ -458,6 +460,7 @@ class VolumeReader:
         self.keep_bytes = keep_bytes
         self._store = storage.store()  # resolved here: read-ahead threads have no app context
         self._keys = [storage.instance_key(series_uid, n) for n in self.numbers]
+        self._prefetched = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume-read")
         self._futures = deque()
         self._next = 0
@@ -473,6 +476,10 @@ class VolumeReader:
 
     # read-ahead
     def _fill(self):
+        if self._prefetched < min(len(self._keys), self._next + FETCH_AHEAD // 2):
+            end = min(len(self._keys), self._next + FETCH_AHEAD)
+            self._store.prefetch(self._keys[self._prefetched:end])
+            self._prefetched = end
         while self._next < len(self.numbers) and len(self._futures) < READ_AHEAD:
             i = self._next
             self._futures.append(self._pool.submit(

@@ -387,3 +387,36 @@ def test_migrate_storage_copies_resumes_and_verifies(ctx, client, auth_headers, 
 def test_migrate_storage_refuses_a_bad_target(ctx):
     result = ctx.test_cli_runner().invoke(args=["migrate-storage", "--to", "s3://x"])
     assert result.exit_code != 0 and "CIRCUS_STORAGE_URL must be" in result.output
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{**s3_config(), "OBJECT_CACHE_BYTES": 400_000}]
+                         if ENDPOINT else [{}])
+def test_object_cache_stays_within_its_size(ctx, client, auth_headers, dicom_dir):
+    """Reads go through cache/objects/, which keeps at most its size (least recently used
+    out); a replaced object is fetched afresh (the cache is keyed by its ETag)."""
+    alice = auth_headers["alice"]
+    assert upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])["status"] == "finished"
+    uid = series_uid_of(client, alice)
+    token = alice["Authorization"].split()[1]
+    res = client.get(f"/rs/series/{uid}/volume?token={token}")
+    assert res.status_code == 200 and len(res.data) == 320 * 260 * 10 * 2
+    cache = storage.object_cache_dir()
+
+    def cached():
+        return [os.path.join(d, f) for d, _s, files in os.walk(cache) for f in files]
+    assert len(cached()) == 10  # all just used: none dropped under a reader
+    for n, path in enumerate(sorted(cached())):  # later: slice 1 the least recently used
+        os.utime(path, (time.time() - 3600 + n, time.time() - 3600 + n))
+    storage.store().cache.evict()
+    left = cached()
+    assert sum(os.path.getsize(p) for p in left) <= 400_000 and len(left) < 10
+    assert max(left) == max(cached()) and storage.instance_key(uid, 1) + "." not in \
+        "".join(left)
+    key = storage.instance_key(uid, 1)
+    with open(storage.instance_path(uid, 1), "rb") as fh:
+        first = fh.read()
+    with storage.published_file(key) as fh:
+        fh.write(b"replaced")
+    with open(storage.instance_path(uid, 1), "rb") as fh:
+        assert fh.read() == b"replaced" != first
