@@ -321,3 +321,21 @@ def can_view_personal_info():
     """Global personalInfoView and the caller's own preference both allow patient info."""
     return (g.privileges.has_global("personalInfoView")
             and bool((g.user.preferences or {}).get("personalInfoView")))
+
+
+def require_upload_domain(domain):
+    """ApiError 403 unless the caller may import series into ``domain`` (uploads, STOW-RS)."""
+    if not g.privileges.has_domain(domain):
+        raise ApiError(403, "You cannot upload to this domain.")
+
+
+def require_personal_info_view():
+    """ApiError 403 unless the caller holds personalInfoView: whole DICOM files carry the
+    patient's data, which no preference can strip from them."""
+    if not g.privileges.has_global("personalInfoView"):
+        raise ApiError(403, "You do not have privilege to retrieve whole DICOM files.")
+
+
+def readable_domains():
+    """The domains whose series the caller may read, as a tuple."""
+    return tuple(g.privileges.domains)

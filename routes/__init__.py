@@ -20,6 +20,7 @@ from routes import plugin_displays
 from routes import openapi
 from routes import exports
 from routes import rs
+from routes import dicomweb
 from routes.admin import groups as admin_groups
 from routes.admin import users as admin_users
 from routes.admin import projects as admin_projects
@@ -48,6 +49,7 @@ BLUEPRINTS = [
     plugin_displays.bp,
     openapi.bp,
     rs.bp,
+    dicomweb.bp,
     admin_groups.bp,
     admin_users.bp,
     admin_projects.bp,

@@ -9,7 +9,7 @@ import multipart_spool
 import series_access
 import storage
 import tasks
-from auth import can_view_personal_info, require_series_domain
+from auth import can_view_personal_info, require_series_domain, require_upload_domain
 from dicom import importer
 from dicom.errors import DicomImportError, NotDicomError
 from errors import ApiError
@@ -130,8 +130,7 @@ def _check_upload_domain(domain):
     known = value if isinstance(value, list) else []
     if domain not in known:
         raise ApiError(400, f'The domain "{domain}" does not exist.')
-    if not g.privileges.has_domain(domain):
-        raise ApiError(403, "You cannot upload to this domain.")
+    require_upload_domain(domain)
 
 
 # --- views ------------------------------------------------------------------------------
