@@ -19,6 +19,7 @@ from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
 from routes import exports
+from routes import admin
 from routes import rs
 from routes import dicomweb
 from routes.admin import groups as admin_groups
@@ -48,6 +49,7 @@ BLUEPRINTS = [
     plugin_job_queue.bp,
     plugin_displays.bp,
     openapi.bp,
+    admin.bp,
     rs.bp,
     dicomweb.bp,
     admin_groups.bp,
