@@ -121,9 +121,9 @@ def parse(stream, boundary, on_file=None, chunk=1024 * 1024, field_max=4 * 1024 
 
 def _part_sink(reader, on_file, field_max, on_part=None):
     """Read one part's headers; return where its bytes go."""
-    start = reader.pos
-    if reader.need(2) and reader.buf[start:start + 2] == b"\r\n":
-        block, reader.pos = b"", start + 2
+    # need() may move the unread bytes to the start of a new buffer: read pos after it.
+    if reader.need(2) and reader.buf[reader.pos:reader.pos + 2] == b"\r\n":
+        block, reader.pos = b"", reader.pos + 2
     else:
         while True:
             end = reader.buf.find(b"\r\n\r\n", reader.pos)
