@@ -10,6 +10,7 @@ from auth import (can_view_personal_info, readable_domains, require_personal_inf
                   require_upload_domain)
 from dicom import web
 from errors import error_response
+from memo import app_memo
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicom-web")
 
@@ -55,7 +56,9 @@ def _retrieve(study, series=None, instance=None):
 def _metadata(study, series=None, instance=None):
     web.negotiate_json(request.headers.get("Accept"))
     files = web.find_files(readable_domains(), study, series, instance)
-    return Response(web.metadata_stream(files, can_view_personal_info()), mimetype=DICOM_JSON)
+    memo = app_memo("dicomweb.metadata", web.METADATA_MEMO_SIZE)
+    return Response(web.metadata_stream(files, can_view_personal_info(), memo),
+                    mimetype=DICOM_JSON)
 
 
 def _render(files, frame=1, thumbnail=False):
