@@ -48,8 +48,8 @@ def _multipart(parts, part_type):
 
 def _retrieve(study, series=None, instance=None):
     syntax = web.negotiate_multipart(request.headers.get("Accept"), "application/dicom")
-    require_personal_info_view()
     files = web.find_files(readable_domains(), study, series, instance)
+    require_personal_info_view()
     return _multipart(web.instance_parts(files, syntax), "application/dicom")
 
 
