@@ -51,7 +51,7 @@ PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.ge
                     "web_ui.get_web_ui",
                     # the image server: its views call check_series_token themselves
                     # (token by header or ?token=; metadata may go without one, as CIRCUS)
-                    "rs.get_metadata", "rs.get_volume", "rs.volume_socket"}
+                    "rs.get_metadata", "rs.get_volume", "rs.get_scan", "rs.volume_socket"}
 
 
 # --- secrets ----------------------------------------------------------------------------
