@@ -194,10 +194,11 @@ def match_json(match, level, base_url):
     """One search match (keyword -> value) in the JSON model, with its RetrieveURL."""
     out = {}
     for keyword, value in match.items():
-        if tag_for_keyword(keyword) is None:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag >> 16 == 0x0002:  # file meta (TransferSyntaxUID) is no attribute
             continue
-        tag, element = json_attribute(keyword, value)
-        out[tag] = element
+        key, element = json_attribute(keyword, value)
+        out[key] = element
     out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]}
     return dict(sorted(out.items()))
 
