@@ -598,3 +598,19 @@ def test_search_patient_birth_date_is_a_da_value(client, auth_headers):
     assert values(found[0], "00100030") == ["19700101"]
     _res, found = qido(client, auth_headers["alice"], "/instances")
     assert values(found[0], "00280010") == [4] and "00020010" not in found[0]
+
+
+def test_frames_of_a_multi_frame_instance(client, auth_headers):
+    import numpy as np
+    pixels = np.arange(3 * 4 * 4, dtype="<i2").reshape(3, 4, 4)
+    data = dicom_bytes(NumberOfFrames=3, PixelData=pixels.tobytes())
+    assert stow(client, auth_headers["alice"], data).status_code == 200
+    base = f"/dicom-web/studies/1.2.3.4/series/1.2.3.4.5/instances/{uid_of(data)}"
+    res = client.get(base + "/frames/3,1", headers=auth_headers["alice"])
+    assert [content for _head, content in parts_of(res)] == [pixels[2].tobytes(),
+                                                             pixels[0].tobytes()]
+    assert client.get(base + "/frames/4", headers=auth_headers["alice"]).status_code == 404
+    res = client.get(base + "/frames/2/rendered", headers=auth_headers["alice"])
+    assert res.status_code == 200 and png_size(res.get_data()) == (4, 4)
+    res = client.get(base + "/frames/1,2/rendered", headers=auth_headers["alice"])
+    assert res.status_code == 400
