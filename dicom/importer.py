@@ -125,15 +125,15 @@ class Importer:
         with ImportBatch(self.domain, self.offset) as batch:
             try:
                 for entry in entries(path, self.limits, skipped):
-                    with entry.open() as stream:
-                        head = stream.read(DICM_OFFSET + 4)
-                        if not is_dicm(head):
-                            skipped[0] += 1
-                            continue
-                        try:
+                    try:
+                        with entry.open() as stream:
+                            head = stream.read(DICM_OFFSET + 4)
+                            if not is_dicm(head):
+                                skipped[0] += 1
+                                continue
                             batch.add_stream(Prefixed(head, stream), entry.size)
-                        except DicomImportError as exc:
-                            raise DicomImportError(f"{exc} (entry {entry.name!r})") from None
+                    except DicomImportError as exc:
+                        raise DicomImportError(f"{exc} (entry {entry.name!r})") from None
                     staged += 1
                     if self.on_entity is not None:
                         self.on_entity(self.entities + staged)
