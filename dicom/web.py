@@ -36,6 +36,7 @@ from dicom import query, volumes
 from dicom.batch import ImportBatch, unlink_quietly
 from dicom.elements import DICM_OFFSET, is_dicm
 from dicom.errors import BrokenDicomError, DicomImportError, NotDicomError
+from dicom.header_scan import scan
 from dicom.reformat import apply_window, encode_png
 from models import Series, ServerParam, db
 
@@ -564,19 +565,17 @@ def render_png(row, frame=1, window=None, viewport=None):
 
 # --- STOW-RS ----------------------------------------------------------------------------
 
-def known_domains():
-    value = db.session.execute(db.select(ServerParam.value).where(
-        ServerParam.key == "domains")).scalar()
-    return value if isinstance(value, list) else []
+_DOMAIN_PARAMS = db.select(ServerParam.key, ServerParam.value).where(
+    ServerParam.key.in_(("domains", "defaultDomain")))
 
 
 def target_domain(requested):
     """The domain STOW-RS imports into: ``requested``, else the server's default domain
     (``defaultDomain``, else the first of ``domains``); DicomWebError 400 when unknown."""
-    domains = known_domains()
+    params = dict(db.session.connection().execute(_DOMAIN_PARAMS).all())
+    domains = params.get("domains") if isinstance(params.get("domains"), list) else []
     if requested is None:
-        default = db.session.execute(db.select(ServerParam.value).where(
-            ServerParam.key == "defaultDomain")).scalar()
+        default = params.get("defaultDomain")
         requested = default if isinstance(default, str) and default else (
             domains[0] if domains else None)
         if requested is None:
@@ -667,24 +666,37 @@ def _item(part, reason=None, url=None):
     return item
 
 
-_ID_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+_ID_TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
+            "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
 
 
 def _identify(part):
-    """Read the part's UIDs; NotDicomError unless it looks like DICOM."""
+    """Read the part's UIDs: with the importer's header walk (which keeps them for the
+    instance rules), else pydicom for an unusual file; NotDicomError unless it looks like
+    DICOM, BrokenDicomError when it cannot be read."""
     with open(part.path, "rb") as fh:
         if not is_dicm(fh.read(DICM_OFFSET + 4)):
             raise NotDicomError("The part is not a DICOM file.")
         fh.seek(0)
-        try:
-            dataset = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=_ID_TAGS)
-        except Exception:  # pydicom's many ways of failing on untrusted bytes
-            raise BrokenDicomError("The part cannot be parsed.") from None
+        header = scan(fh, os.fstat(fh.fileno()).st_size)
+        if header is not None:
+            found = {keyword: header.raw(tag) for keyword, tag in _ID_TAGS.items()}
+            found = {k: v.decode("ascii", "replace") if v is not None else None
+                     for k, v in found.items()}
+            meta = {}
+        else:
+            fh.seek(0)
+            try:
+                dataset = pydicom.dcmread(fh, stop_before_pixels=True,
+                                          specific_tags=list(_ID_TAGS))
+            except Exception:  # pydicom's many ways of failing on untrusted bytes
+                raise BrokenDicomError("The part cannot be parsed.") from None
+            found = {keyword: dataset.get(keyword) for keyword in _ID_TAGS}
+            meta = getattr(dataset, "file_meta", None) or {}
 
     def text(keyword, fallback=None):
-        value = str(dataset.get(keyword) or fallback or "").strip("\x00 ")
+        value = str(found.get(keyword) or fallback or "").strip("\x00 ")
         return value or None
-    meta = getattr(dataset, "file_meta", None) or {}
     part.sop_class_uid = text("SOPClassUID", meta.get("MediaStorageSOPClassUID"))
     part.sop_instance_uid = text("SOPInstanceUID", meta.get("MediaStorageSOPInstanceUID"))
     part.study_uid = text("StudyInstanceUID")
