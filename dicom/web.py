@@ -18,6 +18,7 @@ Decisions the standard leaves to the server:
 - A search without ``limit`` returns at most MAX_RESULTS matches; a ``Warning`` header says
   when more exist, and lists the query keys that were not matched on.
 """
+import functools
 import logging
 import os
 import secrets
@@ -161,11 +162,23 @@ def keyword_of(key):
     return key if tag_for_keyword(key) is not None else None
 
 
+@functools.lru_cache(maxsize=1024)
+def _attribute_info(keyword):
+    """(tag as 8 hex digits, VR) of a keyword, or None for no attribute or file meta; the
+    dictionary look-ups cost more than the rest of a search answer."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag >> 16 == 0x0002:
+        return None
+    return tag_hex(tag), dictionary_VR(tag).split(" or ")[0]
+
+
 def json_attribute(keyword, value):
     """``(tag, {"vr": ..., "Value": [...]})`` of a keyword and a plain value (str, number,
     list of them, None or "" for an empty attribute)."""
-    tag = tag_for_keyword(keyword)
-    vr = dictionary_VR(tag).split(" or ")[0]
+    return _json_element(*_attribute_info(keyword), value)
+
+
+def _json_element(tag, vr, value):
     values = value if isinstance(value, (list, tuple)) else [value]
     values = [v for v in values if v is not None and v != ""]
     element = {"vr": vr}
@@ -179,7 +192,7 @@ def json_attribute(keyword, value):
         else:
             values = [str(v) for v in values]
         element["Value"] = values
-    return tag_hex(tag), element
+    return tag, element
 
 
 def _retrieve_url(base_url, match, level):
@@ -195,11 +208,10 @@ def match_json(match, level, base_url):
     """One search match (keyword -> value) in the JSON model, with its RetrieveURL."""
     out = {}
     for keyword, value in match.items():
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag >> 16 == 0x0002:  # file meta (TransferSyntaxUID) is no attribute
-            continue
-        key, element = json_attribute(keyword, value)
-        out[key] = element
+        info = _attribute_info(keyword)
+        if info is not None:  # file meta (TransferSyntaxUID) is no attribute of an answer
+            key, element = _json_element(*info, value)
+            out[key] = element
     out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]}
     return dict(sorted(out.items()))
 
