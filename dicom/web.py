@@ -15,8 +15,8 @@ Decisions the standard leaves to the server:
 - Frames are always uncompressed (``application/octet-stream``, Explicit VR Little Endian).
 - Rendered images and thumbnails are PNG only (no JPEG encoder is shipped): ``image/jpeg``
   alone is answered 406, and ``*/*`` or ``image/*`` get PNG.
-- A search without ``limit`` returns at most MAX_RESULTS matches; a ``Warning`` header says
-  when more exist, and lists the query keys that were not matched on.
+- A search returns at most MAX_RESULTS matches (``limit`` or not); a ``Warning`` header
+  says when more exist, and lists the query keys that were not matched on.
 """
 import functools
 import logging
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 NATIVE_SYNTAXES = (EXPLICIT_LE, IMPLICIT_LE)
-MAX_RESULTS = 1000  # matches of a search without ``limit``
+MAX_RESULTS = 1000  # matches of a search at most, whatever its ``limit``
 METADATA_MEMO_SIZE = 2048  # encoded instance metadata kept per process (~5-20 KB each)
 READ_CHUNK = 1024 * 1024
 THUMBNAIL_SIZE = 128
@@ -349,7 +349,7 @@ def search(resource, args, domains, include_patient, base_url, study_uid=None,
     for keyword in wanted:
         if include_patient or keyword not in PATIENT_KEYS:
             keys.setdefault(keyword, "")
-    cap = limit if limit is not None else MAX_RESULTS
+    cap = min(limit, MAX_RESULTS) if limit is not None else MAX_RESULTS
     try:
         found, ignored = query.find(level, keys, domains, limit=cap + 1, offset=offset,
                                     include_patient=include_patient)

@@ -614,3 +614,11 @@ def test_frames_of_a_multi_frame_instance(client, auth_headers):
     assert res.status_code == 200 and png_size(res.get_data()) == (4, 4)
     res = client.get(base + "/frames/1,2/rendered", headers=auth_headers["alice"])
     assert res.status_code == 400
+
+
+def test_search_answers_at_most_max_results(client, auth_headers, stored, monkeypatch):
+    from dicom import web
+    monkeypatch.setattr(web, "MAX_RESULTS", 4)
+    for params in ({}, {"limit": "100"}):
+        res, found = qido(client, auth_headers["alice"], f"/studies/{STUDY}/instances", **params)
+        assert len(found) == 4 and "more" in res.headers["Warning"]
