@@ -21,6 +21,7 @@ Decisions the standard leaves to the server:
 import functools
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -72,6 +73,7 @@ ALL_ATTRIBUTES = {"STUDY": STUDY_ATTRIBUTES + ("NumberOfPatientRelatedStudies",)
 PATIENT_KEYS = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                 "PatientAge", "NumberOfPatientRelatedStudies",
                 "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"}
+_HEADER_UNSAFE = re.compile(r'[^\x20-\x7e]|"')
 # Query parameters of PS3.18 that are not attribute keys.
 CONTROL_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
 
@@ -358,8 +360,10 @@ def search(resource, args, domains, include_patient, base_url, study_uid=None,
     unmatched += [k for k in ignored if k in requested and keys[k] != ""]
     warnings = []
     if unmatched:
-        warnings.append("The fields " + ", ".join(dict.fromkeys(unmatched))
-                        + " are not supported and were ignored")
+        # Names come from the URL: only printable ASCII may go into a header.
+        names = dict.fromkeys(_HEADER_UNSAFE.sub("?", name)[:64] for name in unmatched)
+        warnings.append("The fields " + ", ".join(names) + " are not supported and were "
+                        "ignored")
     if len(found) > cap:
         found = found[:cap]
         warnings.append("There are more matches than returned")

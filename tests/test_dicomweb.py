@@ -622,3 +622,12 @@ def test_search_answers_at_most_max_results(client, auth_headers, stored, monkey
     for params in ({}, {"limit": "100"}):
         res, found = qido(client, auth_headers["alice"], f"/studies/{STUDY}/instances", **params)
         assert len(found) == 4 and "more" in res.headers["Warning"]
+
+
+def test_search_warning_header_holds_only_safe_text(client, auth_headers, stored):
+    res = client.get("/dicom-web/studies?%E6%BC%A2=1&a%0D%0AX-Evil:%201=2&q%22uote=3",
+                     headers=auth_headers["alice"])
+    assert res.status_code == 200
+    warning = res.headers["Warning"]
+    assert "X-Evil" in warning and "\r" not in warning and "\n" not in warning
+    assert warning.isascii() and warning.count('"') == 2
