@@ -16,13 +16,13 @@ import time
 
 from flask import current_app
 
-import series_access
 import storage
 from dicom import volumes
 from models import PluginDefinition, PluginJob, db
 from plugins import definitions, docker_runner, jobs, remote_runner
 from plugins.job_log import LOG_NAME, JobLog, PluginRunError, short_message
 from plugins.results import copy_outputs, read_results, wait_for_results
+from series import check_pvd_range, get_series, validate_pvd
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
     entries = []
     for text in series_arguments:
         entry = jobs.parse_series_argument(text)
-        pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
-        series_access.check_pvd_range(series_access.get_series(entry["seriesUid"]), pvd)
+        pvd = validate_pvd(entry["partialVolumeDescriptor"])
+        check_pvd_range(get_series(entry["seriesUid"]), pvd)
         entries.append(entry)
     db.session.expunge(plugin)
     db.session.rollback()

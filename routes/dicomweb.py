@@ -10,7 +10,7 @@ from auth import (can_view_personal_info, readable_domains, require_personal_inf
                   require_upload_domain)
 from dicom import web
 from errors import error_response
-from memo import app_memo
+from table_versions import app_memo
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicom-web")
 

@@ -14,11 +14,11 @@ from flask_sock import Sock
 from isal import isal_zlib
 
 import auth
-import series_access
 import storage
 from dicom import reformat, rs_metadata, transfer, volume_cache, volumes
 from errors import ApiError
 from models import Series, db
+from series import ImagesStringError, is_valid_pvd, pvd_images
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def _pvd_numbers():
     if all(value is None for value in raw.values()):
         return None
     pvd = {key: None if value is None else int(value) for key, value in raw.items()}
-    if not series_access.is_valid_pvd(pvd):
+    if not is_valid_pvd(pvd):
         raise ApiError(400, "Volume descriptor is invalid")
-    return series_access.pvd_images(pvd)
+    return pvd_images(pvd)
 
 
 def _open(series_uid, token_required):
@@ -67,7 +67,7 @@ def _open(series_uid, token_required):
         auth.check_series_token(token, series.domain)
     try:
         volume, zs = volume_cache.open_volume(series, numbers)
-    except series_access.ImagesStringError:
+    except ImagesStringError:
         raise ApiError(404, "Series could not be loaded") from None
     if zs is None:
         raise ApiError(400, "Volume descriptor is invalid")
@@ -155,16 +155,16 @@ def _begin_transfer(token, series_uid, pvd):
             return None
         numbers = None
         if pvd is not None:
-            if not series_access.is_valid_pvd(pvd):
+            if not is_valid_pvd(pvd):
                 return None
-            numbers = series_access.pvd_images(pvd)
+            numbers = pvd_images(pvd)
         series = db.session.get(Series, series_uid)
         if series is None or not series.images:
             return None
         auth.check_series_token(token, series.domain)
         volume, zs = volume_cache.open_volume(series, numbers)
         return None if zs is None else (volume, zs)
-    except (ApiError, series_access.ImagesStringError):
+    except (ApiError, ImagesStringError):
         return None
     finally:
         # a socket lives for hours: give its database connection back between checks

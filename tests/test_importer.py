@@ -12,7 +12,7 @@ import storage
 from dicom import batch as dicom_batch, errors
 from dicom.archives import Bounded, Entry, Limits
 from dicom.batch import ImportBatch
-from dicom.importer import Importer, collect_paths, refresh_parameters
+from dicom.importer import Importer, collect_paths, import_paths, refresh_parameters
 from models import Series, db
 from tests.dicom_factory import dicom_bytes, write_dicom
 
@@ -157,13 +157,7 @@ def _targz(path, entries):
 
 
 def _run(paths, domain="default"):
-    importer = Importer(domain)
-    try:
-        for path in paths:
-            importer.import_file(str(path))
-        return importer.finish()
-    finally:
-        importer.close()
+    return import_paths(domain, [str(path) for path in paths])
 
 
 def _series_entries(uid="1.2.3.100", count=3):
@@ -212,6 +206,7 @@ def test_zip_bomb_fails_and_imports_nothing(ctx, tmp_path):
         _run([archive])
     assert str(info.value).startswith("Error while processing file #1, entity #1: ")
     assert "larger than 1048576 bytes uncompressed" in str(info.value)
+    assert info.value.imported == 0
     assert data_files(ctx) == [] and series_rows() == []
 
 
@@ -273,6 +268,7 @@ def test_plain_files_before_a_broken_one_stay_imported(ctx, tmp_path):
     with pytest.raises(errors.ImportFailed) as info:
         _run(good + [broken])
     assert str(info.value).startswith("Error while processing file #3, entity #3: ")
+    assert info.value.imported == 2  # committed before the failure
     assert series_rows()[0].images == "1-2"
     assert len(data_files(ctx)) == 2
 
