@@ -300,8 +300,12 @@ class Series(Timestamps, db.Model):
 
     # (modality, seriesDate, domain) covers the common filtered search and its COUNT
     # without reading rows (the domain condition is always there).
+    # (modality, study, series, domain): a DICOM search of one modality (QIDO-RS, C-FIND)
+    # walks it in its answer's order and stops after a page.
     __table_args__ = (Index("ix_series_domain_created", "domain", "created_at"),
-                      Index("ix_series_modality_date", "modality", "series_date", "domain"))
+                      Index("ix_series_modality_date", "modality", "series_date", "domain"),
+                      Index("ix_series_modality_study", "modality", "study_uid", "series_uid",
+                            "domain"))
 
     def set_patient_info(self, info):
         """Store patientInfo and its indexed copies together."""

@@ -223,7 +223,9 @@ def _local(value, fmt):
 def _study_attributes(series):
     info = series.patient_info or {}
     return {"PatientID": series.patient_id, "PatientName": series.patient_name,
-            "PatientBirthDate": info.get("birthDate"), "PatientSex": series.patient_sex,
+            # patientInfo keeps ISO dates ("1970-01-01"); DICOM answers them as DA
+            "PatientBirthDate": (info.get("birthDate") or "").replace("-", "") or None,
+            "PatientSex": series.patient_sex,
             "StudyInstanceUID": series.study_uid, "StudyDate": series.study_date,
             "StudyTime": series.study_time, "AccessionNumber": series.accession_number,
             "StudyDescription": series.study_description, "StudyID": series.study_id,
