@@ -27,6 +27,7 @@ from routes.admin import plugins as admin_plugins
 from routes.admin import server_params as admin_server_params
 from routes.admin import onetime_urls as admin_onetime_urls
 from routes.admin import plugin_job_manager as admin_plugin_job_manager
+from routes.admin import dicom_nodes as admin_dicom_nodes
 
 BLUEPRINTS = [
     status.bp,
@@ -55,4 +56,5 @@ BLUEPRINTS = [
     admin_server_params.bp,
     admin_onetime_urls.bp,
     admin_plugin_job_manager.bp,
+    admin_dicom_nodes.bp,
 ]
