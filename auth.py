@@ -42,6 +42,10 @@ PLUGIN_ROLES = {"readPlugin": "read_plugin", "executePlugin": "execute_plugin",
                 "inputConsensualFeedback": "input_consensual_feedback",
                 "manageFeedback": "manage_feedback", "viewPersonalInfo": "view_personal_info"}
 
+# /api/admin needs manageServer, except the child blueprints named here (API.md 3.17).
+ADMIN_PRIVILEGE = "manageServer"
+ADMIN_EXCEPTIONS = {"admin.admin_onetime_urls": "issueOnetime"}
+
 # Endpoints reachable without a token (OPTIONS is answered before routing).
 PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.get_display",
                     "web_ui.get_web_ui",
@@ -282,6 +286,20 @@ def check_series_token(token, domain):
 
 
 # --- checks used by views ---------------------------------------------------------------
+# --- decisions: who may do what, and the words of each refusal ------------------------
+# Nothing else in the project decides. Domain functions that take a caller's privileges as
+# an argument (the CLI passes computed ones) hand them on; views leave ``privileges`` out
+# and the request's own are used. Domain modules ask the ``*_ids``/``*_domains`` helpers
+# what the caller may see and build their queries from the answer.
+
+SERIES_REFUSAL = "You do not have privilege to access this series."
+
+
+def _of(privileges):
+    return g.privileges if privileges is None else privileges
+
+
+# global privileges
 
 def require_global(*privileges):
     """ApiError 401 unless the caller holds every given global privilege."""
@@ -291,24 +309,86 @@ def require_global(*privileges):
                        + ",".join(missing))
 
 
-def require_project_role(project_id, *roles):
+def require_admin():
+    """before_request of the /api/admin parent blueprint: the one guard of every admin route."""
+    require_global(ADMIN_EXCEPTIONS.get(request.blueprint, ADMIN_PRIVILEGE))
+
+
+def can_view_personal_info():
+    """Global personalInfoView and the caller's own preference both allow patient info."""
+    return (g.privileges.has_global("personalInfoView")
+            and bool((g.user.preferences or {}).get("personalInfoView")))
+
+
+def can_search_patient_info():
+    """Whether a search filter may name patientInfo.* keys (global personalInfoView)."""
+    return g.privileges.has_global("personalInfoView")
+
+
+# projects and cases
+
+def project_role_refusal(role):
+    """The 401 of a missing project role (also for a project a group names but that is gone)."""
+    return ApiError(401, f'You do not have "{role}" privilege of this project.')
+
+
+def require_project_role(project_id, *roles, privileges=None):
     """ApiError 401 unless the caller holds every given role on the project."""
     for role in roles:
-        if not g.privileges.has_project_role(project_id, role):
-            raise ApiError(401, f'You do not have "{role}" privilege of this project.')
+        if not _of(privileges).has_project_role(project_id, role):
+            raise project_role_refusal(role)
 
 
-def require_plugin_role(plugin_id, *roles):
-    """ApiError 401 unless the caller holds every given role on the plug-in."""
-    for role in roles:
-        if not g.privileges.has_plugin_role(plugin_id, role):
-            raise ApiError(401, f'You do not have "{role}" privilege of this plugin.')
+def require_case_role(case, *roles, privileges=None):
+    """ApiError 401 unless the caller holds every given role on the case's project (2.4)."""
+    require_project_role(case.project_id, *roles, privileges=privileges)
 
 
-def require_series_domain(series):
+def require_cases_writable(project_ids, privileges=None):
+    """ApiError 401 unless the caller may write every project of a bulk tag change."""
+    if not all(_of(privileges).has_project_role(pid, "write") for pid in project_ids):
+        raise ApiError(401, "You do not have write access to some of the specified cases.")
+
+
+def require_cases_readable(project_ids, privileges=None):
+    """ApiError 401 unless the caller may read every project of an export's cases."""
+    if not all(_of(privileges).has_project_role(pid, "read") for pid in project_ids):
+        raise ApiError(401, "You do not have enough read privilege for some cases.")
+
+
+def readable_project_ids(privileges=None):
+    """IDs of the projects whose cases the caller may read."""
+    return _of(privileges).projects_with("read")
+
+
+def personal_info_project_ids(privileges=None):
+    """IDs of the projects whose cases show the caller patient information (2.6)."""
+    return _of(privileges).projects_with("read", "viewPersonalInfo")
+
+
+# domains and series
+
+def readable_domains(privileges=None):
+    """The domains whose series the caller may see."""
+    return _of(privileges).domains
+
+
+def require_series_domain(series, privileges=None):
     """ApiError 403 unless the series' domain is one of the caller's domains."""
-    if not g.privileges.has_domain(series.domain):
-        raise ApiError(403, "You do not have privilege to access this series.")
+    if not _of(privileges).has_domain(series.domain):
+        raise ApiError(403, SERIES_REFUSAL)
+
+
+def require_upload_domain(domain):
+    """ApiError 403 unless the caller may upload series into the domain."""
+    if not g.privileges.has_domain(domain):
+        raise ApiError(403, "You cannot upload to this domain.")
+
+
+def require_job_series_domain(series, privileges=None):
+    """ApiError 400 (as CIRCUS) unless a new job's series is in one of the caller's domains."""
+    if not _of(privileges).has_domain(series.domain):
+        raise ApiError(400, "You cannot access this series.")
 
 
 def require_job_domains(domains):
@@ -317,7 +397,90 @@ def require_job_domains(domains):
         raise ApiError(401, "You do not have privilege to access this plugin-job.")
 
 
-def can_view_personal_info():
-    """Global personalInfoView and the caller's own preference both allow patient info."""
-    return (g.privileges.has_global("personalInfoView")
-            and bool((g.user.preferences or {}).get("personalInfoView")))
+# plug-ins and their jobs
+
+def require_plugin_role(plugin_id, *roles, privileges=None):
+    """ApiError 401 unless the caller holds every given role on the plug-in."""
+    for role in roles:
+        if not _of(privileges).has_plugin_role(plugin_id, role):
+            raise ApiError(401, f'You do not have "{role}" privilege of this plugin.')
+
+
+def require_plugin_readable(plugin_id):
+    """ApiError 401 unless the caller holds readPlugin (GET /api/plugins/:id's words)."""
+    if not g.privileges.has_plugin_role(plugin_id, "readPlugin"):
+        raise ApiError(401, "You do not have permission to get this plugin.")
+
+
+def require_plugin_execution(plugin_id, privileges=None):
+    """ApiError 401 unless the caller holds readPlugin and executePlugin (one message)."""
+    if not all(_of(privileges).has_plugin_role(plugin_id, role)
+               for role in ("readPlugin", "executePlugin")):
+        raise ApiError(401, 'You do not have "executePlugin" privilege of this plugin.')
+
+
+def require_job_invalidation(job):
+    """ApiError 401 unless the caller holds manageJobs on the job's plug-in."""
+    if not g.privileges.has_plugin_role(job.plugin_id, "manageJobs"):
+        raise ApiError(401, "You do not have permission to invalidate this job.")
+
+
+def readable_plugin_ids(privileges=None):
+    """IDs of the plug-ins (and so jobs) the caller may read."""
+    return _of(privileges).plugins_with("readPlugin")
+
+
+def personal_info_plugin_ids(privileges=None):
+    """IDs of the plug-ins whose jobs show the caller patient information (2.6)."""
+    return _of(privileges).plugins_with("readPlugin", "viewPersonalInfo")
+
+
+# my lists and tasks: the owner's, or shared by the list itself
+
+def can_read_my_list(my_list, user=None):
+    """Whether the user may read a list's items: the owner, or anyone for a public list."""
+    user = user or g.user
+    return my_list.user_email == user.user_email or bool(my_list.public)
+
+
+def can_edit_my_list(my_list, user=None):
+    """Whether the user may edit a list's items: the owner or an editor (user or group)."""
+    user = user or g.user
+    if my_list.user_email == user.user_email:
+        return True
+    groups = set(user.groups or [])
+    for editor in my_list.editors or []:
+        if editor.get("type") == "user" and editor.get("userEmail") == user.user_email:
+            return True
+        if editor.get("type") == "group" and editor.get("groupId") in groups:
+            return True
+    return False
+
+
+def require_my_list_readable(my_list, user=None):
+    """ApiError 401 unless the user may read the list's items."""
+    if not can_read_my_list(my_list, user):
+        raise ApiError(401, "You cannot read the items of this my list.")
+
+
+def require_my_list_editable(my_list):
+    """ApiError 401 unless the caller may edit the list's items."""
+    if not can_edit_my_list(my_list):
+        raise ApiError(401, "You cannot edit the items of this my list.")
+
+
+def require_my_list_owner(my_list, action, user_email=None):
+    """ApiError 401 unless the caller owns the list (``action``: "edit" or "delete")."""
+    if my_list.user_email != (user_email or g.user.user_email):
+        raise ApiError(401, f"You cannot {action} a my list you do not own")
+
+
+def owns_task(task):
+    """Whether the task is the caller's."""
+    return task.user_email == g.user.user_email
+
+
+def require_task_owner(task):
+    """ApiError 401 unless the task is the caller's."""
+    if not owns_task(task):
+        raise ApiError(401, "You cannot access this task.")

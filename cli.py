@@ -10,6 +10,7 @@ from flask.cli import AppGroup
 import accounts
 import admin_records
 import clinical_cases
+import db_check
 import dbmigrate
 import exports
 import table_versions
@@ -262,7 +263,7 @@ def generate_password_hash_command():
 
 @commands.command("db-check")
 @click.option("-t", "--target", multiple=True,
-              type=click.Choice(list(admin_records.RECORD_CHECKS)),
+              type=click.Choice(list(db_check.RECORD_CHECKS)),
               help="Check only this collection (repeatable).")
 def db_check_command(target):
     """Validate every stored record against its schema; stop at the first invalid one."""
@@ -270,8 +271,8 @@ def db_check_command(target):
         click.echo(f"Validating: {name}" if count is None else
                    f"  Validated: {count} {'item' if count == 1 else 'items'}.")
     try:
-        admin_records.check_records(list(target) or None, progress)
-    except admin_records.InvalidRecord as exc:
+        db_check.check_records(list(target) or None, progress)
+    except db_check.InvalidRecord as exc:
         click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
         for error in exc.errors:
             click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)

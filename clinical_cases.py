@@ -18,10 +18,12 @@ import sqlalchemy as sa
 import blobs
 import my_lists
 import series_access
-from errors import ApiError, not_found
+from auth import (personal_info_project_ids, readable_project_ids, require_cases_writable,
+                  require_project_role, require_series_domain)
+from errors import ApiError, get_or_404, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
-                    Series, db, iso, new_ulid, utcnow, get_or_404)
-from search import ArrayField
+                    Series, db, iso, new_ulid, utcnow)
+from search import ArrayField, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,6 @@ class RevisionConflict(ApiError):
 def get_case(case_id):
     """The case, else 404 ``The requested clinicalCase was not found.``"""
     return get_or_404(ClinicalCase, case_id, "clinicalCase")
-
-
-def require_case_role(case_id, privileges, *roles):
-    """Load a case (404), then require the roles on its project (401), as CIRCUS's 2.4."""
-    case = get_case(case_id)
-    for role in roles:
-        if not privileges.has_project_role(case.project_id, role):
-            raise ApiError(401, f'You do not have "{role}" privilege of this project.')
-    return case
 
 
 def etag(case):
@@ -144,8 +137,7 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
     entries = [{"seriesUid": e["seriesUid"],
                 "partialVolumeDescriptor": series_access.resolve_pvd(
                     e["seriesUid"], e["partialVolumeDescriptor"])} for e in series_entries]
-    if not privileges.has_project_role(project.project_id, "write"):
-        raise ApiError(401, 'You do not have "write" privilege of this project.')
+    require_project_role(project.project_id, "write", privileges=privileges)
     for entry in entries:
         series_access.validate_pvd(entry["partialVolumeDescriptor"])
     check_tag_lengths(tags)
@@ -155,8 +147,7 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
         if series is None:
             raise ApiError(400, "Nonexistent series.")
         series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
-        if not privileges.has_domain(series.domain):
-            raise ApiError(403, "You do not have privilege to access this series.")
+        require_series_domain(series, privileges)
     domains = list(dict.fromkeys(found[e["seriesUid"]].domain for e in entries))
     if len(domains) > 1:
         raise ApiError(400, "All series must belong to the same domain.")
@@ -332,9 +323,11 @@ def bulk_tags(privileges, operation, tags, case_ids):
     rows = db.session.execute(db.select(ClinicalCase.case_id, ClinicalCase.project_id,
                                         ClinicalCase.tags, ClinicalCase.updated_at)
                               .where(ClinicalCase.case_id.in_(ids))).all()
-    if any(not privileges.has_project_role(r.project_id, "write") for r in rows):
+    try:
+        require_cases_writable({r.project_id for r in rows}, privileges)
+    except ApiError:
         db.session.rollback()
-        raise ApiError(401, "You do not have write access to some of the specified cases.")
+        raise
     updates = []
     for row in rows:
         old = list(row.tags or [])
@@ -382,6 +375,8 @@ _CASES = ClinicalCase.__table__.c
 _TAGS = CaseTag.__table__.c
 _SERIES = Series.__table__.c
 _ITEMS = MyListItem.__table__.c
+# Case totals depend on the cases, their tags and (filters on patientInfo) their series.
+_COUNTED = ("clinical_cases", "case_tags", "series")
 _PATIENT_COLUMNS = {"patientId": _SERIES.patient_id, "patientName": _SERIES.patient_name,
                     "age": _SERIES.patient_age, "sex": _SERIES.patient_sex}
 
@@ -400,20 +395,30 @@ def _masked_by_role(column, viewable_projects):
 def _viewable(privileges):
     """The projects whose patient information the caller's roles show, or None when that
     is every project the caller can read (the usual case: no CASE needed in the SQL)."""
-    viewable = privileges.projects_with("read", "viewPersonalInfo")
-    if set(viewable) >= set(privileges.projects_with("read")):
+    viewable = personal_info_project_ids(privileges)
+    if set(viewable) >= set(readable_project_ids(privileges)):
         return None
     return tuple(sorted(viewable))
 
 
-def search_fields(privileges):
-    """The filter/sort fields of case searches (API 1.8) for this caller; patientInfo.*
-    fields are evaluated against the value masked by project role (2.6)."""
-    return _search_fields(_viewable(privileges))
+def search_spec(privileges, in_my_list=False):
+    """The case search for this caller (``in_my_list``: of a my list, see ``in_list``)."""
+    return _search_spec(_viewable(privileges), in_my_list)
+
+
+@functools.lru_cache(maxsize=256)
+def _search_spec(viewable, in_my_list):
+    fields = _search_fields(viewable)
+    if in_my_list:
+        return SearchSpec(fields, summary, {"addedToListAt": -1}, count_tables=_COUNTED,
+                          sort_fields={**fields, "addedToListAt": _ITEMS.created_at})
+    return SearchSpec(fields, summary, {"createdAt": -1}, count_tables=_COUNTED)
 
 
 @functools.lru_cache(maxsize=256)
 def _search_fields(viewable):
+    """The filter/sort fields of case searches (API 1.8) for a set of viewable projects;
+    patientInfo.* fields are evaluated against the value masked by project role (2.6)."""
     # SQL expressions are immutable: built once per set of viewable projects, they also
     # keep SQLAlchemy's compiled-statement cache warm.
     fields = {"projectId": _CASES.project_id, "caseId": _CASES.case_id}
@@ -440,9 +445,9 @@ def _summary_columns(viewable, show_personal_info):
 
 def search_key(privileges, show_personal_info):
     """Every input of a caller's case search statements (``readable_cases`` and
-    ``search_fields``): equal keys give equal statements, so they may be reused."""
+    ``search_spec``): equal keys give equal statements, so they may be reused."""
     return (_viewable(privileges), bool(show_personal_info),
-            tuple(privileges.projects_with("read")))
+            tuple(readable_project_ids(privileges)))
 
 
 def readable_cases(privileges, show_personal_info):
@@ -464,11 +469,10 @@ def readable_cases_of(key):
 
 
 def in_list(query, my_list_id):
-    """Restrict a case query to the items of a my list; returns (query, addedToListAt)."""
-    query = query.join(MyListItem.__table__,
-                       sa.and_(_ITEMS.my_list_id == my_list_id,
-                               _ITEMS.resource_id == _CASES.case_id))
-    return query, _ITEMS.created_at
+    """Restrict a case query to the items of a my list (``search_spec(..., in_my_list=True)``
+    sorts on addedToListAt)."""
+    return query.join(MyListItem.__table__, sa.and_(_ITEMS.my_list_id == my_list_id,
+                                                     _ITEMS.resource_id == _CASES.case_id))
 
 
 def summary(row):

@@ -1,8 +1,11 @@
-"""ApiError and the handlers that turn every failure into CIRCUS's JSON error body."""
+"""ApiError, get_or_404 and the handlers that turn every failure into CIRCUS's JSON error body."""
 import logging
+from http import HTTPStatus
 
 from flask import current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from models import db
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,15 @@ def not_found(schema):
     return ApiError(404, f"The requested {schema} was not found.")
 
 
+def get_or_404(model, key, schema):
+    """The row of ``model`` with primary key ``key``, else ApiError 404 as CIRCUS words it
+    (``The requested <schema> was not found.``)."""
+    row = db.session.get(model, key) if isinstance(key, (str, int)) else None
+    if row is None:
+        raise not_found(schema)
+    return row
+
+
 def error_response(status, message, **extra):
     response = jsonify({"error": message, **extra})
     response.status_code = status
@@ -35,7 +47,6 @@ def register_error_handlers(app):
     def handle_api_error(error):
         message = error.message
         if message is None:
-            from http import HTTPStatus
             message = HTTPStatus(error.status).phrase
         return error_response(error.status, message, **error.extra)
 
@@ -51,7 +62,5 @@ def register_error_handlers(app):
     def handle_unexpected(error):
         # Never leak a stack trace or secrets; the log keeps the details.
         log.exception("Unexpected error on %s %s", request.method, request.path)
-        # The app's Flask-SQLAlchemy instance, found without importing models (which
-        # imports this module).
-        current_app.extensions["sqlalchemy"].session.rollback()
+        db.session.rollback()
         return error_response(500, "Internal server error.")

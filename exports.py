@@ -25,6 +25,8 @@ import series_access
 import storage
 import tasks
 from dicom import tag_dump, volumes
+
+from auth import require_cases_readable, require_series_domain
 from errors import ApiError
 from models import ClinicalCase, Series, db, iso
 
@@ -61,8 +63,7 @@ def start_mhd_export(user_email, privileges, body):
                                        .where(ClinicalCase.case_id.in_(ids))).all()) if ids else {}
     if len(projects) != len(ids):
         raise ApiError(400, "Some cases do not exist.")
-    if not all(privileges.has_project_role(pid, "read") for pid in set(projects.values())):
-        raise ApiError(401, "You do not have enough read privilege for some cases.")
+    require_cases_readable(set(projects.values()), privileges)
     count = len(targets)
     fmt = body.get("compressionFormat", "tgz")
     task = tasks.create_task(
@@ -86,8 +87,7 @@ def start_cs_volume_export(user_email, privileges, body):
     entries = []
     for entry in body["series"]:
         series = series_access.get_series(entry["seriesUid"])
-        if not privileges.has_domain(series.domain):
-            raise ApiError(403, "You do not have privilege to access this series.")
+        require_series_domain(series, privileges)
         pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
         series_access.check_pvd_range(series, pvd)
         entries.append({"seriesUid": series.series_uid, "partialVolumeDescriptor": pvd})

@@ -15,7 +15,6 @@ from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import UserDefinedType
 
-from errors import not_found
 from json_codec import stored_json
 
 
@@ -74,15 +73,6 @@ def parse_iso(text):
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc).replace(tzinfo=None)
     return value
-
-
-def get_or_404(model, key, schema):
-    """The row of ``model`` with primary key ``key``, else ApiError 404 as CIRCUS words it
-    (``The requested <schema> was not found.``)."""
-    row = db.session.get(model, key) if isinstance(key, (str, int)) else None
-    if row is None:
-        raise not_found(schema)
-    return row
 
 
 def put_value(model, key, value, session=None):

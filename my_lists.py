@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from auth import can_read_my_list
 from errors import ApiError, not_found
 from models import (ClinicalCase, Group, MyList, MyListEditor, MyListItem, PluginJob, Series,
                     User, db, utcnow)
@@ -72,37 +73,11 @@ def shared_lists(user_email, group_ids):
                               .order_by(MyList.created_at, MyList.my_list_id)).scalars().all()
 
 
-def can_read(my_list, user):
-    """Whether the user may read the items: the owner, or anyone for a public list."""
-    return my_list.user_email == user.user_email or bool(my_list.public)
-
-
-def can_edit(my_list, user):
-    """Whether the user may edit the items: the owner or an editor (user or group)."""
-    if my_list.user_email == user.user_email:
-        return True
-    groups = set(user.groups or [])
-    for editor in my_list.editors or []:
-        if editor.get("type") == "user" and editor.get("userEmail") == user.user_email:
-            return True
-        if editor.get("type") == "group" and editor.get("groupId") in groups:
-            return True
-    return False
-
-
 def resource_ids(my_list):
     """The IDs in a list, in insertion order."""
     return list(db.session.execute(
         db.select(MyListItem.resource_id).where(MyListItem.my_list_id == my_list.my_list_id)
         .order_by(MyListItem.created_at, MyListItem.resource_id)).scalars())
-
-
-def readable_list(my_list_id, user):
-    """A list whose items the user may read, else 404 / 401 as CIRCUS answers."""
-    my_list = get_list(my_list_id)
-    if not can_read(my_list, user):
-        raise ApiError(401, "You cannot read the items of this my list.")
-    return my_list
 
 
 def list_for_search(my_list_id, resource_type, user=None):
@@ -126,11 +101,8 @@ def list_for_search(my_list_id, resource_type, user=None):
         404 "This my list does not exist" for an unknown list or one the user may not read,
         400 "This my list is not for ..." for a list of another resource type.
     """
-    if user is None:
-        from flask import g
-        user = g.user
     my_list = db.session.get(MyList, my_list_id)
-    if my_list is None or not can_read(my_list, user):
+    if my_list is None or not can_read_my_list(my_list, user):
         raise MyListNotFound()
     if my_list.resource_type != resource_type:
         raise ApiError(400, RESOURCE_KINDS[resource_type].not_for)
@@ -174,14 +146,6 @@ def _normalised_editors(editors):
         if group_ids - known:
             raise ApiError(400, "Invalid group ID is included")
     return result
-
-
-def owned_list(my_list_id, user_email, refusal):
-    """A list the user owns, else 404 or 401 with ``refusal``."""
-    my_list = get_list(my_list_id)
-    if my_list.user_email != user_email:
-        raise ApiError(401, refusal)
-    return my_list
 
 
 def update_list(my_list, changes):

@@ -79,7 +79,8 @@ def _operation(endpoint, method, view, parameters):
     doc = _docstring(view)
     summary, _, description = doc.partition("\n")
     operation = {"operationId": f"{endpoint}.{method.lower()}",
-                 "tags": [endpoint.split(".")[0]], "summary": summary.strip()}
+                 # the innermost blueprint: /api/admin's children are nested in "admin"
+                 "tags": [endpoint.split(".")[-2]], "summary": summary.strip()}
     if description.strip():
         operation["description"] = description.strip()
     if parameters:

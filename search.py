@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from flask import current_app, g, jsonify, request
+from flask import current_app, jsonify, request
 
 import table_versions
+from auth import can_search_patient_info
 from errors import ApiError
 from memo import app_memo
 from models import db, parse_iso
@@ -29,7 +30,7 @@ MAX_LIMIT = 200
 UNLIMITED = 9999
 MAX_SORT_KEYS = 5
 MAX_OFFSET = 2 ** 62  # past any table; larger offsets do not fit the databases' integers
-MEMO_SIZE = 256  # statement pairs kept per app (see search(memo=...))
+MEMO_SIZE = 256  # statement pairs kept per app (see run(memo=...))
 INT64 = 2 ** 63
 COMPARISONS = {"$gt": "__gt__", "$gte": "__ge__", "$lt": "__lt__", "$lte": "__le__"}
 OPERATORS = set(COMPARISONS) | {"$ne", "$in", "$all"}
@@ -298,7 +299,7 @@ def compile_filter(text, fields, parse_error="Invalid JSON was passed as a filte
     condition = compiler.filter(decode_extended_json(raw))
     if any(k.startswith("patientInfo") for k in compiler.keys):
         if patient_info_allowed is None:
-            patient_info_allowed = g.privileges.has_global("personalInfoView")
+            patient_info_allowed = can_search_patient_info()
         if not patient_info_allowed:
             raise ApiError(400, "You cannot search using patient information.")
     return condition
@@ -347,42 +348,72 @@ def paging(unlimited_allowed=False):
     return limit, page
 
 
-def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_allowed=False,
-           filter_allowed=True, count_cap=None, parse_error="Invalid JSON was passed as a filter string",
-           patient_info_allowed=None, sort_error="Bad sort parameter. Invalid JSON.", memo=None,
-           count_tables=(), plain_rows=False):
-    """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
+@dataclass(frozen=True, eq=False)
+class SearchSpec:
+    """What a list endpoint searches, declared by its domain module (a module constant, or a
+    function of the caller's privileges when the allow-list or serializer depends on them).
 
-    Parameters
+    Attributes
     ----------
-    query : Select or callable
-        The candidate rows, already restricted to what the caller may see; or a function
-        returning them, called only when ``memo`` finds no statements.
     fields : dict
         Filter key -> column expression or ArrayField (the endpoint's allow-list).
     serialize : callable
         Row (as returned by the query) -> JSON document; or, if it has ``many=True``
-        as an attribute, a callable taking the whole page (to batch look-ups).
+        as an attribute (``batch``), a callable taking the whole page (to batch look-ups).
     default_sort : dict
         CIRCUS's default sort, e.g. ``{"createdAt": -1}``.
     sort_fields : dict, optional
         Sortable key -> column; defaults to ``fields``.
-    memo : hashable, optional
-        A key that alone determines ``query``, ``fields`` and ``sort_fields`` (the
-        endpoint's name and every privilege the query depends on). Requests with the same
-        key and query string then reuse the statements built for the first one (see
-        ``_Statements``). Leave it out wherever the query depends on anything else.
-    count_tables : tuple of str, optional
-        With ``memo``: every table the counted rows depend on; the total is then counted
-        again only after one of them changed (``table_versions``).
-    plain_rows : bool, optional
-        ``query`` selects columns, no ORM entity: its statements then run on the session's
+    unlimited_allowed : bool
+        ``?unlimited`` and limits above MAX_LIMIT accepted (three admin lists).
+    filter_allowed : bool
+        False: ``?filter`` is ignored, as CIRCUS's admin lists do.
+    count_cap : int, optional
+        ``totalItems`` counts no further than this.
+    parse_error, sort_error : str
+        The endpoint's words for a filter or sort that is not JSON.
+    count_tables : tuple of str
+        With a ``memo`` key (``run``): every table the counted rows depend on; the total
+        is then counted again only after one of them changed (``table_versions``).
+    plain_rows : bool
+        The query selects columns, no ORM entity: its statements then run on the session's
         connection (SQLAlchemy Core), which skips the ORM's result processing (measured:
         a sixth of the time of a 20-row series list view).
     """
+    fields: dict
+    serialize: object
+    default_sort: dict
+    sort_fields: dict = None
+    unlimited_allowed: bool = False
+    filter_allowed: bool = True
+    count_cap: int = None
+    parse_error: str = "Invalid JSON was passed as a filter string"
+    sort_error: str = "Bad sort parameter. Invalid JSON."
+    count_tables: tuple = ()
+    plain_rows: bool = False
+
+
+def run(spec, query, memo=None, patient_info_allowed=None):
+    """Run a list endpoint: filter, count, sort and page ``query``; return the envelope.
+
+    Parameters
+    ----------
+    spec : SearchSpec
+    query : Select or callable
+        The candidate rows, already restricted to what the caller may see; or a function
+        returning them, called only when ``memo`` finds no statements.
+    memo : hashable, optional
+        A key that alone determines ``query`` and ``spec``'s fields (the endpoint's name
+        and every privilege the query depends on). Requests with the same key and query
+        string then reuse the statements built for the first one (see ``_Statements``).
+        Leave it out wherever the query depends on anything else.
+    patient_info_allowed : bool, optional
+        Whether the filter may name patientInfo.* keys; by default auth decides.
+    """
+    fields, filter_allowed, count_cap = spec.fields, spec.filter_allowed, spec.count_cap
     if patient_info_allowed is None and filter_allowed:
-        patient_info_allowed = g.privileges.has_global("personalInfoView")
-    limit, page = paging(unlimited_allowed)
+        patient_info_allowed = can_search_patient_info()
+    limit, page = paging(spec.unlimited_allowed)
     offset = min(limit * (page - 1), MAX_OFFSET)
     args = (request.args.get("filter") if filter_allowed else None, request.args.get("sort"),
             limit, offset, count_cap, patient_info_allowed)
@@ -390,16 +421,17 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     def build():
         selected = query() if callable(query) else query
         if filter_allowed:
-            selected = selected.where(compile_filter(args[0], fields, parse_error,
+            selected = selected.where(compile_filter(args[0], fields, spec.parse_error,
                                                      patient_info_allowed))
-        order = compile_sort(args[1], sort_fields or fields, default_sort, sort_error)
+        order = compile_sort(args[1], spec.sort_fields or fields, spec.default_sort,
+                             spec.sort_error)
         return _Statements(selected, order, limit, offset, count_cap)
 
     if memo is None:
         statements = build()
     else:
         statements = app_memo("circus.search_statements", MEMO_SIZE).get((memo, args), build)
-    if plain_rows:
+    if spec.plain_rows:
         db.session.flush()  # what the session's execute would do first (autoflush)
         execute = db.session.connection().execute
     else:
@@ -408,17 +440,17 @@ def search(query, fields, serialize, default_sort, sort_fields=None, unlimited_a
     rows = result.scalars().all() if len(result.keys()) == 1 else result.all()
     if len(rows) < limit and (rows or offset == 0):
         total = offset + len(rows)  # a short page is the last one: no COUNT needed
-    elif memo is not None and count_tables:
+    elif memo is not None and spec.count_tables:
         total = table_versions.cached_count(
-            (memo, args), count_tables, lambda: execute(statements.count()).scalar_one())
+            (memo, args), spec.count_tables, lambda: execute(statements.count()).scalar_one())
     else:
         total = execute(statements.count()).scalar_one()
     if count_cap is not None:
         total = min(total, count_cap)
-    if getattr(serialize, "many", False):
-        items = serialize(rows)
+    if getattr(spec.serialize, "many", False):
+        items = spec.serialize(rows)
     else:
-        items = [serialize(row) for row in rows]
+        items = [spec.serialize(row) for row in rows]
     return jsonify({"items": items, "totalItems": total, "page": page})
 
 
@@ -447,6 +479,6 @@ class _Statements:
 
 
 def batch(function):
-    """Mark a serializer as taking the whole page at once (see ``search``)."""
+    """Mark a serializer as taking the whole page at once (see ``SearchSpec.serialize``)."""
     function.many = True
     return function

@@ -1,10 +1,11 @@
-"""Series as a domain object: partial volume descriptors, orientation, deletion; the image
-range strings (``dicom.image_ranges``) are offered here too.
+"""Series as a domain object: partial volume descriptors, orientation, deletion, the
+series search; the image range strings (``dicom.image_ranges``) are offered here too.
 
 Used by the series routes, cases, plug-in jobs and exports. The ``images`` string of a
 series is CIRCUS's multi-integer-range form (``"1-3,5,8-10"``); a partial volume
 descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
 """
+import functools
 import json
 import logging
 import os
@@ -17,12 +18,44 @@ import storage
 from dicom import volumes
 from dicom.image_ranges import (  # noqa: F401  (the series' API, used by routes and domain)
     ImagesStringError, has_image, images_string, merge_images, parse_images, parse_ranges)
-from errors import ApiError, not_found
-from models import CaseSeries, PluginJobSeries, Series, db, new_ulid, get_or_404
+from errors import ApiError, get_or_404, not_found
+from models import CaseSeries, MyListItem, PluginJobSeries, Series, db, new_ulid
+from search import SearchSpec
 
 log = logging.getLogger(__name__)
 
 POSITION_TAG = "ImagePositionPatient"
+
+# API.md 1.8: the series filter keys (patientInfo.* read the indexed copies).
+SEARCH_FIELDS = {
+    "modality": Series.modality,
+    "seriesUid": Series.series_uid,
+    "studyUid": Series.study_uid,
+    "seriesDescription": Series.series_description,
+    "patientInfo.patientId": Series.patient_id,
+    "patientInfo.patientName": Series.patient_name,
+    "patientInfo.age": Series.patient_age,
+    "patientInfo.sex": Series.patient_sex,
+    "seriesDate": Series.series_date,
+    "createdAt": Series.created_at,
+}
+SORT_FIELDS = {**SEARCH_FIELDS, "updatedAt": Series.updated_at, "domain": Series.domain,
+               "bodyPart": Series.body_part, "stationName": Series.station_name,
+               "manufacturer": Series.manufacturer, "modelName": Series.model_name}
+# Lists select plain rows of the document's columns (Series.document_columns(as_text=True)).
+_SEARCHES = {(show, False): SearchSpec(
+    SEARCH_FIELDS, functools.partial(Series.row_to_json, with_patient_info=show, as_text=True),
+    {"createdAt": -1}, sort_fields=SORT_FIELDS, count_tables=("series",), plain_rows=True)
+    for show in (False, True)}
+_SEARCHES.update({(show, True): SearchSpec(
+    SEARCH_FIELDS, _SEARCHES[show, False].serialize, {"addedToListAt": -1},
+    sort_fields={**SORT_FIELDS, "addedToListAt": MyListItem.created_at}, plain_rows=True)
+    for show in (False, True)})
+
+
+def search_spec(show_personal_info, in_my_list=False):
+    """The series search (``in_my_list``: of a my list, joined on MyListItem)."""
+    return _SEARCHES[bool(show_personal_info), in_my_list]
 
 
 class OrientationError(ApiError):

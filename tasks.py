@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 import storage
 from models import Task, db, utcnow
+from search import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ STALE_AFTER = timedelta(seconds=120)  # a claimed task without heartbeat for thi
 INTERRUPTED = "The task was interrupted because the worker running it stopped."
 # Set by the worker when told twice to stop: running handlers give up at their next report.
 ABORT = threading.Event()
+_FILTER_FIELDS = {"taskId": Task.task_id, "status": Task.status, "dismissed": Task.dismissed}
+SEARCH = SearchSpec(  # GET /api/tasks: the caller's tasks
+    fields=_FILTER_FIELDS, serialize=Task.to_json, default_sort={"createdAt": -1},
+    sort_fields={**_FILTER_FIELDS, "name": Task.name, "createdAt": Task.created_at,
+                 "updatedAt": Task.updated_at, "endedAt": Task.ended_at},
+    parse_error="Filter string could not be parsed.")
 
 
 class TaskError(Exception):

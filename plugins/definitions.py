@@ -11,17 +11,23 @@ import json
 import logging
 import re
 
-from errors import ApiError
-from models import PluginDefinition, db, get_or_404
+from auth import readable_plugin_ids
+from errors import ApiError, get_or_404
+from models import PluginDefinition, db
+from search import SearchSpec
 from validation import validate
 
 log = logging.getLogger(__name__)
 
 TYPES = {"CAD": "plugin-cad", "CAD+remote": "plugin-remote"}
-SEARCH_FIELDS = {"type": PluginDefinition.type}
-SORT_FIELDS = {"pluginId": PluginDefinition.plugin_id, "pluginName": PluginDefinition.plugin_name,
-               "version": PluginDefinition.version, "type": PluginDefinition.type,
-               "createdAt": PluginDefinition.created_at, "updatedAt": PluginDefinition.updated_at}
+ADMIN_SEARCH = SearchSpec(  # GET /api/admin/plugins
+    fields={"type": PluginDefinition.type}, serialize=PluginDefinition.to_json,
+    default_sort={"pluginId": 1}, unlimited_allowed=True,
+    sort_fields={"pluginId": PluginDefinition.plugin_id,
+                 "pluginName": PluginDefinition.plugin_name,
+                 "version": PluginDefinition.version, "type": PluginDefinition.type,
+                 "createdAt": PluginDefinition.created_at,
+                 "updatedAt": PluginDefinition.updated_at})
 SECRET_KEYS = ("authentication", "authentification")
 # wire name -> attribute, for the stored document
 FIELDS = {"pluginName": "plugin_name", "version": "version", "type": "type",
@@ -134,7 +140,7 @@ def readable_plugins(privileges):
 
     Dangling plug-in IDs in groups are skipped (quirk 30).
     """
-    ids = privileges.plugins_with("readPlugin")
+    ids = readable_plugin_ids(privileges)
     if not ids:
         return []
     rows = {p.plugin_id: p for p in db.session.execute(

@@ -9,17 +9,18 @@ import logging
 import os
 
 import sqlalchemy as sa
-from flask import g
 
 import series_access
-import storage
 import tasks
-from auth import compute_privileges, find_user, require_job_domains, require_plugin_role
-from errors import ApiError
+import storage
+from auth import (compute_privileges, find_user, personal_info_plugin_ids, readable_domains,
+                  readable_plugin_ids, require_job_domains, require_job_invalidation,
+                  require_job_series_domain, require_plugin_execution, require_plugin_role)
+from errors import ApiError, get_or_404
 from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJobSeries, Series,
-                    SystemState, db, iso, new_ulid, parse_iso, utcnow, get_or_404, put_value)
+                    SystemState, db, iso, new_ulid, parse_iso, utcnow, put_value)
 from plugins import definitions
-from search import ArrayField
+from search import ArrayField, SearchSpec
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,7 @@ def register_job(user_email, privileges, body):
             entry["requiredPrivateTags"] = item["requiredPrivateTags"]
         entries.append(entry)
     plugin = definitions.get_plugin(body["pluginId"])
-    for role in ("readPlugin", "executePlugin"):
-        if not privileges.has_plugin_role(plugin.plugin_id, role):
-            raise ApiError(401, 'You do not have "executePlugin" privilege of this plugin.')
+    require_plugin_execution(plugin.plugin_id, privileges)
     if body.get("force") is not True and _duplicate_exists(plugin.plugin_id, entries):
         raise ApiError(400, "There is a duplicate job that is already registered.")
     uids = [e["seriesUid"] for e in entries]
@@ -182,8 +181,7 @@ def register_job(user_email, privileges, body):
             raise ApiError(400, "Nonexistent series.")
         series_access.validate_pvd(entry["partialVolumeDescriptor"])
         series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
-        if not privileges.has_domain(series.domain):
-            raise ApiError(400, "You cannot access this series.")
+        require_job_series_domain(series, privileges)
     domains = {rows[uid].domain for uid in uids}
     if len(domains) > 1:
         raise ApiError(400, "All series must belong to the same domain.")
@@ -233,8 +231,7 @@ def job_for(job_id, role):
 def change_status(job, new_status):
     """Cancel a queued job or invalidate a finished one (3.6 PATCH), race-free."""
     if new_status == "invalidated":
-        if not g.privileges.has_plugin_role(job.plugin_id, "manageJobs"):
-            raise ApiError(401, "You do not have permission to invalidate this job.")
+        require_job_invalidation(job)
         if job.status != "finished":
             raise JobStateError(
                 f'You cannot invalidate this job because its status is "{job.status}".')
@@ -272,7 +269,7 @@ def _series_field(column, *extra):
 
 def search_fields(privileges):
     """Filter keys of the job search (1.8); ``patientInfo.*`` see only role-unmasked values."""
-    viewable = PluginJob.plugin_id.in_(privileges.plugins_with("readPlugin", "viewPersonalInfo"))
+    viewable = PluginJob.plugin_id.in_(personal_info_plugin_ids(privileges))
     return {
         "pluginId": PluginJob.plugin_id, "jobId": PluginJob.job_id, "status": PluginJob.status,
         "patientInfo.patientId": _series_field(Series.patient_id, viewable),
@@ -301,9 +298,9 @@ def search_query(privileges, my_list=None):
     series in one of the caller's domains; restricted to a my list when given."""
     in_domain = sa.exists().where(PluginJobSeries.job_id == PluginJob.job_id,
                                   Series.series_uid == PluginJobSeries.series_uid,
-                                  Series.domain.in_(privileges.domains))
+                                  Series.domain.in_(readable_domains(privileges)))
     query = db.select(PluginJob).where(
-        PluginJob.plugin_id.in_(privileges.plugins_with("readPlugin")), in_domain)
+        PluginJob.plugin_id.in_(readable_plugin_ids(privileges)), in_domain)
     if my_list is not None:
         query = query.join(MyListItem, sa.and_(MyListItem.resource_id == PluginJob.job_id,
                                                MyListItem.my_list_id == my_list.my_list_id))
@@ -327,7 +324,7 @@ def search_serializer(privileges, personal_info_allowed):
     """A batch serializer for search pages: documents without results, plus ``domain`` and
     ``patientInfo`` (2.6: plug-in roles readPlugin + viewPersonalInfo, global privilege and
     preference)."""
-    viewable = set(privileges.plugins_with("readPlugin", "viewPersonalInfo"))
+    viewable = set(personal_info_plugin_ids(privileges))
 
     def serialize(jobs):
         ids = [job.job_id for job in jobs]
@@ -343,6 +340,15 @@ def search_serializer(privileges, personal_info_allowed):
         return items
     serialize.many = True
     return serialize
+
+
+def search_spec(privileges, personal_info_allowed, in_my_list=False):
+    """The job search for this caller (``in_my_list``: of a my list, see ``search_query``)."""
+    return SearchSpec(
+        search_fields(privileges), search_serializer(privileges, personal_info_allowed),
+        {"addedToListAt": -1} if in_my_list else {"createdAt": -1},
+        sort_fields=LIST_SORT_FIELDS if in_my_list else SORT_FIELDS,
+        count_cap=SEARCH_COUNT_CAP, sort_error="Invalid sort parameter.")
 
 
 # --- attachments ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
 from routes import exports
+from routes import admin
 from routes import rs
 from routes.admin import groups as admin_groups
 from routes.admin import users as admin_users
@@ -27,7 +28,6 @@ from routes.admin import plugins as admin_plugins
 from routes.admin import server_params as admin_server_params
 from routes.admin import onetime_urls as admin_onetime_urls
 from routes.admin import plugin_job_manager as admin_plugin_job_manager
-from routes.admin import dicom_nodes as admin_dicom_nodes
 
 BLUEPRINTS = [
     status.bp,
@@ -48,6 +48,7 @@ BLUEPRINTS = [
     plugin_job_queue.bp,
     plugin_displays.bp,
     openapi.bp,
+    admin.bp,
     rs.bp,
     admin_groups.bp,
     admin_users.bp,
@@ -56,5 +57,4 @@ BLUEPRINTS = [
     admin_server_params.bp,
     admin_onetime_urls.bp,
     admin_plugin_job_manager.bp,
-    admin_dicom_nodes.bp,
 ]

@@ -3,43 +3,28 @@ from flask import Blueprint, g, request
 
 import clinical_cases
 import my_lists
-from auth import can_view_personal_info
-from search import search
+import search
+from auth import can_view_personal_info, require_case_role
 from validation import expects
 
 bp = Blueprint("cases", __name__, url_prefix="/api/cases")
-# Case totals depend on the cases, their tags and (filters on patientInfo) their series.
-_COUNTED = ("clinical_cases", "case_tags", "series")
-
-
-def _search(query, extra_sort=None, memo=None):
-    fields = clinical_cases.search_fields(g.privileges)
-    default = {"createdAt": -1}
-    sort_fields = fields
-    if extra_sort:
-        sort_fields = {**fields, **extra_sort}
-        default = {next(iter(extra_sort)): -1}
-    return search(query, fields, clinical_cases.summary, default, sort_fields=sort_fields,
-                  memo=memo, count_tables=_COUNTED)
-
-
-def _readable():
-    return clinical_cases.readable_cases(g.privileges, can_view_personal_info())
 
 
 @bp.get("")
 def list_cases():
     """Search the cases of the projects the caller can read."""
     key = clinical_cases.search_key(g.privileges, can_view_personal_info())
-    return _search(lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
+    return search.run(clinical_cases.search_spec(g.privileges),
+                      lambda: clinical_cases.readable_cases_of(key), memo=("cases", key))
 
 
 @bp.get("/list/<my_list_id>")
 def list_cases_in_my_list(my_list_id):
     """Search the cases of a my list (the caller's own or a public one)."""
     my_list = my_lists.list_for_search(my_list_id, "clinicalCases")
-    query, added_at = clinical_cases.in_list(_readable(), my_list.my_list_id)
-    return _search(query, {"addedToListAt": added_at})
+    query = clinical_cases.in_list(
+        clinical_cases.readable_cases(g.privileges, can_view_personal_info()), my_list.my_list_id)
+    return search.run(clinical_cases.search_spec(g.privileges, in_my_list=True), query)
 
 
 @bp.post("")
@@ -54,13 +39,14 @@ def create_case(body):
 @bp.get("/<case_id>")
 def get_case(case_id):
     """A case with every revision; the ETag names its latest revision."""
-    case = clinical_cases.require_case_role(case_id, g.privileges, "read")
+    case = clinical_cases.get_case(case_id)
+    require_case_role(case, "read")
     response = clinical_cases.case_document(case)
     return response, 200, {"ETag": f'"{clinical_cases.etag(case)}"'}
 
 
 def _writable(case_id):
-    clinical_cases.require_case_role(case_id, g.privileges, "write")
+    require_case_role(clinical_cases.get_case(case_id), "write")
 
 
 @bp.post("/<case_id>/revision")
@@ -91,6 +77,7 @@ def patch_tags(body):
 @bp.delete("/<case_id>")
 def delete_case(case_id):
     """Delete a case (moderate role); force=1 removes it from every my list first."""
-    case = clinical_cases.require_case_role(case_id, g.privileges, "moderate")
+    case = clinical_cases.get_case(case_id)
+    require_case_role(case, "moderate")
     clinical_cases.delete_case(case, force=request.args.get("force") == "1")
     return "", 204

@@ -6,7 +6,7 @@ checks are the handler's, not route-level privileges).
 from flask import Blueprint, g, jsonify
 
 import my_lists
-from errors import ApiError
+from auth import require_my_list_editable, require_my_list_owner, require_my_list_readable
 from validation import expects
 
 bp = Blueprint("mylists", __name__, url_prefix="/api/mylists")
@@ -21,7 +21,8 @@ def list_my_lists():
 @bp.get("/<my_list_id>")
 def get_my_list(my_list_id):
     """One my list with its resource IDs in insertion order."""
-    my_list = my_lists.readable_list(my_list_id, g.user)
+    my_list = my_lists.get_list(my_list_id)
+    require_my_list_readable(my_list)
     return {**my_list.to_json(), "resourceIds": my_lists.resource_ids(my_list)}
 
 
@@ -38,8 +39,8 @@ def create_my_list(body):
 @expects("mylist-patch")
 def patch_my_list(my_list_id, body):
     """Rename a my list, make it public or private, or replace its editors (owner only)."""
-    my_list = my_lists.owned_list(my_list_id, g.user.user_email,
-                                  "You cannot edit a my list you do not own")
+    my_list = my_lists.get_list(my_list_id)
+    require_my_list_owner(my_list, "edit")
     my_lists.update_list(my_list, body)
     return "", 204
 
@@ -47,16 +48,15 @@ def patch_my_list(my_list_id, body):
 @bp.delete("/<my_list_id>")
 def delete_my_list(my_list_id):
     """Delete a my list and its items (owner only)."""
-    my_list = my_lists.owned_list(my_list_id, g.user.user_email,
-                                  "You cannot delete a my list you do not own")
+    my_list = my_lists.get_list(my_list_id)
+    require_my_list_owner(my_list, "delete")
     my_lists.delete_list(my_list)
     return "", 204
 
 
 def _editable(my_list_id):
     my_list = my_lists.get_list(my_list_id)
-    if not my_lists.can_edit(my_list, g.user):
-        raise ApiError(401, "You cannot edit the items of this my list.")
+    require_my_list_editable(my_list)
     return my_list
 
 

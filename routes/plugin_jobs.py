@@ -4,9 +4,9 @@ import mimetypes
 from flask import Blueprint, g, send_file
 
 import my_lists
+import search
 from auth import can_view_personal_info
 from plugins import jobs
-from search import search
 from validation import expects
 
 bp = Blueprint("plugin_jobs", __name__, url_prefix="/api/plugin-jobs")
@@ -18,12 +18,9 @@ def _job_check(role):
 
 
 def _search(my_list=None):
-    return search(jobs.search_query(g.privileges, my_list),
-                  fields=jobs.search_fields(g.privileges),
-                  sort_fields=jobs.LIST_SORT_FIELDS if my_list else jobs.SORT_FIELDS,
-                  serialize=jobs.search_serializer(g.privileges, can_view_personal_info()),
-                  default_sort={"addedToListAt": -1} if my_list else {"createdAt": -1},
-                  count_cap=jobs.SEARCH_COUNT_CAP, sort_error="Invalid sort parameter.")
+    spec = jobs.search_spec(g.privileges, can_view_personal_info(),
+                                   in_my_list=my_list is not None)
+    return search.run(spec, jobs.search_query(g.privileges, my_list))
 
 
 @bp.post("")

@@ -1,7 +1,7 @@
 """Plug-in definitions the caller may read: /api/plugins."""
 from flask import Blueprint, g
 
-from errors import ApiError
+from auth import require_plugin_readable
 from plugins import definitions
 
 bp = Blueprint("plugins", __name__, url_prefix="/api/plugins")
@@ -17,6 +17,5 @@ def list_plugins():
 @bp.get("/<plugin_id>")
 def get_plugin(plugin_id):
     """One plug-in definition the caller holds `readPlugin` on."""
-    if not g.privileges.has_plugin_role(plugin_id, "readPlugin"):
-        raise ApiError(401, "You do not have permission to get this plugin.")
+    require_plugin_readable(plugin_id)
     return definitions.public_json(definitions.get_plugin(plugin_id))

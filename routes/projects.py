@@ -1,8 +1,7 @@
 """Projects as their members see them: /api/projects."""
 from flask import Blueprint
 
-from auth import require_project_role
-from errors import ApiError
+from auth import project_role_refusal, require_project_role
 from models import Project, db
 
 bp = Blueprint("projects", __name__, url_prefix="/api/projects")
@@ -14,5 +13,5 @@ def get_project(project_id):
     require_project_role(project_id, "read")
     project = db.session.get(Project, project_id)
     if project is None:  # a group may still name a deleted project; never 404 here (2.4)
-        raise ApiError(401, 'You do not have "read" privilege of this project.')
+        raise project_role_refusal("read")
     return project.to_json()

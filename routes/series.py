@@ -6,15 +6,17 @@ from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 import multipart_spool
+import my_lists
+import search
 import series_access
 import storage
 import tasks
-from auth import can_view_personal_info, require_series_domain
+from auth import (can_view_personal_info, readable_domains, require_series_domain,
+                  require_upload_domain)
 from dicom import importer
 from dicom.errors import DicomImportError, NotDicomError
 from errors import ApiError
-from models import Series, ServerParam, db, new_ulid
-from search import search
+from models import MyListItem, Series, ServerParam, db, new_ulid
 from validation import content_type
 
 bp = Blueprint("series", __name__, url_prefix="/api/series")
@@ -22,24 +24,6 @@ bp = Blueprint("series", __name__, url_prefix="/api/series")
 FIELD_NAME = "files"
 POSITIVE_INT_RE = re.compile(r"^[1-9]\d*$")
 UPLOAD_BUFFER = 1024 * 1024
-
-# API.md 1.8: the series filter keys (patientInfo.* read the indexed copies).
-SEARCH_FIELDS = {
-    "modality": Series.modality,
-    "seriesUid": Series.series_uid,
-    "studyUid": Series.study_uid,
-    "seriesDescription": Series.series_description,
-    "patientInfo.patientId": Series.patient_id,
-    "patientInfo.patientName": Series.patient_name,
-    "patientInfo.age": Series.patient_age,
-    "patientInfo.sex": Series.patient_sex,
-    "seriesDate": Series.series_date,
-    "createdAt": Series.created_at,
-}
-SORT_FIELDS = {**SEARCH_FIELDS, "updatedAt": Series.updated_at, "domain": Series.domain,
-               "bodyPart": Series.body_part, "stationName": Series.station_name,
-               "manufacturer": Series.manufacturer, "modelName": Series.model_name}
-
 
 _DOMAINS = db.select(ServerParam.value).where(ServerParam.key == "domains")
 
@@ -130,8 +114,7 @@ def _check_upload_domain(domain):
     known = value if isinstance(value, list) else []
     if domain not in known:
         raise ApiError(400, f'The domain "{domain}" does not exist.')
-    if not g.privileges.has_domain(domain):
-        raise ApiError(403, "You cannot upload to this domain.")
+    require_upload_domain(domain)
 
 
 # --- views ------------------------------------------------------------------------------
@@ -139,12 +122,9 @@ def _check_upload_domain(domain):
 @bp.get("")
 def list_series():
     """Search the series of the caller's domains."""
-    domains = tuple(g.privileges.domains)
-    show = can_view_personal_info()
-    return search(lambda: _series_rows().where(_in_domains(domains)), SEARCH_FIELDS,
-                  lambda row: Series.row_to_json(row, show, as_text=True),
-                  {"createdAt": -1}, sort_fields=SORT_FIELDS, memo=("series", domains),
-                  count_tables=("series",), plain_rows=True)
+    domains = tuple(readable_domains())
+    return search.run(series_access.search_spec(can_view_personal_info()),
+                      lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains))
 
 
 @bp.post("/domain/<domain>")
@@ -235,15 +215,9 @@ def delete_series(series_uid):
 @bp.get("/list/<my_list_id>")
 def list_series_in_my_list(my_list_id):
     """Search the series of a my list (the caller's own or a public one)."""
-    import my_lists
-    from models import MyListItem
     my_list = my_lists.list_for_search(my_list_id, "series")
-    query = (_series_rows().where(_in_domains(g.privileges.domains))
+    query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
-    show = can_view_personal_info()
-    return search(query, SEARCH_FIELDS,
-                  lambda row: Series.row_to_json(row, show, as_text=True),
-                  {"addedToListAt": -1},
-                  sort_fields={**SORT_FIELDS, "addedToListAt": MyListItem.created_at},
-                  plain_rows=True)
+    return search.run(series_access.search_spec(can_view_personal_info(), in_my_list=True),
+                      query)

@@ -2,18 +2,15 @@
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.wsgi import wrap_file
 
+import search
 import tasks
+from auth import owns_task, require_task_owner
 from errors import ApiError
 from models import Task, db
-from search import search
 from validation import json_body
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 
-FILTER_FIELDS = {"taskId": Task.task_id, "status": Task.status, "dismissed": Task.dismissed}
-SORT_FIELDS = {**FILTER_FIELDS, "name": Task.name, "createdAt": Task.created_at,
-               "updatedAt": Task.updated_at, "endedAt": Task.ended_at}
-PARSE_ERROR = "Filter string could not be parsed."
 
 
 def _task(task_id):
@@ -26,8 +23,7 @@ def _task(task_id):
 def _own_task(task_id):
     """The task if the caller owns it; 404 when unknown, 401 when someone else's."""
     task = _task(task_id)
-    if task.user_email != g.user.user_email:
-        raise ApiError(401, "You cannot access this task.")
+    require_task_owner(task)
     return task
 
 
@@ -35,11 +31,10 @@ def _own_task(task_id):
 def list_tasks():
     """Search the caller's tasks."""
     if len(request.args.getlist("filter")) > 1:
-        raise ApiError(400, PARSE_ERROR)
+        raise ApiError(400, tasks.SEARCH.parse_error)
     tasks.fail_interrupted()
     query = db.select(Task).where(Task.user_email == g.user.user_email)
-    return search(query, FILTER_FIELDS, Task.to_json, {"createdAt": -1},
-                  sort_fields=SORT_FIELDS, parse_error=PARSE_ERROR)
+    return search.run(tasks.SEARCH, query)
 
 
 @bp.get("/report")
@@ -62,7 +57,7 @@ def get_task(task_id):
 def download_task_file(task_id):
     """Download the file a finished task produced."""
     task = _task(task_id)
-    if task.user_email != g.user.user_email:  # the issue: no hint that the task exists
+    if not owns_task(task):  # the issue: no hint that the task exists
         raise ApiError(404, "The requested task was not found.")
     if not task.download_file_type:
         raise ApiError(400, "This task is not associated with a downloadable file.")

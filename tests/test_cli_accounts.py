@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from admin_records import RECORD_CHECKS
+from db_check import RECORD_CHECKS
 from auth import check_password, issue_login_token
 from models import (Group, PluginDefinition, Project, Series, ServerParam, Token, User, db,
                     utcnow)

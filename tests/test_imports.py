@@ -2,7 +2,8 @@
 
 Every project .py file is parsed with ``ast``; each ``import`` / ``from ... import`` anywhere
 in it (module level or inside a function) that names a project module becomes an edge, and
-importing ``a.b`` also runs ``a/__init__.py``, so it is an edge to ``a`` too.
+importing ``a.b`` also runs ``a/__init__.py``, so it is an edge to ``a`` too (except from inside
+``a``, which is imported before any of its modules).
 """
 import ast
 from pathlib import Path
@@ -55,7 +56,10 @@ def imports_of(name, path, modules):
                 if submodule in modules:
                     targets.append(submodule)
             found += [(target, node.lineno) for target in targets]
-    return [(target, line) for target, line in found if target != name]
+    # A module's own packages are imported before it runs: an edge to them is no cycle.
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    return [(target, line) for target, line in found
+            if target != name and target not in ancestors]
 
 
 def import_graph(root=ROOT):

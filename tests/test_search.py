@@ -18,7 +18,7 @@ from sqlalchemy import event
 from app import create_app
 from cli import create_initial_data
 from models import CaseTag, ClinicalCase, Project, Series, db
-from search import ArrayField, Regex, compile_filter, regex_to_like, search
+from search import ArrayField, Regex, SearchSpec, compile_filter, regex_to_like, run
 from tests.conftest import ALL_PRIVILEGES, _empty_shared_database
 from tests.factories import make_group, make_series, make_token, make_user
 
@@ -53,13 +53,13 @@ def app(tmp_path_factory):
 
     def search_series():
         """Test-only: search series."""
-        return search(db.select(Series), fields=SERIES_FIELDS, default_sort={"seriesUid": 1},
-                      serialize=lambda s: s.series_uid)
+        return run(SearchSpec(SERIES_FIELDS, lambda s: s.series_uid, {"seriesUid": 1}),
+                   db.select(Series))
 
     def search_cases():
         """Test-only: search cases."""
-        return search(db.select(ClinicalCase), fields=CASE_FIELDS, default_sort={"caseId": 1},
-                      serialize=lambda c: c.case_id)
+        return run(SearchSpec(CASE_FIELDS, lambda c: c.case_id, {"caseId": 1}),
+                   db.select(ClinicalCase))
 
     app.add_url_rule("/api/test-search/series", view_func=search_series)
     app.add_url_rule("/api/test-search/cases", view_func=search_cases)

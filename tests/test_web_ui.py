@@ -84,11 +84,13 @@ def test_symlink_out_of_the_folder_is_refused(client, ui_dir):
     assert (res.status_code, res.get_json()) == (404, NOT_FOUND)
 
 
-@pytest.mark.parametrize("path", ["/api", "/api/", "/api/nothing", "/API/Nothing", "/rs",
-                                  "/rs/series/1.2.3/metadata", "/RS/x"])
-def test_api_and_rs_paths_are_not_the_ui(client, path):
+@pytest.mark.parametrize("path, error", [
+    ("/api", NOT_FOUND), ("/api/", NOT_FOUND), ("/api/nothing", NOT_FOUND),
+    ("/API/Nothing", NOT_FOUND), ("/rs", NOT_FOUND), ("/RS/x", NOT_FOUND),
+    ("/rs/series/1.2.3/metadata", {"error": "Series could not be loaded"})])  # the image server
+def test_api_and_rs_paths_are_not_the_ui(client, path, error):
     res = client.get(path)
-    assert (res.status_code, res.get_json()) == (404, NOT_FOUND)
+    assert (res.status_code, res.get_json()) == (404, error)
 
 
 def test_api_keeps_its_token_check_and_routing(client, auth_headers):

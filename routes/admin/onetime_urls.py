@@ -1,12 +1,10 @@
-"""One-time login URLs: /api/admin/onetime-urls."""
+"""One-time login URLs: /api/admin/onetime-urls (issueOnetime, not manageServer: auth.py)."""
 from flask import Blueprint
 
 import accounts
-from auth import require_global
 from validation import expects
 
-bp = Blueprint("admin_onetime_urls", __name__, url_prefix="/api/admin/onetime-urls")
-bp.before_request(lambda: require_global("issueOnetime"))
+bp = Blueprint("admin_onetime_urls", __name__, url_prefix="/onetime-urls")
 
 
 @bp.post("")

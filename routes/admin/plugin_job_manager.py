@@ -1,13 +1,11 @@
 """The CS job manager and queue: /api/admin/plugin-job-manager, /api/admin/plugin-job-queue."""
 from flask import Blueprint, request
 
-from auth import require_global
 from errors import ApiError
 from plugins import jobs
 from validation import expects
 
-bp = Blueprint("admin_plugin_job_manager", __name__, url_prefix="/api/admin")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_plugin_job_manager", __name__)
 
 
 @bp.get("/plugin-job-manager")

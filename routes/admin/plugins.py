@@ -1,22 +1,18 @@
 """Plug-in definitions: /api/admin/plugins (manageServer on every route, quirk 5)."""
 from flask import Blueprint
 
-from auth import require_global
+import search
 from models import PluginDefinition, db
 from plugins import definitions
-from search import search
 from validation import expects
 
-bp = Blueprint("admin_plugins", __name__, url_prefix="/api/admin/plugins")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_plugins", __name__, url_prefix="/plugins")
 
 
 @bp.get("")
 def list_plugins():
     """Search plug-in definitions (filter key `type`; `unlimited` allowed)."""
-    return search(db.select(PluginDefinition), fields=definitions.SEARCH_FIELDS,
-                  sort_fields=definitions.SORT_FIELDS, serialize=PluginDefinition.to_json,
-                  default_sort={"pluginId": 1}, unlimited_allowed=True)
+    return search.run(definitions.ADMIN_SEARCH, db.select(PluginDefinition))
 
 
 @bp.post("")

@@ -2,21 +2,17 @@
 from flask import Blueprint
 
 import admin_records
-from auth import require_global
+import search
 from models import Project, db
-from search import search
 from validation import expects
 
-bp = Blueprint("admin_projects", __name__, url_prefix="/api/admin/projects")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_projects", __name__, url_prefix="/projects")
 
 
 @bp.get("")
 def list_projects():
     """Search projects (filter ignored; `unlimited` allowed)."""
-    return search(db.select(Project), fields={}, sort_fields=admin_records.PROJECT_SORT,
-                  serialize=Project.to_json, default_sort={"updatedAt": -1},
-                  unlimited_allowed=True, filter_allowed=False)
+    return search.run(admin_records.PROJECT_SEARCH, db.select(Project))
 
 
 @bp.get("/<project_id>")

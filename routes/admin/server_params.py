@@ -2,11 +2,9 @@
 from flask import Blueprint, jsonify
 
 import admin_records
-from auth import require_global
 from validation import expects
 
-bp = Blueprint("admin_server_params", __name__, url_prefix="/api/admin/server-params")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_server_params", __name__, url_prefix="/server-params")
 ANY_JSON_DOCUMENT = {"type": ["object", "array"]}  # strict JSON: no bare scalars (quirk 27)
 
 

@@ -2,22 +2,18 @@
 from flask import Blueprint
 
 import admin_records
-from auth import require_global
+import search
 from models import User, db
-from search import search
 from validation import expects
 
-bp = Blueprint("admin_users", __name__, url_prefix="/api/admin/users")
-bp.before_request(lambda: require_global("manageServer"))
+bp = Blueprint("admin_users", __name__, url_prefix="/users")
 
 
 @bp.get("")
 def list_users():
     """Search users (filter ignored; passwords never returned)."""
-    return search(lambda: db.select(*User.public_columns()), fields={},
-                  sort_fields=admin_records.USER_SORT, serialize=User.to_json,
-                  default_sort={"createdAt": -1},
-                  filter_allowed=False, memo="admin/users")
+    return search.run(admin_records.USER_SEARCH, lambda: db.select(*User.public_columns()),
+                      memo="admin/users")
 
 
 @bp.get("/<user_email>")
