@@ -384,6 +384,14 @@ def refresh_series_parameters_command(max_date):
     click.echo(f"Refreshed {refreshed} series, {failed} failed.")
 
 
+@commands.command("index-instances")
+def index_instances_command():
+    """Index the instances (and study attributes) of series stored before they were kept,
+    for DICOM networking and DICOMweb (updatedAt kept)."""
+    indexed, failed = importer.index_instances()
+    click.echo(f"Indexed {indexed} series, {failed} failed.")
+
+
 @commands.command("export-case")
 @click.argument("case_ids", nargs=-1, required=True)
 @click.option("-o", "--out", default="case-exports", show_default=True,

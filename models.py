@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer,
                         String, Text, UniqueConstraint, cast, event, type_coerce)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import UserDefinedType
 
@@ -84,6 +86,16 @@ def put_value(model, key, value, session=None):
         session.add(model(key=key, value=value))
     else:
         row.value = value
+
+
+def upsert_statement(table):
+    """``INSERT ... ON CONFLICT (primary key) DO UPDATE`` of every other column, in the
+    dialect of the app's database (SQLite and PostgreSQL both say it; executemany-able)."""
+    dialects = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+    insert = dialects[db.engine.dialect.name](table)
+    keys = [c.name for c in table.primary_key.columns]
+    return insert.on_conflict_do_update(index_elements=keys, set_={
+        c.name: insert.excluded[c.name] for c in table.columns if c.name not in keys})
 
 
 def random_hex(nbytes=20):
@@ -269,6 +281,15 @@ class Series(Timestamps, db.Model):
     patient_sex: Mapped[str | None] = mapped_column(String(1), nullable=True)
     parameters: Mapped[dict] = mapped_column(JSON, default=dict)
     domain: Mapped[str] = mapped_column(String(128), index=True)
+    # Study-level attributes as the header has them (DICOM networking and DICOMweb match on
+    # them); None for series imported before they were kept (``index-instances`` fills them).
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True, index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    study_description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    study_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text, nullable=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     # (modality, seriesDate, domain) covers the common filtered search and its COUNT
     # without reading rows (the domain condition is always there).
@@ -330,6 +351,21 @@ class Series(Timestamps, db.Model):
         if with_patient_info:
             doc["patientInfo"] = patient_info or {}
         return doc
+
+
+class Instance(db.Model):
+    """One stored instance file of a series: what DICOM networking and DICOMweb address it
+    by. Written by the import batch in the transaction that places the file."""
+    __tablename__ = "instances"
+    series_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_uid", ondelete="CASCADE"), primary_key=True)
+    instance_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class DicomNode(Timestamps, db.Model):

@@ -35,7 +35,7 @@ from dicom.errors import ArchiveLimitError, BrokenDicomError, DomainConflictErro
 from dicom.header_scan import read_keys
 from dicom.image_ranges import images_string, merge_images, parse_ranges
 from dicom.instance import InstanceRecord, default_offset, read_record
-from models import Series, db, new_ulid, utcnow
+from models import Instance, Series, db, new_ulid, upsert_statement, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class ImportBatch:
             os.makedirs(self.dir, exist_ok=True)
         self.prefix = new_ulid()
         self.staged = {}  # (seriesUid, instance) -> staged path; the last copy wins
+        self.keys = {}  # (seriesUid, instance) -> its InstanceKeys (the instances row)
         # seriesUid -> key of its first instance, whose whole header is parsed at commit
         # if the series is new (so a batch stays small in memory and an instance of a
         # known series is never parsed by pydicom).
@@ -186,13 +187,14 @@ class ImportBatch:
         return os.path.join(self.dir, f"{self.prefix}-{self._counter:08d}")
 
     def _keep(self, keys, path, size):
-        number, uid = keys
+        number, uid = keys.instance_number, keys.series_uid
         key = (uid, number)
         previous = self.staged.get(key)
         if previous is not None:
             self._forget_sync(previous)
             os.unlink(previous)
         self.staged[key] = path
+        self.keys[key] = keys
         self.first_key.setdefault(uid, key)
         self.bytes += size
         offset = self.utc_offset
@@ -296,6 +298,7 @@ class ImportBatch:
             if name.startswith(self.prefix):
                 unlink_quietly(os.path.join(self.dir, name))
         self.staged = {}
+        self.keys = {}
         self.first_key = {}
 
     def commit(self):
@@ -327,6 +330,7 @@ class ImportBatch:
         log.info("Imported %d instances into %d series (%s)", len(self.staged),
                  len(by_series), self.domain)
         self.staged = {}
+        self.keys = {}
         self.first_key = {}
         return BatchResult(instances=sum(len(v) for v in by_series.values()),
                            series_uids=set(by_series), new_instances=len(new_files))
@@ -424,6 +428,7 @@ class ImportBatch:
                     unsynced.append(target)
             os.replace(staged, target)
             placed.append((target, is_new))
+        self._index_instances()
         # Before the commit: no row ever points at a file that is not durable.
         make_placed_durable(unsynced, folders, created)
         for syncing in self.syncing.values():
@@ -432,12 +437,27 @@ class ImportBatch:
         db.session.commit()
         return new_keys
 
+    def _index_instances(self):
+        """Write the instances rows of every staged instance (a replaced one is updated)."""
+        rows = [instance_row(keys) for keys in self.keys.values()]
+        if rows:
+            db.session.connection().execute(upsert_statement(Instance.__table__), rows)
+
     @staticmethod
     def _remove_new(placed):
         """Undo the renames of instances the database does not know."""
         for target, is_new in placed:
             if is_new:
                 unlink_quietly(target)
+
+
+def instance_row(keys):
+    """The instances row of an instance's InstanceKeys."""
+    return {"series_uid": keys.series_uid, "instance_number": keys.instance_number,
+            "sop_instance_uid": keys.sop_instance_uid, "sop_class_uid": keys.sop_class_uid,
+            "transfer_syntax_uid": keys.transfer_syntax_uid,
+            "number_of_frames": keys.number_of_frames, "rows": keys.rows,
+            "columns": keys.columns}
 
 
 _SERIES = Series.__table__

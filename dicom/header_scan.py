@@ -83,7 +83,7 @@ def _uid(text):
 
 
 def read_keys(fh, size):
-    """Check one instance and return ``(instance number, series UID)``, reading only what
+    """Check one instance and return its InstanceKeys (transfer syntax included), reading only what
     that needs: the scan, or pydicom's parse (read_dataset, with its errors) whenever the
     scan leaves the file to it or its pixel data check fails.
 
@@ -100,7 +100,10 @@ def read_keys(fh, size):
         except BrokenDicomError:
             pass  # pydicom's path below gives the verdict
         else:
-            return check_instance(header.raw, header.little)
+            keys = check_instance(header.raw, header.little)
+            return keys._replace(transfer_syntax_uid=header.syntax)
     fh.seek(start)
     dataset = read_dataset(fh, size)
-    return check_instance(lambda tag: raw_bytes(dataset, tag), syntax_of(dataset)[1])
+    syntax, little = syntax_of(dataset)
+    keys = check_instance(lambda tag: raw_bytes(dataset, tag), little)
+    return keys._replace(transfer_syntax_uid=syntax or None)

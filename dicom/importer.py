@@ -15,12 +15,13 @@ import sqlalchemy as sa
 import storage
 import tasks
 from dicom.archives import Limits, Prefixed, is_targz, is_zip, targz_entries, zip_entries
-from dicom.batch import SMALL_ENTRY_BYTES, ImportBatch, unlink_quietly
+from dicom.batch import SMALL_ENTRY_BYTES, ImportBatch, instance_row, unlink_quietly
 from dicom.elements import DICM_OFFSET, is_dicm
 from dicom.errors import DicomImportError, ImportFailed
+from dicom.header_scan import read_keys
 from dicom.image_ranges import parse_ranges
-from dicom.instance import default_offset, read_record
-from models import Series, db
+from dicom.instance import STUDY_COLUMNS, default_offset, read_record
+from models import Instance, Series, db, upsert_statement
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +255,40 @@ def refresh_parameters(max_date=None, on_series=None):
         if on_series is not None:
             on_series(uid)
     return refreshed, failed
+
+
+def index_instances(on_series=None):
+    """Write the instances rows and the study-level columns of series stored before they
+    were kept (series with no instances row), from their files; updatedAt is kept.
+
+    Returns (indexed, failed) counts of series.
+    """
+    indexed_uids = sa.select(Instance.series_uid).distinct()
+    rows = db.session.execute(db.select(Series.series_uid, Series.images)
+                              .where(Series.series_uid.not_in(indexed_uids))
+                              .order_by(Series.created_at)).all()
+    db.session.rollback()
+    indexed = failed = 0
+    for uid, images in rows:
+        try:
+            instances = []
+            for first, last in parse_ranges(images):
+                for number in range(first, last + 1):
+                    path = storage.instance_path(uid, number)
+                    with open(path, "rb") as fh:
+                        keys = read_keys(fh, os.fstat(fh.fileno()).st_size)
+                    instances.append(instance_row(keys))
+            record = read_record(storage.instance_path(uid, parse_ranges(images)[0][0]))
+        except (DicomImportError, OSError, IndexError) as exc:
+            log.warning("Cannot index the instances of %s: %s", uid, exc)
+            failed += 1
+        else:
+            study = {name: record.series[name] for name in STUDY_COLUMNS}
+            db.session.execute(sa.update(Series).where(Series.series_uid == uid).values(
+                **study, updated_at=Series.updated_at))
+            db.session.connection().execute(upsert_statement(Instance.__table__), instances)
+            db.session.commit()
+            indexed += 1
+        if on_series is not None:
+            on_series(uid)
+    return indexed, failed

@@ -15,6 +15,7 @@ import re
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import pydicom
 from flask import current_app
@@ -369,8 +370,20 @@ def wanted_tags():
     return wanted
 
 
+class InstanceKeys(NamedTuple):
+    """What the rules keep of one instance: where it goes and how it is addressed."""
+    instance_number: int
+    series_uid: str
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    number_of_frames: int | None
+    rows: int
+    columns: int
+    transfer_syntax_uid: str | None = None  # set by header_scan.read_keys
+
+
 def check_instance(raw, little):
-    """Run every rule; return ``(instance number, series UID)``.
+    """Run every rule; return the instance's InstanceKeys.
 
     Raises
     ------
@@ -380,7 +393,9 @@ def check_instance(raw, little):
         series document (study UID, Rows, Columns, Modality, sex).
     """
     kept = {r.name: r.check(raw, little) for r in RULES}
-    return kept["instance_number"], kept["series_uid"]
+    rows, columns = kept["size"]
+    return InstanceKeys(kept["instance_number"], kept["series_uid"], kept["sop_instance_uid"],
+                        kept["sop_class_uid"], kept["frames"], rows, columns)
 
 
 @rule("character_set", 0x00080005)
@@ -416,8 +431,10 @@ def _study_uid(raw, _little):
 
 @rule("size", 0x00280010, 0x00280011)
 def _size(raw, little):
-    if _uint16(raw(0x00280011), little) is None or _uint16(raw(0x00280010), little) is None:
+    rows, columns = _uint16(raw(0x00280010), little), _uint16(raw(0x00280011), little)
+    if rows is None or columns is None:
         raise InvalidInstanceError("Rows or Columns of this DICOM file is not set.")
+    return rows, columns
 
 
 @rule("modality", 0x00080060)
@@ -434,6 +451,34 @@ def _sex(raw, _little):
     sex = _ascii(raw(0x00100040))
     if sex and sex not in ("F", "M", "O"):
         raise InvalidInstanceError(f"Patient's Sex must be F, M or O, not {sex!r}.")
+
+
+def _optional_uid(raw):
+    """A UID kept for addressing the instance; None when absent or not a UID (CIRCUS
+    never required it, so its absence refuses nothing)."""
+    uid = _ascii(raw)
+    return uid if uid and UID_RE.match(uid) and len(uid) <= 64 else None
+
+
+@rule("sop_instance_uid", 0x00080018)
+def _sop_instance_uid(raw, _little):
+    return _optional_uid(raw(0x00080018))
+
+
+@rule("sop_class_uid", 0x00080016)
+def _sop_class_uid(raw, _little):
+    return _optional_uid(raw(0x00080016))
+
+
+@rule("frames", 0x00280008)
+def _frames(raw, _little):
+    text = _ascii(raw(0x00280008))
+    if not text:
+        return None
+    match = INT_RE.match(text)
+    if match is None or not 0 < int(match.group(0)) < 2 ** 31:
+        raise InvalidInstanceError(f"Number of Frames of this DICOM file is invalid: {text!r}.")
+    return int(match.group(0))
 
 
 # --- the record -------------------------------------------------------------------------
@@ -476,7 +521,8 @@ def extract_record(dataset, default_offset=0):
         As ``check_instance``.
     """
     _syntax, little = syntax_of(dataset)
-    number, series_uid = check_instance(lambda tag: raw_bytes(dataset, tag), little)
+    keys = check_instance(lambda tag: raw_bytes(dataset, tag), little)
+    number, series_uid = keys.instance_number, keys.series_uid
     decoder = Decoder(raw_bytes(dataset, 0x00080005))
     offset = utc_offset_minutes(dataset, default_offset)
     study_local = local_datetime(_ascii(raw_bytes(dataset, 0x00080020)),
@@ -497,8 +543,28 @@ def extract_record(dataset, default_offset=0):
         "manufacturer": decoder.text(raw_bytes(dataset, 0x00080070)) or "",
         "patient_info": _patient_info(dataset, decoder, study_local or series_local),
         "parameters": extract_parameters(dataset, decoder),
+        **_study_attributes(dataset, decoder),
     }
     return InstanceRecord(number, series_uid, series)
+
+
+def _study_attributes(dataset, decoder):
+    """The study-level columns (and the series number) DICOM queries match on, as the
+    header has them: dates and times as DICOM text, names decoded."""
+    def text(tag, size=None):
+        value = decoder.text(raw_bytes(dataset, tag))
+        return value[:size] if value and size else value or None
+    number = INT_RE.match(_ascii(raw_bytes(dataset, 0x00200011)) or "")
+    return {"study_date": (_ascii(raw_bytes(dataset, 0x00080020)) or "")[:8] or None,
+            "study_time": (_ascii(raw_bytes(dataset, 0x00080030)) or "")[:16] or None,
+            "accession_number": text(0x00080050, 64), "study_description": text(0x00081030),
+            "study_id": text(0x00200010, 16), "referring_physician_name": text(0x00080090),
+            "series_number": int(number.group(0)) if number and
+            abs(int(number.group(0))) < 2 ** 31 else None}
+
+
+STUDY_COLUMNS = ("study_date", "study_time", "accession_number", "study_description",
+                 "study_id", "referring_physician_name", "series_number")
 
 
 def record_json(record):

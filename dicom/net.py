@@ -304,7 +304,7 @@ class Listener:
         DicomImportError
             NotDicomError, BrokenDicomError, InvalidInstanceError, DomainConflictError.
         """
-        _number, uid = read_keys(io.BytesIO(data), len(data))
+        uid = read_keys(io.BytesIO(data), len(data)).series_uid
         with self.lock:
             pending = self.pending.get(uid)
             if pending is not None and pending[0] != domain:
@@ -447,7 +447,7 @@ class Listener:
                 os.rename(storage.dicom_listener_path(listener, key, name), target)
                 try:
                     with open(target, "rb") as fh:
-                        _number, uid = read_keys(fh, os.fstat(fh.fileno()).st_size)
+                        uid = read_keys(fh, os.fstat(fh.fileno()).st_size).series_uid
                 except DicomImportError as exc:
                     self._refuse([Received(domain, target, "")], exc)
                     continue

@@ -1,7 +1,7 @@
 """dicom_nodes: the DICOM nodes the listener admits (dicom/net.py, issue 14)
 
-Revision ID: 0005_dicom_nodes
-Revises: 0004
+Revision ID: 0006_dicom_nodes
+Revises: 0005
 Create Date: 2026-12-03 16:00:00
 
 """
@@ -10,8 +10,8 @@ from alembic import op
 
 
 # revision identifiers, used by Alembic.
-revision = '0005_dicom_nodes'
-down_revision = '0004'
+revision = '0006_dicom_nodes'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
