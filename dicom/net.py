@@ -28,9 +28,12 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelGet,
@@ -41,10 +44,11 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
 from pynetdicom.transport import ThreadedAssociationServer
 
 import storage
+from dicom import query
 from dicom.batch import ImportBatch, unlink_quietly
 from dicom.errors import DicomImportError, DomainConflictError, InvalidInstanceError
 from dicom.header_scan import read_keys
-from dicom.instance import default_offset, extract_record, read_dataset
+from dicom.instance import UID_RE, default_offset, extract_record, read_dataset
 from models import DicomNode, Series, db, new_ulid
 
 log = logging.getLogger(__name__)
@@ -55,8 +59,9 @@ PENDING = 0xFF00
 NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900  # data set / identifier does not match the SOP class
-CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND = 0xC000  # C-STORE: cannot understand; C-FIND/GET/MOVE: unable to process
 MOVE_DESTINATION_UNKNOWN = 0xA801
+CANCELLED = 0xFE00
 
 # Association rejections (result, source, reason): permanent, by the service user.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -66,12 +71,20 @@ BATCH_MAX = 2000  # instances per ImportBatch
 KNOWN_MAX = 100000  # series domains remembered
 RETRY_SECONDS = 1.0  # after a commit failed for a reason that may pass (database down)
 MAX_PDU = 4 * 1024 * 1024
-QR_MODELS = (PatientRootQueryRetrieveInformationModelFind,
-             StudyRootQueryRetrieveInformationModelFind,
-             PatientRootQueryRetrieveInformationModelGet,
-             StudyRootQueryRetrieveInformationModelGet,
-             PatientRootQueryRetrieveInformationModelMove,
-             StudyRootQueryRetrieveInformationModelMove)
+# Query/retrieve information models: the service each one serves.
+QR_MODELS = {PatientRootQueryRetrieveInformationModelFind: "find",
+             StudyRootQueryRetrieveInformationModelFind: "find",
+             PatientRootQueryRetrieveInformationModelGet: "get",
+             StudyRootQueryRetrieveInformationModelGet: "get",
+             PatientRootQueryRetrieveInformationModelMove: "move",
+             StudyRootQueryRetrieveInformationModelMove: "move"}
+STUDY_ROOT = {StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+              StudyRootQueryRetrieveInformationModelMove}
+UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+               "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+MAX_SUBOPERATIONS = 65535  # a C-GET/C-MOVE response counts them in US
+MAX_CONTEXTS = 128
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,34 @@ def _status(code, comment=None):
     ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
+
+
+def _text(element):
+    """An identifier element as a DICOM matching string (``""``: universal matching)."""
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value)
+
+
+def _request(identifier, model):
+    """``(level, keys)`` of a query/retrieve identifier; QueryError when malformed."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in query.LEVELS:
+        raise query.QueryError(f"Unknown or missing QueryRetrieveLevel {level!r}.")
+    if level == "PATIENT" and model in STUDY_ROOT:
+        raise query.QueryError("The Study Root model has no PATIENT level.")
+    keys = {}
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in NOT_KEYS or element.VR == "SQ":
+            continue
+        keys[keyword] = _text(element)
+    return level, keys
 
 
 def _normal_ip(address):
@@ -161,11 +202,9 @@ class Listener:
             if adopted:
                 log.info("Importing %d instances a previous listener acknowledged", len(adopted))
                 self._commit(adopted)
-        # Identifiers are logged by pynetdicom at INFO for every query; files are sent as
-        # stored (the context is negotiated with their own transfer syntax).
+        # pynetdicom logs every identifier at INFO, for every query.
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
         self.ae = self._make_ae()
         try:
             self.server = self.ae.make_server((self.host, self.port), ae_title=self.ae_title,
@@ -229,7 +268,24 @@ class Listener:
 
     def _handlers(self):
         return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
-                (evt.EVT_C_STORE, self._on_store)]
+                (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_FIND, self._on_find),
+                (evt.EVT_C_GET, self._on_get), (evt.EVT_C_MOVE, self._on_move)]
+
+    def _contexts_for(self, session):
+        """The supported contexts a node's services need: the others are rejected in
+        negotiation (storage stays for ``get``: its instances come over C-STORE)."""
+        kept = []
+        for context in self.ae.supported_contexts:
+            uid = context.abstract_syntax
+            if uid == Verification:
+                wanted = "echo" in session.allow
+            elif uid in QR_MODELS:
+                wanted = QR_MODELS[uid] in session.allow
+            else:
+                wanted = bool({"store", "get"} & session.allow)
+            if wanted:
+                kept.append(context)
+        return kept
 
     # --- associations -------------------------------------------------------------------
 
@@ -260,6 +316,7 @@ class Listener:
             assoc.kill()  # as pynetdicom's own rejections: the DUL sends the PDU, then stops
             return
         self.sessions[assoc] = session
+        assoc.acceptor.supported_contexts = self._contexts_for(session)
 
     def _allowed(self, event, service):
         session = self.sessions.get(event.assoc)
@@ -347,6 +404,149 @@ class Listener:
         self.known.move_to_end(uid)
         if len(self.known) > KNOWN_MAX:
             self.known.popitem(last=False)
+
+    # --- C-FIND -------------------------------------------------------------------------
+
+    def _on_find(self, event):
+        session = self._allowed(event, "find")
+        if session is None:
+            yield _status(NOT_AUTHORIZED, "This node may not query."), None
+            return
+        try:
+            identifier = event.identifier
+            level, keys = _request(identifier, event.request.AffectedSOPClassUID)
+            with self.app.app_context():
+                matches, _ignored = query.find(level, keys, [session.domain])
+        except query.QueryError as exc:
+            yield _status(DOES_NOT_MATCH, str(exc)), None
+            return
+        except Exception as exc:  # an identifier pydicom cannot decode
+            log.warning("C-FIND identifier refused: %s", exc)
+            yield _status(CANNOT_UNDERSTAND, "The identifier cannot be decoded."), None
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            yield PENDING, self._answer(level, keys, match)
+
+    def _answer(self, level, keys, match):
+        """The response identifier of one match: the requested keys (empty when unknown),
+        the level's unique key and the higher levels' UIDs."""
+        answer = Dataset()
+        wanted = list(keys)
+        for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                        "SOPInstanceUID")[:("PATIENT", "STUDY", "SERIES", "IMAGE").index(level) + 1]:
+            if keyword not in wanted and (keyword == UNIQUE_KEYS[level] or match.get(keyword)):
+                wanted.append(keyword)
+        texts = []
+        for keyword in wanted:
+            if keyword == "RetrieveAETitle":
+                value = self.ae_title
+            else:
+                value = match.get(keyword)
+            if value is None:
+                value = ""
+            elif isinstance(value, (list, tuple)):
+                value = [str(v) for v in value]
+                texts.extend(value)
+            elif isinstance(value, str):
+                texts.append(value)
+            try:
+                setattr(answer, keyword, value)
+            except (ValueError, TypeError):
+                setattr(answer, keyword, "")
+        if any(not text.isascii() for text in texts):
+            answer.SpecificCharacterSet = "ISO_IR 192"
+        answer.QueryRetrieveLevel = level
+        return answer
+
+    # --- C-GET and C-MOVE ----------------------------------------------------------------
+
+    def _retrieve(self, event, session):
+        """(Instance rows, paths) an identifier retrieves; QueryError if malformed."""
+        try:
+            identifier = event.identifier
+        except Exception:  # undecodable
+            raise query.QueryError("The identifier cannot be decoded.") from None
+        level, keys = _request(identifier, event.request.AffectedSOPClassUID)
+        unique = UNIQUE_KEYS[level]
+        uids = [v for v in keys.get(unique, "").split("\\") if v]
+        if not uids:
+            raise query.QueryError(f"A {level} level retrieve needs {unique}.")
+        domains = [session.domain]
+        found = {}
+        with self.app.app_context():
+            if level == "PATIENT":
+                selections = [{"study_uid": m["StudyInstanceUID"]} for patient in uids
+                              for m in query.find("STUDY", {"PatientID": patient,
+                                                            "StudyInstanceUID": ""}, domains)[0]]
+            else:
+                for uid in uids:
+                    if "*" in uid or "?" in uid or not UID_RE.match(uid) or len(uid) > 64:
+                        raise query.QueryError(f"{unique} holds an invalid UID {uid!r}.")
+                name = {"STUDY": "study_uid", "SERIES": "series_uid",
+                        "IMAGE": "sop_instance_uid"}[level]
+                selections = [{name: uid} for uid in uids]
+            for selection in selections:
+                for row, path in query.instance_files(domains, **selection):
+                    found.setdefault(path, (row.sop_class_uid, row.transfer_syntax_uid))
+        return found
+
+    def _on_get(self, event):
+        session = self._allowed(event, "get")
+        if session is None:
+            yield 1
+            yield _status(NOT_AUTHORIZED, "This node may not retrieve."), None
+            return
+        try:
+            found = self._retrieve(event, session)
+        except query.QueryError as exc:
+            yield 1
+            yield _status(DOES_NOT_MATCH, str(exc)), None
+            return
+        yield from self._send(event, found)
+
+    def _send(self, event, found):
+        if len(found) > MAX_SUBOPERATIONS:
+            yield 1
+            yield _status(OUT_OF_RESOURCES, "Too many instances for one retrieve."), None
+            return
+        yield len(found)
+        for path in found:
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            try:
+                # pynetdicom's C-GET/C-MOVE SCP takes datasets only: parsed, not decoded.
+                dataset = dcmread(path)
+            except (OSError, InvalidDicomError) as exc:
+                log.error("Cannot read %s for a retrieve: %s", path, exc)
+                dataset = Dataset()  # counted as a failed sub-operation
+            yield PENDING, dataset
+
+    def _on_move(self, event):
+        session = self._allowed(event, "move")
+        destination = (event.move_destination or "").strip()
+        with self.app.app_context():
+            node = db.session.get(DicomNode, destination) if destination else None
+            node = None if node is None else (node.host, node.port)
+        if session is None or node is None or not node[0] or not node[1]:
+            # Unknown, or known but not addressable: 0xA801 (PS3.4 C.4.2.1.5).
+            yield None, None
+            return
+        try:
+            found = self._retrieve(event, session)
+        except query.QueryError as exc:
+            yield node[0], node[1]
+            yield 1
+            yield _status(DOES_NOT_MATCH, str(exc)), None
+            return
+        pairs = sorted({pair for pair in found.values() if pair[0] and pair[1]})
+        contexts = [build_context(sop_class, syntax)
+                    for sop_class, syntax in pairs[:MAX_CONTEXTS]]
+        yield node[0], node[1], ({"contexts": contexts} if contexts else {})
+        yield from self._send(event, found)
 
     # --- staging ------------------------------------------------------------------------
 

@@ -334,3 +334,218 @@ def test_port_in_use_is_a_clear_error(app, domains):
         sock.listen()
         with pytest.raises(OSError):
             net.Listener(app, host="127.0.0.1", port=sock.getsockname()[1]).start()
+
+
+# --- C-FIND, C-GET, C-MOVE --------------------------------------------------------------
+
+STUDY_A, STUDY_B = "1.2.826.0.1.3680043.10.5", "1.2.826.0.1.3680043.10.6"
+CT_SERIES, MR_SERIES = "1.2.826.0.1.3680043.10.5.1", "1.2.826.0.1.3680043.10.5.2"
+HIDDEN = "1.2.826.0.1.3680043.10.6.1"
+
+
+@pytest.fixture
+def stored(app, listener):
+    """Study A (CT series of 3, MR series of 2, patient DOE^JANE) in domain default; study B
+    (patient DOE^JOHN) in domain other, which TESTSCU must never see."""
+    add_node(app, "OTHERNODE", domain="other")
+    assoc = associate(listener, contexts=[(CTImageStorage, (ExplicitVRLittleEndian,)),
+                                          (MRImageStorage, (ExplicitVRLittleEndian,))])
+    for number in (1, 2, 3):
+        assert assoc.send_c_store(make_dataset(
+            series_uid=CT_SERIES, study_uid=STUDY_A, instance=number, z=float(number),
+            PatientName="DOE^JANE", PatientID="P1", StudyDate="20200315",
+            AccessionNumber="ACC1")).Status == 0
+    for number in (1, 2):
+        ds = make_dataset(series_uid=MR_SERIES, study_uid=STUDY_A, instance=number,
+                          modality="MR", PatientName="DOE^JANE", PatientID="P1",
+                          StudyDate="20200315", AccessionNumber="ACC1")
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    other = associate(listener, ae_title="OTHERNODE")
+    assert other.send_c_store(make_dataset(series_uid=HIDDEN, study_uid=STUDY_B,
+                                           PatientName="DOE^JOHN", PatientID="P2")).Status == 0
+    other.release()
+    for uid, images in ((CT_SERIES, "1-3"), (MR_SERIES, "1-2"), (HIDDEN, "1")):
+        assert wait_for(lambda: (series_row(app, uid) or (0, 0))[1] == images), uid
+    return listener
+
+
+def find(listener, level, model=None, **keys):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
+    model = model or StudyFind
+    assoc = associate(listener, contexts=[(model, (ExplicitVRLittleEndian,))])
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    answers = list(assoc.send_c_find(identifier, model))
+    assoc.release()
+    return [(status.Status, ds) for status, ds in answers]
+
+
+def test_find_study_by_patient_name_wildcard_and_date_range(stored):
+    answers = find(stored, "STUDY", PatientName="DOE*", StudyDate="20200101-20201231",
+                   StudyInstanceUID="", ModalitiesInStudy="", AccessionNumber="",
+                   NumberOfStudyRelatedInstances="")
+    assert [s for s, _ in answers] == [0xFF00, 0x0000]
+    study = answers[0][1]
+    assert study.StudyInstanceUID == STUDY_A  # study B lives in another domain
+    assert sorted(study.ModalitiesInStudy) == ["CT", "MR"]
+    assert study.AccessionNumber == "ACC1" and study.NumberOfStudyRelatedInstances == 5
+    assert study.QueryRetrieveLevel == "STUDY"
+    assert [s for s, _ in find(stored, "STUDY", PatientName="DOE?JANE", StudyDate="20210101-")] \
+        == [0x0000]
+
+
+def test_find_series_without_the_study_uid(stored):
+    answers = find(stored, "SERIES", Modality="MR", SeriesInstanceUID="")
+    assert [s for s, _ in answers] == [0xFF00, 0x0000]
+    series = answers[0][1]
+    assert (series.SeriesInstanceUID, series.StudyInstanceUID, series.Modality) == \
+        (MR_SERIES, STUDY_A, "MR")
+    everything = find(stored, "SERIES", SeriesInstanceUID="")
+    assert sorted(ds.SeriesInstanceUID for s, ds in everything if s == 0xFF00) == \
+        [CT_SERIES, MR_SERIES]
+
+
+def test_find_images_of_a_series_and_patients(stored):
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as PatientFind
+    answers = find(stored, "IMAGE", SeriesInstanceUID=CT_SERIES, SOPInstanceUID="",
+                   InstanceNumber="")
+    images = [ds for s, ds in answers if s == 0xFF00]
+    assert [int(ds.InstanceNumber) for ds in images] == [1, 2, 3]
+    assert all(ds.SOPInstanceUID for ds in images)
+    patients = find(stored, "PATIENT", model=PatientFind, PatientID="", PatientName="")
+    assert [(str(ds.PatientName), ds.PatientID) for s, ds in patients if s == 0xFF00] == \
+        [("DOE^JANE", "P1")]
+
+
+@pytest.mark.parametrize("level, keys", [
+    ("SERIES", {"SeriesInstanceUID": "1.2.826.*"}),
+    ("STUDY", {"StudyDate": "2020-13-01"}),
+    ("STUDY", {"StudyDate": "20201301"}),
+    ("BOGUS", {"PatientID": ""}),
+    ("STUDY", {"SOPInstanceUID": "1.2.3"}),
+])
+def test_malformed_find_identifiers_are_refused(stored, level, keys):
+    answers = find(stored, level, **keys)
+    assert [s for s, _ in answers] == [0xA900]
+    assert find(stored, "SERIES", SeriesInstanceUID="")[-1][0] == 0x0000  # still serving
+
+
+def test_find_patient_level_in_study_root_is_refused(stored):
+    assert [s for s, _ in find(stored, "PATIENT", PatientID="")] == [0xA900]
+
+
+def test_a_node_without_find_or_get_has_no_such_context(app, stored):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyFind
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyGet
+    add_node(app, "STOREONLY", allow=("store",))
+    assoc = associate(stored, ae_title="STOREONLY",
+                      contexts=[(StudyFind, (ExplicitVRLittleEndian,)),
+                                (StudyGet, (ExplicitVRLittleEndian,)),
+                                (CTImageStorage, (ExplicitVRLittleEndian,))])
+    assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == {CTImageStorage}
+    assoc.release()
+
+
+def _retrieve_identifier(level, **uids):
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in uids.items():
+        setattr(identifier, keyword, value)
+    return identifier
+
+
+def get(listener, identifier, ae_title=SCU):
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as StudyGet
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(StudyGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    roles = [build_role(CTImageStorage, scp_role=True), build_role(MRImageStorage, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.ae_title,
+                         ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    responses = [status for status, _ in assoc.send_c_get(identifier, StudyGet)]
+    assoc.release()
+    return responses, received
+
+
+def test_get_a_series_a_study_and_an_instance(stored):
+    responses, received = get(stored, _retrieve_identifier("SERIES", SeriesInstanceUID=CT_SERIES))
+    final = responses[-1]
+    assert final.Status == 0x0000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 0)
+    assert [p.NumberOfRemainingSuboperations for p in responses[:-1]] == [2, 1, 0]
+    assert sorted(int(ds.InstanceNumber) for ds in received) == [1, 2, 3]
+    responses, received = get(stored, _retrieve_identifier("STUDY", StudyInstanceUID=STUDY_A))
+    assert responses[-1].NumberOfCompletedSuboperations == 5 and len(received) == 5
+    sop = received[0].SOPInstanceUID
+    responses, received = get(stored, _retrieve_identifier("IMAGE", SOPInstanceUID=sop))
+    assert [ds.SOPInstanceUID for ds in received] == [sop]
+
+
+def test_get_sees_only_the_nodes_domain_and_refuses_wildcards(stored):
+    responses, received = get(stored, _retrieve_identifier("SERIES", SeriesInstanceUID=HIDDEN))
+    assert responses[-1].Status == 0x0000 and received == []
+    assert responses[-1].NumberOfCompletedSuboperations == 0
+    responses, received = get(stored, _retrieve_identifier("SERIES",
+                                                           SeriesInstanceUID="1.2.826.*"))
+    assert responses[-1].Status == 0xA900 and received == []
+    responses, _ = get(stored, _retrieve_identifier("SERIES"))
+    assert responses[-1].Status == 0xA900
+
+
+@pytest.fixture
+def destination(app):
+    """A storage SCP (pynetdicom) registered as node DEST; what it receives."""
+    from pynetdicom import evt
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    add_node(app, "DEST", host="127.0.0.1", port=server.server_address[1], allow=())
+    add_node(app, "NOPORT", host="127.0.0.1", allow=())
+    yield received
+    server.shutdown()
+
+
+def move(listener, identifier, destination_aet):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
+    assoc = associate(listener, contexts=[(StudyMove, (ExplicitVRLittleEndian,))])
+    responses = [status for status, _ in assoc.send_c_move(identifier, destination_aet,
+                                                           StudyMove)]
+    assoc.release()
+    return responses
+
+
+def test_move_a_study_to_a_registered_node(stored, destination):
+    responses = move(stored, _retrieve_identifier("STUDY", StudyInstanceUID=STUDY_A), "DEST")
+    final = responses[-1]
+    assert final.Status == 0x0000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (5, 0)
+    assert len(destination) == 5
+    assert {ds.SeriesInstanceUID for ds in destination} == {CT_SERIES, MR_SERIES}
+
+
+def test_move_to_an_unknown_or_unaddressable_destination(stored, destination):
+    identifier = _retrieve_identifier("SERIES", SeriesInstanceUID=CT_SERIES)
+    assert [r.Status for r in move(stored, identifier, "NOBODY")] == [0xA801]
+    assert [r.Status for r in move(stored, identifier, "NOPORT")] == [0xA801]
+    assert destination == []
