@@ -270,8 +270,16 @@ def test_instance_of_a_series_of_another_domain_is_refused(app, listener):
 def test_node_without_store_is_refused(app, listener):
     add_node(app, "LOOKER", allow=("echo", "find"))
     assoc = associate(listener, ae_title="LOOKER")
-    assert assoc.send_c_store(dataset()).Status == 0x0124
+    assert assoc.is_established and assoc.accepted_contexts == []  # rejected in negotiation
     assoc.release()
+    # A node that may get (storage contexts stay, for the C-STORE sub-operations) but not
+    # store is refused each instance.
+    add_node(app, "GETTER", allow=("get",))
+    assoc = associate(listener, ae_title="GETTER")
+    status = assoc.send_c_store(dataset())
+    assoc.release()
+    assert status.Status == 0x0124
+    assert staged_files(app) == []
 
 
 def test_instances_left_staged_by_a_dead_listener_are_imported_at_start(app, domains):
