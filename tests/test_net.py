@@ -269,8 +269,11 @@ def test_instance_of_a_series_of_another_domain_is_refused(app, listener):
 
 def test_node_without_store_is_refused(app, listener):
     add_node(app, "LOOKER", allow=("echo", "find"))
-    assoc = associate(listener, ae_title="LOOKER")
-    assert assoc.is_established and assoc.accepted_contexts == []  # rejected in negotiation
+    assoc = associate(listener, ae_title="LOOKER",
+                      contexts=[(CTImageStorage, (ExplicitVRLittleEndian,)),
+                                (Verification, (ImplicitVRLittleEndian,))])
+    assert assoc.is_established  # storage is rejected in negotiation
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]
     assoc.release()
     # A node that may get (storage contexts stay, for the C-STORE sub-operations) but not
     # store is refused each instance.
