@@ -22,8 +22,22 @@ from tests.scratch_db import scratch_database_url
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERIES = "1.2.826.0.1.3680043.10.2.1"
 STUDY = "1.2.826.0.1.3680043.10.2"
-DCMTK = shutil.which("storescu") and shutil.which("findscu") and shutil.which("getscu") \
-    and shutil.which("movescu") and shutil.which("echoscu")
+
+
+def dcmtk_tool(name):
+    """DCMTK's ``name`` from PATH, not pynetdicom's same-named script in the venv."""
+    venv = os.path.realpath(sys.prefix)
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if folder and not os.path.realpath(folder).startswith(venv):
+            found = shutil.which(name, path=folder)
+            if found:
+                return found
+    return None
+
+
+TOOLS = {name: dcmtk_tool(name) for name in ("echoscu", "storescu", "findscu", "getscu",
+                                             "movescu")}
+DCMTK = all(TOOLS.values())
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK (Debian package dcmtk: storescu, "
                                  "findscu, getscu, movescu, echoscu) is not installed")
 
@@ -136,8 +150,8 @@ def served(setup):
     assert listener.stop() == 0, listener.log()
 
 
-def dcmtk(env, *args):
-    done = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=120)
+def dcmtk(env, tool, *args):
+    done = subprocess.run([TOOLS[tool], *args], env=env, capture_output=True, text=True, timeout=120)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -159,3 +173,59 @@ def test_dcmtk_echoscu_and_storescu(served, dicom_dir):
     while images_of(app, uid) != "1-10" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert images_of(app, uid) == "1-10"
+
+
+@needs_dcmtk
+def test_dcmtk_findscu_getscu_movescu(served, dicom_dir):
+    from pydicom import dcmread
+    tmp, env, app, listener = served
+    port = str(listener.port)
+    files = sorted(str(p) for p in (dicom_dir / "head-first").glob("*.dcm"))
+    code, out = dcmtk(env, "storescu", "-aet", "TESTSCU", "-aec", "CIRCUS", "127.0.0.1", port,
+                      *files)
+    assert code == 0, out
+    first = dcmread(files[0], stop_before_pixels=True)
+    uid, modality = first.SeriesInstanceUID, first.Modality
+    deadline = time.monotonic() + 5
+    while images_of(app, uid) != "1-10" and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    found = tmp / "found"
+    found.mkdir()
+    code, out = dcmtk(env, "findscu", "-S", "-aet", "TESTSCU", "-aec", "CIRCUS", "-X", "-od",
+                      str(found), "-k", "QueryRetrieveLevel=SERIES", "-k",
+                      f"Modality={modality}", "-k", "SeriesInstanceUID", "-k",
+                      "NumberOfSeriesRelatedInstances", "127.0.0.1", port)
+    assert code == 0, out
+    answers = [dcmread(p) for p in sorted(found.glob("rsp*.dcm"))]
+    assert [(a.SeriesInstanceUID, int(a.NumberOfSeriesRelatedInstances)) for a in answers] \
+        == [(uid, 10)]
+    code, out = dcmtk(env, "findscu", "-v", "-S", "-aet", "TESTSCU", "-aec", "CIRCUS", "-k",
+                      "QueryRetrieveLevel=SERIES", "-k", "SeriesInstanceUID=1.2*",
+                      "127.0.0.1", port)
+    assert "Error: DataSetDoesNotMatchSOPClass" in out, out  # 0xA900
+
+    got = tmp / "got"
+    got.mkdir()
+    code, out = dcmtk(env, "getscu", "-S", "-aet", "TESTSCU", "-aec", "CIRCUS", "-od", str(got),
+                      "-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={uid}",
+                      "127.0.0.1", port)
+    assert code == 0, out
+    assert len(list(got.iterdir())) == 10, out
+
+    # movescu receives its own C-MOVE on a port of its own: a node with that port.
+    move_port = free_port()
+    flask_cli(env, "dicom-node-add", "MOVESCU", "--host", "127.0.0.1", "--port",
+              str(move_port), "--domain", "default", "--allow", "echo")
+    moved = tmp / "moved"
+    moved.mkdir()
+    code, out = dcmtk(env, "movescu", "-S", "-aet", "TESTSCU", "-aec", "CIRCUS", "-aem",
+                      "MOVESCU", "+P", str(move_port), "-od", str(moved), "-k",
+                      "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={uid}",
+                      "127.0.0.1", port)
+    assert code == 0, out
+    assert len(list(moved.iterdir())) == 10, out
+    code, out = dcmtk(env, "movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "CIRCUS", "-aem",
+                      "NOWHERE", "-k", "QueryRetrieveLevel=SERIES", "-k",
+                      f"SeriesInstanceUID={uid}", "127.0.0.1", port)
+    assert "a801" in out.lower() or "destinationunknown" in out.lower(), out
