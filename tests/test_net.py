@@ -560,3 +560,17 @@ def test_move_to_an_unknown_or_unaddressable_destination(stored, destination):
     assert [r.Status for r in move(stored, identifier, "NOBODY")] == [0xA801]
     assert [r.Status for r in move(stored, identifier, "NOPORT")] == [0xA801]
     assert destination == []
+
+
+def test_part10_builds_a_file_pydicom_reads():
+    ds = dataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True)  # the data set only
+    raw = net.part10(CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian,
+                     buffer.getvalue())
+    parsed = dcmread(io.BytesIO(raw))
+    meta = parsed.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
+            meta.TransferSyntaxUID) == (CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+    assert meta.FileMetaInformationGroupLength == len(raw) - 144 - len(buffer.getvalue())
+    assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
