@@ -9,8 +9,8 @@ one domain.
 
 Storage: each received instance is checked as the importer checks it (header_scan; the
 first instance of a new series parsed whole, as its batch will parse it; a series of
-another domain refused), written to this listener's staging folder (``.part``, fsync,
-rename, fsync of the folder) and only then acknowledged. A committer thread imports what
+another domain refused), written to this listener's staging folder (fsync of the file and
+of its folder) and only then acknowledged. A committer thread imports what
 was acknowledged every ``DICOM_COMMIT_INTERVAL`` seconds through ``batch.ImportBatch``:
 one transaction per domain and tick, not per instance. Each listener holds an ``flock``
 on its folder; a starting listener first imports what a dead one (its lock free) left.
