@@ -142,6 +142,14 @@ def part10(sop_class, sop_instance, syntax, dataset):
     return b"".join((b"\0" * 128, b"DICM", group_length, meta, dataset))
 
 
+def _no_delay(event):
+    """TCP_NODELAY on the association we open to a C-MOVE destination, as on those we
+    accept."""
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _status(code, comment=None):
     """A response status, with an Error Comment (LO: 64 characters) when given."""
     if comment is None:
@@ -580,7 +588,10 @@ class Listener:
         pairs = sorted({pair for pair in found.values() if pair[0] and pair[1]})
         contexts = [build_context(sop_class, syntax)
                     for sop_class, syntax in pairs[:MAX_CONTEXTS]]
-        yield node[0], node[1], ({"contexts": contexts} if contexts else {})
+        options = {"evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay)]}
+        if contexts:
+            options["contexts"] = contexts
+        yield node[0], node[1], options
         yield from self._send(event, found)
 
     # --- staging ------------------------------------------------------------------------
