@@ -233,7 +233,8 @@ def test_non_dicom_dataset_is_refused(app, listener):
     meta = _part10(dataset())
     header_end = meta.index(b"\x08\x00")  # first data set element after the file meta
     status = _store_bytes(listener, meta[:header_end] + b"\x08\x00\x16\x00garbage" * 5)
-    assert status.Status in (0xC000, 0xA900)
+    assert status.Status == 0xC000, hex(status.Status)
+    assert "ErrorComment" in status
     assert staged_files(app) == []
 
 
