@@ -16,7 +16,6 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 import table_versions
 from errors import ApiError
-from memo import app_memo
 from models import GROUPS_STAMP, Group, SystemState, Token, User, db, random_hex, utcnow
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ PUBLIC_ENDPOINTS = {"status.get_status", "login.post_login", "plugin_displays.ge
                     "web_ui.get_web_ui",
                     # the image server: its views call check_series_token themselves
                     # (token by header or ?token=; metadata may go without one, as CIRCUS)
-                    "rs.get_metadata", "rs.get_volume", "rs.volume_socket"}
+                    "rs.get_metadata", "rs.get_volume", "rs.get_scan", "rs.volume_socket"}
 
 
 # --- secrets ----------------------------------------------------------------------------
@@ -218,7 +217,7 @@ def cached_privileges(user, stamp):
     """
     if stamp is None:
         return compute_privileges(user)
-    return app_memo("circus.privileges", _CACHE_SIZE).get(
+    return table_versions.app_memo("circus.privileges", _CACHE_SIZE).get(
         (stamp, tuple(user.groups or ())), lambda: compute_privileges(user))
 
 

@@ -9,9 +9,8 @@ from flask.cli import AppGroup
 
 import accounts
 import admin_records
-import clinical_cases
-import db_check
-import dbmigrate
+import cases
+import db_maintenance
 import exports
 import table_versions
 import worker
@@ -263,7 +262,7 @@ def generate_password_hash_command():
 
 @commands.command("db-check")
 @click.option("-t", "--target", multiple=True,
-              type=click.Choice(list(db_check.RECORD_CHECKS)),
+              type=click.Choice(list(db_maintenance.RECORD_CHECKS)),
               help="Check only this collection (repeatable).")
 def db_check_command(target):
     """Validate every stored record against its schema; stop at the first invalid one."""
@@ -271,8 +270,8 @@ def db_check_command(target):
         click.echo(f"Validating: {name}" if count is None else
                    f"  Validated: {count} {'item' if count == 1 else 'items'}.")
     try:
-        db_check.check_records(list(target) or None, progress)
-    except db_check.InvalidRecord as exc:
+        db_maintenance.check_records(list(target) or None, progress)
+    except db_maintenance.InvalidRecord as exc:
         click.echo(f"There was a validation error in {exc.target} {exc.key!r}:", err=True)
         for error in exc.errors:
             click.echo(f"  {error['dataPath'] or '(root)'}: {error['message']}", err=True)
@@ -326,10 +325,10 @@ def register_case_command(project, series, user_ref, tags):
         raise click.ClickException(f"No user with e-mail or login ID {user_ref!r}.")
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     try:
-        project_id = clinical_cases.find_project(project).project_id
-        entries = [clinical_cases.series_entry_from_text(text) for text in series]
-        case_id = clinical_cases.create_case(account.user_email, compute_privileges(account),
-                                             project_id, entries, tag_list)
+        project_id = cases.find_project(project).project_id
+        entries = [cases.series_entry_from_text(text) for text in series]
+        case_id = cases.create_case(account.user_email, compute_privileges(account),
+                                    project_id, entries, tag_list)
     except ApiError as exc:
         db.session.rollback()
         raise click.ClickException(exc.message) from None
@@ -347,17 +346,13 @@ def import_series_command(domain, recursive, paths):
         raise click.ClickException(f'The domain "{domain}" is not in the server '
                                    'parameter "domains".')
     files = importer.collect_paths(paths, recursive)
-    run = importer.Importer(domain)
     try:
-        with click.progressbar(files, label="Importing", show_pos=True) as bar:
-            for path in bar:
-                run.import_file(path)
-        entities, _files, skipped, series = run.finish()
+        with click.progressbar(length=len(files), label="Importing", show_pos=True) as bar:
+            result = importer.import_paths(domain, files, on_file=lambda _path: bar.update(1))
     except DicomImportError as exc:
-        raise click.ClickException(f"{exc} (after {run.entities} imported)") from None
-    finally:
-        run.close()
-    click.echo(f"{entities} files imported into {series} series, {skipped} skipped")
+        raise click.ClickException(f"{exc} (after {exc.imported} imported)") from None
+    click.echo(f"{result.entities} files imported into {result.series} series, "
+               f"{result.skipped} skipped")
 
 
 @commands.command("dump-dicom")
@@ -425,8 +420,8 @@ def _run_api_call(function, body, schema):
 
 
 def _prepare_schema():
-    """Run dbmigrate.prepare(), turning its refusal into a CLI error."""
+    """Run db_maintenance.prepare(), turning its refusal into a CLI error."""
     try:
-        return dbmigrate.prepare()
-    except dbmigrate.UnversionedSchemaError as exc:
+        return db_maintenance.prepare()
+    except db_maintenance.UnversionedSchemaError as exc:
         raise click.ClickException(str(exc)) from exc

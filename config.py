@@ -48,6 +48,14 @@ def from_environment():
         "PLUGIN_JOB_CONCURRENCY": int(os.environ.get("CIRCUS_PLUGIN_JOB_CONCURRENCY", 1)),
         # The docker command CAD plug-ins run with (a path, or a name looked up in PATH).
         "PLUGIN_DOCKER_COMMAND": os.environ.get("CIRCUS_PLUGIN_DOCKER_COMMAND", "docker"),
+        # Seconds a timed-out plug-in container gets between SIGTERM and SIGKILL.
+        "PLUGIN_DOCKER_STOP_GRACE": int(os.environ.get("CIRCUS_PLUGIN_DOCKER_STOP_GRACE", 10)),
+        # Bytes of a CAD plug-in's stdout/stderr kept in its job log; the rest is dropped.
+        "PLUGIN_LOG_MAX_BYTES": int(os.environ.get("CIRCUS_PLUGIN_LOG_MAX_BYTES", 64 * 1024**2)),
+        # Limits on a plug-in's out/ (untrusted): files and folders, and bytes of its files.
+        # Past either the job fails and nothing is copied to its results.
+        "PLUGIN_RESULTS_MAX_FILES": int(os.environ.get("CIRCUS_PLUGIN_RESULTS_MAX_FILES", 10000)),
+        "PLUGIN_RESULTS_MAX_BYTES": int(os.environ.get("CIRCUS_PLUGIN_RESULTS_MAX_BYTES", 4 * 1024**3)),
         # Keep work/<jobId>/ (in/, out/) after a plug-in job, for debugging plug-ins.
         "PLUGIN_KEEP_WORK_DIR": os.environ.get("CIRCUS_PLUGIN_KEEP_WORK_DIR", "") == "1",
         # Task downloads older than this many seconds are swept (CIRCUS: 7 days).

@@ -20,8 +20,7 @@ import numpy as np
 
 import archives
 import blobs
-import clinical_cases
-import series_access
+import cases
 import storage
 import tasks
 from dicom import tag_dump, volumes
@@ -29,6 +28,7 @@ from dicom import tag_dump, volumes
 from auth import require_cases_readable, require_series_domain
 from errors import ApiError
 from models import ClinicalCase, Series, db, iso
+from series import check_pvd_range, get_series, parse_images, validate_pvd
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,10 @@ def start_cs_volume_export(user_email, privileges, body):
     """
     entries = []
     for entry in body["series"]:
-        series = series_access.get_series(entry["seriesUid"])
+        series = get_series(entry["seriesUid"])
         require_series_domain(series, privileges)
-        pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
-        series_access.check_pvd_range(series, pvd)
+        pvd = validate_pvd(entry["partialVolumeDescriptor"])
+        check_pvd_range(series, pvd)
         entries.append({"seriesUid": series.series_uid, "partialVolumeDescriptor": pvd})
     fmt = body.get("compressionFormat", "tgz")
     task = tasks.create_task(user_email, "Export DICOM data", "export-cs-volume",
@@ -280,7 +280,7 @@ def _label_slices(labels, dimension, combined):
 
 
 def _revision(case, revision_index):
-    revisions = clinical_cases.revisions(case)
+    revisions = cases.revisions(case)
     index = len(revisions) - 1 if revision_index is None else revision_index
     if not 0 <= index < len(revisions):
         raise ExportError(f"Invalid revision index: {revision_index}")
@@ -311,7 +311,7 @@ def _add_case_volume(archive, case_id, vol_id, entry, label_pack_type, line_endi
     if isinstance(pvd, dict):
         images, delta = volumes.pvd_images(pvd), pvd.get("delta") or 1
     else:
-        images, delta = series_access.parse_images(series.images), 1
+        images, delta = parse_images(series.images), 1
     base = f"{case_id}/vol{vol_id:03d}"
     with volumes.VolumeReader(uid, images) as reader:
         archive.add(f"{base}.raw", reader.total_bytes, (s.pixels for s in reader))

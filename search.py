@@ -19,7 +19,6 @@ from flask import current_app, jsonify, request
 import table_versions
 from auth import can_search_patient_info
 from errors import ApiError
-from memo import app_memo
 from models import db, parse_iso
 from validation import JsonTooDeep, decode_json
 
@@ -430,7 +429,8 @@ def run(spec, query, memo=None, patient_info_allowed=None):
     if memo is None:
         statements = build()
     else:
-        statements = app_memo("circus.search_statements", MEMO_SIZE).get((memo, args), build)
+        statements = table_versions.app_memo("circus.search_statements", MEMO_SIZE).get(
+            (memo, args), build)
     if spec.plain_rows:
         db.session.flush()  # what the session's execute would do first (autoflush)
         execute = db.session.connection().execute
@@ -459,7 +459,7 @@ class _Statements:
 
     Building them and computing SQLAlchemy's cache key of a new statement costs more than
     running it on an index; a statement object remembers its key, so reusing the objects
-    (``memo.Memo``, one per app) leaves only the execution.
+    (``table_versions.Memo``, one per app) leaves only the execution.
     """
 
     def __init__(self, query, order, limit, offset, count_cap):

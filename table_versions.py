@@ -1,4 +1,6 @@
-"""Version stamps of the tables whose search totals are cached, and that cache.
+"""Version stamps of the tables whose search totals are cached, and that cache; the small
+per-app LRU memos under it (``Memo``, ``app_memo``) also keep auth.py's privileges and
+search.py's statements.
 
 A COUNT over tens of thousands of matching rows costs more than the rest of a list request.
 Every transaction that inserts, updates or deletes rows of a table in ``VERSIONED`` writes a
@@ -12,11 +14,13 @@ What the event cannot see is a write that bypasses SQLAlchemy (a ``psql`` or ``s
 session on the live database): totals may then lag until the next write through the API
 or a restart. Rows are never cached, only totals.
 """
+import threading
+from collections import OrderedDict
+
 import sqlalchemy as sa
-from flask import g
+from flask import current_app, g
 from sqlalchemy import event
 
-from memo import app_memo
 from models import SystemState, db, new_ulid
 
 VERSIONED = ("series", "clinical_cases", "case_tags")
@@ -103,3 +107,37 @@ def cached_count(key, tables, count):
     if current is None:
         return count()
     return app_memo("circus.search_totals", CACHE_SIZE).get((key, current), count)
+
+
+# --- per-app memos --------------------------------------------------------------------------
+# Small caches of values that are pure functions of their key.
+
+class Memo:
+    """A thread-safe LRU map: ``get(key, build)`` returns the stored value or stores
+    ``build()``. A ``build`` that raises stores nothing."""
+
+    def __init__(self, size):
+        self.size = size
+        self.entries = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, build):
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        value = build()  # outside the lock: it may run SQL or raise ApiError
+        with self.lock:
+            self.entries[key] = value
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return value
+
+
+def app_memo(name, size):
+    """The app's ``Memo`` called ``name`` (one per app: tests run several apps in one
+    process, each with its own database and configuration)."""
+    memos = current_app.extensions.get(name)
+    if memos is None:
+        memos = current_app.extensions.setdefault(name, Memo(size))
+    return memos

@@ -147,7 +147,7 @@ def generate(data_dir, database_url, n_cases):
     user's token, the first readable case and the filter."""
     import sqlalchemy as sa
 
-    import dbmigrate
+    import db_maintenance
     from auth import issue_permanent_token
     from cli import create_initial_data
     from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, Group, Project,
@@ -159,7 +159,7 @@ def generate(data_dir, database_url, n_cases):
             db.drop_all()
             with db.engine.begin() as conn:
                 conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
-        dbmigrate.prepare()
+        db_maintenance.prepare()
         create_initial_data()
         projects = [Project(project_id=new_ulid(), project_name=f"p{i}", description="",
                             icon={"glyph": "calc", "color": "#ffffff",

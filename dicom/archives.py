@@ -1,8 +1,9 @@
 """Entries of uploaded zip and tar.gz archives, read as untrusted input.
 
 Entries with ``..``, absolute names or links are skipped, encrypted zip entries too, and
-an archive's uncompressed size and entry count are bounded (``Limits``). The export
-archive *writer* is the root ``archives.py``.
+an archive's uncompressed size and entry count are bounded (``Limits``). Each entry is held
+to the per-file upload limit while it is read (``Bounded``): the size an archive's headers
+declare is a claim, never trusted. The export archive *writer* is the root ``archives.py``.
 """
 import io
 import re
@@ -28,14 +29,21 @@ def is_targz(head):
 
 @dataclass
 class Limits:
-    """Bounds of one archive: total uncompressed bytes and number of entries."""
+    """Bounds of one archive: total uncompressed bytes, number of entries, bytes of one
+    entry (the per-file upload limit: an entry is a file that was not uploaded alone)."""
     max_bytes: int
     max_entries: int
+    max_entry_bytes: int
 
     @classmethod
     def from_config(cls):
         config = current_app.config
-        return cls(int(config["ARCHIVE_MAX_TOTAL_BYTES"]), int(config["ARCHIVE_MAX_ENTRIES"]))
+        return cls(int(config["ARCHIVE_MAX_TOTAL_BYTES"]), int(config["ARCHIVE_MAX_ENTRIES"]),
+                   int(config["UPLOAD_FILE_SIZE_MAX_BYTES"]))
+
+    def entry_too_large(self):
+        return ArchiveLimitError(f"The archive entry is larger than {self.max_entry_bytes} "
+                                 "bytes.")
 
     def check(self, entries, total):
         if entries > self.max_entries:
@@ -55,10 +63,53 @@ def unsafe_name(name):
 
 @dataclass
 class Entry:
-    """A regular-file entry of an archive: its name, size and an opener of its bytes."""
+    """A regular-file entry of an archive: its name, declared size and an opener of its
+    bytes, bounded by ``limits.max_entry_bytes``."""
     name: str
     size: int
-    open: object
+    opener: object
+    limits: Limits
+
+    def open(self):
+        """The entry's bytes as a ``Bounded`` stream.
+
+        Raises
+        ------
+        ArchiveLimitError
+            When the declared size is already over the limit.
+        """
+        if self.size > self.limits.max_entry_bytes:
+            raise self.limits.entry_too_large()
+        return Bounded(self.opener(), self.limits)
+
+
+class Bounded(io.RawIOBase):
+    """An entry's stream that raises ArchiveLimitError once it yields more than the
+    per-entry limit: reads never ask the archive for more than the limit + 1 bytes, so an
+    entry whose headers understate its size is cut while it is inflated."""
+
+    def __init__(self, stream, limits):
+        self.stream = stream
+        self.limits = limits
+        self.left = limits.max_entry_bytes + 1  # one byte more shows the entry is over
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > self.left:
+            size = self.left
+        data = self.stream.read(size) if size else b""
+        self.left -= len(data)
+        if self.left <= 0:
+            raise self.limits.entry_too_large()
+        return data
+
+    def close(self):
+        try:
+            self.stream.close()
+        finally:
+            super().close()
 
 
 def zip_entries(path, limits, skipped):
@@ -81,7 +132,8 @@ def zip_entries(path, limits, skipped):
             if (unsafe_name(info.filename) or stat.S_ISLNK(mode) or info.flag_bits & 0x1):
                 skipped[0] += 1
                 continue
-            yield Entry(info.filename, info.file_size, lambda info=info: archive.open(info))
+            yield Entry(info.filename, info.file_size, lambda info=info: archive.open(info),
+                        limits)
 
 
 def targz_entries(path, limits, skipped):
@@ -103,10 +155,9 @@ def targz_entries(path, limits, skipped):
                         skipped[0] += 1
                     continue
                 yield Entry(member.name, member.size,
-                            lambda member=member: archive.extractfile(member))
+                            lambda member=member: archive.extractfile(member), limits)
     except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ArchiveError(f"The tar.gz archive cannot be read ({exc}).") from None
-
 
 
 class Prefixed(io.RawIOBase):

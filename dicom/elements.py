@@ -204,12 +204,13 @@ def _known_little_explicit(syntax):
     return uid.is_transfer_syntax and uid.is_little_endian and not uid.is_implicit_VR
 
 
-def walk_header(buf, size, wanted):
+def walk_header(buf, size, wanted, vrs=None):
     """Walk a Part 10 file's meta and top-level elements up to its pixel data.
 
     ``buf`` holds the first bytes of a file of ``size`` bytes. Returns ``(values, syntax,
     little, implicit, pixel offset)`` where ``values`` maps each top-level tag of
-    ``wanted`` found to its undecoded bytes.
+    ``wanted`` found to its undecoded bytes; ``vrs``, when given, receives the explicit VR
+    (text) of each of them.
 
     Raises
     ------
@@ -261,11 +262,12 @@ def walk_header(buf, size, wanted):
     else:
         raise Unusual()
     values = {}
-    pixel = _walk_elements(buf, pos, end, size, little, implicit, values, wanted, 0)
+    pixel = _walk_elements(buf, pos, end, size, little, implicit, values, wanted, 0,
+                           {} if vrs is None else vrs)
     return values, syntax, little, implicit, pixel
 
 
-def _walk_elements(buf, pos, end, size, little, implicit, values, wanted, depth):
+def _walk_elements(buf, pos, end, size, little, implicit, values, wanted, depth, vrs=None):
     """Walk data elements from ``pos``. At depth 0 (the top level) stop at the pixel data
     and return its offset; inside an item of undefined length stop after the item
     delimiter and return the position after it."""
@@ -312,6 +314,8 @@ def _walk_elements(buf, pos, end, size, little, implicit, values, wanted, depth)
             raise NeedMore()
         if depth == 0 and tag in wanted:
             values[tag] = bytes(buf[pos:pos + length])
+            if vr is not None:
+                vrs[tag] = vr.decode("latin-1")
         pos += length
 
 
@@ -342,8 +346,77 @@ def _walk_sequence(buf, pos, end, size, little, implicit, wanted, depth):
 
 # --- pixel data -----------------------------------------------------------------------------
 
+MAX_FRAGMENTS = 1 << 20  # fragments of one encapsulated pixel data element walked at most
+
+
+class PixelData:
+    """Where a file's pixel data is and how long it is: ``length`` is the value length of
+    native pixel data, None for encapsulated pixel data (``fragments_total`` then sums its
+    fragments)."""
+
+    __slots__ = ("fh", "value_start", "end", "little", "length")
+
+    def __init__(self, fh, value_start, end, little, length):
+        self.fh = fh
+        self.value_start = value_start
+        self.end = end
+        self.little = little
+        self.length = length
+
+    def first_fragment(self, size):
+        """Up to ``size`` first bytes of the first fragment after the offset table (the
+        start of the first frame) of encapsulated pixel data, or None."""
+        tag_struct, u32, _u16 = _STRUCTS["<" if self.little else ">"]
+        pos = self.value_start
+        for index in range(2):
+            self.fh.seek(pos)
+            header = self.fh.read(8)
+            if len(header) < 8:
+                return None
+            group, element = tag_struct.unpack(header[:4])
+            length = u32.unpack(header[4:])[0]
+            if (group << 16 | element) != ITEM or length == UNDEFINED:
+                return None
+            if index == 1:
+                return self.fh.read(min(length, size))
+            pos += 8 + length
+        return None
+
+    def fragments_total(self, bound):
+        """The sum of the fragment lengths (offset table included), reading item headers
+        only; the walk stops as soon as the sum is over ``bound`` (and returns it).
+
+        Raises
+        ------
+        BrokenDicomError
+            For a malformed fragment sequence.
+        """
+        if self.end - self.value_start <= bound:
+            return self.end - self.value_start  # the fragments cannot sum to more
+        tag_struct, u32, _u16 = _STRUCTS["<" if self.little else ">"]
+        fh, pos, total = self.fh, self.value_start, 0
+        for _ in range(MAX_FRAGMENTS):
+            fh.seek(pos)
+            header = fh.read(8)
+            if len(header) < 8:
+                break
+            group, element = tag_struct.unpack(header[:4])
+            tag = group << 16 | element
+            if tag == SEQUENCE_END:
+                return total
+            length = u32.unpack(header[4:])[0]
+            if tag != ITEM or length == UNDEFINED:
+                break
+            total += length
+            if total > bound:
+                return total
+            pos += 8 + length
+        raise BrokenDicomError("The encapsulated Pixel Data (7FE0,0010) is malformed.")
+
+
 def check_pixel_data(fh, end, syntax):
-    """Refuse a file whose pixel data element is missing or shorter than declared.
+    """Refuse a file whose pixel data element is missing or shorter than declared; return
+    its PixelData.
 
     ``fh`` is at the element that should be the pixel data; ``end`` is the file's end;
     ``syntax`` a pydicom UID.
@@ -369,13 +442,15 @@ def check_pixel_data(fh, end, syntax):
         if len(header) < 12:
             raise truncated
         length, header_size = u32.unpack(header[8:12])[0], 12
+    value_start = position + header_size
     if length != UNDEFINED:
-        if position + header_size + length > end:
+        if value_start + length > end:
             raise truncated
-        return
+        return PixelData(fh, value_start, end, little, length)
     # Encapsulated pixel data ends with a sequence delimiter (maybe followed by padding).
     tail_size = min(end - position, 1024 * 1024)
     fh.seek(end - tail_size)
     tail = fh.read(tail_size)
     if SEQUENCE_DELIMITER_LE not in tail and SEQUENCE_DELIMITER_BE not in tail:
         raise truncated
+    return PixelData(fh, value_start, end, little, None)

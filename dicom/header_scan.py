@@ -18,7 +18,8 @@ from pydicom.uid import UID
 
 from dicom.elements import NeedMore, Unusual, check_pixel_data, walk_header
 from dicom.errors import BrokenDicomError
-from dicom.instance import check_instance, raw_bytes, read_dataset, syntax_of, wanted_tags
+from dicom.instance import (check_instance, check_readable, check_vrs, dataset_vrs, raw_bytes,
+                            read_checked, syntax_of, wanted_tags)
 
 HEAD_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 4 * 1024 * 1024
@@ -29,13 +30,15 @@ class UndeclaredTagError(LookupError):
 
 
 class Header:
-    """What ``scan`` found: raw values of the wanted tags, the transfer syntax, and where
-    the pixel data element starts (relative to the start of the file)."""
+    """What ``scan`` found: raw values of the wanted tags (and their explicit VRs), the
+    transfer syntax, and where the pixel data element starts (relative to the start of
+    the file)."""
 
-    __slots__ = ("values", "wanted", "syntax", "little", "implicit", "pixel_offset")
+    __slots__ = ("values", "wanted", "syntax", "little", "implicit", "pixel_offset", "vrs")
 
-    def __init__(self, values, wanted, syntax, little, implicit, pixel_offset):
+    def __init__(self, values, wanted, syntax, little, implicit, pixel_offset, vrs=None):
         self.values = values
+        self.vrs = {} if vrs is None else vrs
         self.wanted = wanted
         self.syntax = syntax
         self.little = little
@@ -64,8 +67,9 @@ def scan(fh, size):
     buf = fh.read(want)
     while True:
         try:
-            values, syntax, little, implicit, pixel = walk_header(buf, size, wanted)
-            return Header(values, wanted, syntax, little, implicit, pixel)
+            vrs = {}
+            values, syntax, little, implicit, pixel = walk_header(buf, size, wanted, vrs)
+            return Header(values, wanted, syntax, little, implicit, pixel, vrs)
         except NeedMore:
             if len(buf) >= size or len(buf) >= MAX_HEAD_BYTES:
                 return None
@@ -85,7 +89,9 @@ def _uid(text):
 def read_keys(fh, size):
     """Check one instance and return its InstanceKeys (transfer syntax included), reading only what
     that needs: the scan, or pydicom's parse (read_dataset, with its errors) whenever the
-    scan leaves the file to it or its pixel data check fails.
+    scan leaves the file to it or its pixel data check fails. Both paths check the VRs of
+    the wanted tags and the pixel data's size; pydicom's also that every top-level value
+    decodes (``check_readable``).
 
     Raises
     ------
@@ -96,14 +102,16 @@ def read_keys(fh, size):
     if header is not None:
         fh.seek(start + header.pixel_offset)
         try:
-            check_pixel_data(fh, start + size, _uid(header.syntax))
+            pixels = check_pixel_data(fh, start + size, _uid(header.syntax))
         except BrokenDicomError:
             pass  # pydicom's path below gives the verdict
         else:
-            keys = check_instance(header.raw, header.little)
+            keys = check_instance(header.raw, header.little, header.vrs, pixels)
             return keys._replace(transfer_syntax_uid=header.syntax)
     fh.seek(start)
-    dataset = read_dataset(fh, size)
+    dataset, pixels = read_checked(fh, size)
+    check_vrs(dataset_vrs(dataset))  # first: its message is the clearer one
+    check_readable(dataset)
     syntax, little = syntax_of(dataset)
-    keys = check_instance(lambda tag: raw_bytes(dataset, tag), little)
+    keys = check_instance(lambda tag: raw_bytes(dataset, tag), little, pixels=pixels)
     return keys._replace(transfer_syntax_uid=syntax or None)

@@ -1,14 +1,17 @@
 """The one import entry: ``/single``, uploads (the ``series_import`` task) and the CLI.
 
-``Importer`` imports files (plain DICOM, zip, tar.gz) into a domain batch by batch
-(``batch.ImportBatch``), with CIRCUS's counts and messages; ``run_import_task`` is the
-worker's handler of an upload; ``import_single`` the synchronous import of one file.
+``import_paths`` imports files on disk (plain DICOM, zip, tar.gz) into a domain: the
+worker's handler of an upload (``run_import_task``) and the CLI's ``import-series`` both
+call it. It drives an ``Importer``, which imports batch by batch (``batch.ImportBatch``)
+with CIRCUS's counts and messages. ``import_single`` is the synchronous import of the one
+file ``/single`` streams straight into a batch's staging folder.
 """
 import logging
 import os
 import tarfile
 import zipfile
 import zlib
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -125,15 +128,15 @@ class Importer:
         with ImportBatch(self.domain, self.offset) as batch:
             try:
                 for entry in entries(path, self.limits, skipped):
-                    with entry.open() as stream:
-                        head = stream.read(DICM_OFFSET + 4)
-                        if not is_dicm(head):
-                            skipped[0] += 1
-                            continue
-                        try:
+                    try:
+                        with entry.open() as stream:
+                            head = stream.read(DICM_OFFSET + 4)
+                            if not is_dicm(head):
+                                skipped[0] += 1
+                                continue
                             batch.add_stream(Prefixed(head, stream), entry.size)
-                        except DicomImportError as exc:
-                            raise DicomImportError(f"{exc} (entry {entry.name!r})") from None
+                    except DicomImportError as exc:
+                        raise DicomImportError(f"{exc} (entry {entry.name!r})") from None
                     staged += 1
                     if self.on_entity is not None:
                         self.on_entity(self.entities + staged)
@@ -163,6 +166,54 @@ class Importer:
         if self.plain is not None:
             self.plain.discard()
             self.plain = None
+
+
+class ImportResult(NamedTuple):
+    """What ``import_paths`` did, in CIRCUS's counts."""
+    entities: int  # DICOM instances imported
+    files: int  # files processed
+    skipped: int  # files and archive entries that are not DICOM
+    series: int  # series that received instances
+
+
+def import_paths(domain, paths, on_entity=None, on_file=None, move_files=False):
+    """Import files (plain DICOM, zip, tar.gz) into ``domain``; anything else is skipped.
+
+    Parameters
+    ----------
+    domain : str
+        The domain of the imported series.
+    paths : iterable of str
+        The files, in import order (``collect_paths`` expands folders).
+    on_entity : callable, optional
+        Called with the number of instances imported so far, staged ones included.
+    on_file : callable, optional
+        Called with each path once it is processed.
+    move_files : bool
+        The files are the importer's to consume (an upload's spool; see ``Importer``).
+
+    Returns
+    -------
+    ImportResult
+
+    Raises
+    ------
+    DicomImportError
+        ImportFailed ``Error while processing file #<f>, entity #<e>: <reason>``; its
+        ``imported`` is the number of instances committed before the failure, which stay.
+    """
+    importer = Importer(domain, on_entity=on_entity, move_files=move_files)
+    try:
+        for path in paths:
+            importer.import_file(path)
+            if on_file is not None:
+                on_file(path)
+        return ImportResult(*importer.finish())
+    except DicomImportError as exc:
+        exc.imported = importer.entities
+        raise
+    finally:
+        importer.close()
 
 
 def import_single(domain, receive):
@@ -210,20 +261,18 @@ def run_import_task(task, progress):
     """Worker: import the files spooled for an upload task (POST /series/domain/:domain)."""
     spool = storage.spool_dir(task.task_id)
     params = task.params or {}
-    importer = Importer(params["domain"], move_files=True,
-                        on_entity=lambda n: progress(f"Imported {n} entities..."))
+    domain = params["domain"]
+    paths = [os.path.join(spool, name) for name in params.get("files", [])]
     try:
-        for name in params.get("files", []):
-            importer.import_file(os.path.join(spool, name))
-        entities, files, skipped, _series = importer.finish()
+        result = import_paths(domain, paths, move_files=True,
+                              on_entity=lambda n: progress(f"Imported {n} entities..."))
     except DicomImportError as exc:
         raise tasks.TaskError(str(exc)) from None
     finally:
-        importer.close()
         storage.remove_tree(spool)
-    message = f"Imported {entities} entities from {files} files."
-    if skipped:
-        message += f" {skipped} non-DICOM entries were skipped."
+    message = f"Imported {result.entities} entities from {result.files} files."
+    if result.skipped:
+        message += f" {result.skipped} non-DICOM entries were skipped."
     return message
 
 

@@ -5,15 +5,24 @@ with CIRCUS's messages). Each declares the top-level tags it reads: the importer
 header scan (``header_scan``) reads exactly the tags the rules declare, so a new rule is
 checked on the fast path as on pydicom's. ``check_instance`` runs them in order.
 
+The rules also hold what a standard reader needs to open the file later (issue 13): the
+Image Pixel elements must have their dictionary VR and values that parse
+(``check_vrs``, ``_image_pixel``), and the pixel data must be about the size those
+elements imply (``check_pixel_size``). The fast scan and pydicom's path run the same checks.
+
 The *record* (``extract_record``) is what a series row keeps from the first instance of
 a new series: its columns, ``patient_info`` and ``parameters``, read from pydicom's data
 set of the whole header (``read_dataset``, which also refuses truncated files).
 """
+import functools
+import io
 import logging
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -21,9 +30,11 @@ import pydicom
 from flask import current_app
 from pydicom import charset as dicom_charset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.uid import UID
 
-from dicom.elements import DICM_OFFSET, PIXEL_TAGS, check_pixel_data, is_dicm
+from dicom.elements import (DICM_OFFSET, KNOWN_VRS, PIXEL_TAGS, PixelData, check_pixel_data,
+                            is_dicm)
 from dicom.errors import BrokenDicomError, DicomImportError, InvalidInstanceError, NotDicomError
 from models import iso
 
@@ -53,6 +64,17 @@ def read_dataset(fh, size):
     ------
     NotDicomError, BrokenDicomError
     """
+    return read_checked(fh, size)[0]
+
+
+def read_checked(fh, size):
+    """``read_dataset``, returning ``(dataset, PixelData)``; ``fh`` must stay open while
+    the PixelData is used.
+
+    Raises
+    ------
+    NotDicomError, BrokenDicomError
+    """
     start = fh.tell()
     if not is_dicm(fh.read(DICM_OFFSET + 4)):
         raise NotDicomError("The file is not a DICOM file.")
@@ -63,22 +85,61 @@ def read_dataset(fh, size):
         if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
             fh.seek(start)
             full = pydicom.dcmread(fh)
-            if not any(tag in full for tag in PIXEL_TAGS):
+            tag = next((tag for tag in sorted(PIXEL_TAGS) if tag in full), None)
+            if tag is None:
                 raise BrokenDicomError("The DICOM file has no pixel data or is truncated.")
+            elem = full.get_item(tag)
+            value = bytes(elem.value)
+            undefined = getattr(elem, "is_undefined_length", False)
+            pixels = PixelData(io.BytesIO(value), 0, len(value), True,
+                               None if undefined else len(value))
         else:
-            check_pixel_data(fh, start + size, syntax)
+            pixels = check_pixel_data(fh, start + size, syntax)
     except DicomImportError:
         raise
     except Exception as exc:  # pydicom's many ways of failing on untrusted bytes
         raise BrokenDicomError(f"The DICOM file cannot be parsed ({type(exc).__name__}).") from None
-    return dataset
+    return dataset, pixels
+
+
+def check_readable(dataset):
+    """Refuse a parsed header that a standard reader could open but not read: an unknown
+    transfer syntax, or a top-level element whose value does not decode (the pydicom
+    path only: pydicom parses leniently and decodes values when they are first used).
+
+    Raises
+    ------
+    BrokenDicomError
+    """
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
+    if not UID(syntax).is_transfer_syntax:
+        raise BrokenDicomError(f"The transfer syntax {syntax!r} is not one a DICOM reader "
+                               "knows.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of odd values it still reads
+        try:
+            encoding = dataset._character_set
+        except Exception:
+            raise BrokenDicomError("The Specific Character Set (0008,0005) cannot be "
+                                   "read.") from None
+        for tag in list(dataset.keys()):
+            elem = _element(dataset, tag)
+            if not isinstance(elem, RawDataElement):
+                continue
+            try:  # a converted copy: the data set keeps its raw values for the rules
+                convert_raw_data_element(elem, encoding=encoding, ds=dataset)
+            except Exception as exc:
+                raise BrokenDicomError(f"The value of {tag_name(tag)} cannot be read "
+                                       f"({type(exc).__name__}).") from None
 
 
 # --- value decoding ---------------------------------------------------------------------
 
 def _element(dataset, tag):
+    """A top-level element as read (raw when not yet decoded), or None. An empty raw
+    value stays raw: pydicom would decode it, and fail on an unknown VR."""
     try:
-        return dataset.get_item(tag)
+        return dataset.get_item(tag, keep_deferred=True)
     except (KeyError, ValueError):
         return None
 
@@ -328,6 +389,176 @@ def _uint16(raw, little):
     return struct.unpack("<H" if little else ">H", raw[:2])[0]
 
 
+# --- the Image Pixel module -------------------------------------------------------------
+
+SAMPLES_PER_PIXEL, PHOTOMETRIC, PLANAR_CONFIGURATION = 0x00280002, 0x00280004, 0x00280006
+NUMBER_OF_FRAMES, ROWS, COLUMNS = 0x00280008, 0x00280010, 0x00280011
+BITS_ALLOCATED, BITS_STORED, HIGH_BIT = 0x00280100, 0x00280101, 0x00280102
+PIXEL_REPRESENTATION = 0x00280103
+PHOTOMETRICS = frozenset(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB",
+                          "CMYK", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+                          "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"))
+FRAMES_RE = re.compile(r"^\+?\d{1,9}$")
+# Pixel data may exceed what the header implies by this much: real files carry a little
+# padding (an odd length's pad byte, a trailing even-length pad, encoders' spare bytes),
+# and a compressed frame can be larger than its raw pixels. Twice the implied size plus
+# 64 KiB keeps all of those and still refuses a gigabyte behind an 8x8 header.
+PIXEL_SLACK_BYTES = 64 * 1024
+# VRs read as text: one of them in place of another changes nothing in how it is read.
+TEXT_READ_VRS = frozenset(("AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
+                           "UC", "UI", "UR", "UT"))
+
+
+def tag_name(tag):
+    """``Rows (0028,0010)``: a tag as messages name it."""
+    keyword = keyword_for_tag(tag)
+    return f"{keyword + ' ' if keyword else ''}({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@functools.lru_cache(maxsize=256)
+def _dictionary_vrs(tag):
+    try:
+        return frozenset(dictionary_VR(tag).split(" or "))
+    except KeyError:
+        return None
+
+
+_GOOD_VRS = set()  # (tag, VR) pairs check_vrs accepted
+
+
+def check_vrs(vrs):
+    """Refuse an explicit VR a reader would not read as the dictionary says: ``vrs`` maps
+    the wanted tags found to the VR in the file (implicit VR files have none). An unknown
+    VR is refused; UN is read with the dictionary VR (pydicom does too).
+
+    Raises
+    ------
+    InvalidInstanceError
+    """
+    if _GOOD_VRS.issuperset(vrs.items()):  # the common case, in one C-level pass
+        return
+    for tag, vr in vrs.items():
+        if (tag, vr) in _GOOD_VRS:
+            continue
+        if vr not in KNOWN_VRS:
+            raise InvalidInstanceError(f"{tag_name(tag)} has the unknown VR {vr!r}.")
+        expected = _dictionary_vrs(tag)
+        if (expected is None or vr in expected or vr == "UN"
+                or (vr in TEXT_READ_VRS and expected <= TEXT_READ_VRS)):
+            _GOOD_VRS.add((tag, vr))  # bounded: known VRs of the wanted tags
+            continue
+        raise InvalidInstanceError(f"{tag_name(tag)} has the VR {vr}, not "
+                                   f"{' or '.join(sorted(expected))}.")
+
+
+def dataset_vrs(dataset):
+    """The explicit VRs of the wanted tags of a parsed header (``check_vrs``)."""
+    vrs = {}
+    for tag in wanted_tags():
+        elem = _element(dataset, tag)
+        vr = getattr(elem, "VR", None) if elem is not None else None
+        if vr is not None and getattr(elem, "is_implicit_VR", False) is False:
+            vrs[tag] = str(vr)
+    return vrs
+
+
+_US = {True: struct.Struct("<H").unpack, False: struct.Struct(">H").unpack}
+
+
+def _us(raw, tag, little, required=True):
+    """One US value (exactly two bytes), or None when absent and not ``required``."""
+    value = raw(tag)
+    if value is not None and len(value) == 2:
+        return _US[little](value)[0]
+    if not value:
+        if required:
+            raise InvalidInstanceError(f"{tag_name(tag)} of this DICOM file is not set.")
+        return None
+    raise InvalidInstanceError(f"{tag_name(tag)} of this DICOM file is not one unsigned "
+                               f"16-bit value ({len(value)} bytes).")
+
+
+def _frames(raw):
+    text = _ascii(raw(NUMBER_OF_FRAMES))
+    if not text:
+        return 1  # absent or empty: one frame, as readers take it
+    if not FRAMES_RE.match(text) or int(text) < 1:
+        raise InvalidInstanceError(f"{tag_name(NUMBER_OF_FRAMES)} of this DICOM file is "
+                                   f"not a positive integer ({text!r}).")
+    return int(text)
+
+
+class ImagePixel(NamedTuple):
+    """What the Image Pixel elements say of the pixel data (the ``image_pixel`` rule)."""
+    rows: int
+    columns: int
+    samples: int
+    implied: int  # bytes of native pixel data
+
+
+# JPEG start-of-frame markers (not DHT C4, JPG C8, DAC CC), and JPEG-LS's SOF55
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+FRAME_HEAD_BYTES = 4096
+
+
+def frame_size(head):
+    """(rows, columns, samples) that a JPEG, JPEG-LS or JPEG 2000 codestream declares in
+    its first bytes ``head``, or None (another codec, or not found in ``head``)."""
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 42:  # SOC, SIZ
+        x, y, x0, y0 = struct.unpack(">IIII", head[8:24])
+        return y - y0, x - x0, struct.unpack(">H", head[40:42])[0]
+    if head[:2] != b"\xff\xd8":  # SOI
+        return None
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in JPEG_SOF_MARKERS:
+            if pos + 10 > len(head):
+                return None
+            _precision, rows, columns, samples = struct.unpack(">BHHB", head[pos + 4:pos + 10])
+            return rows, columns, samples
+        pos += 2 + struct.unpack(">H", head[pos + 2:pos + 4])[0]
+    return None
+
+
+def check_pixel_size(pixels, image):
+    """Refuse pixel data shorter than the header implies (native), far larger, or whose
+    first frame (JPEG, JPEG-LS, JPEG 2000) has other dimensions than the header's.
+
+    Raises
+    ------
+    BrokenDicomError
+    """
+    implied = image.implied
+    bound = 2 * implied + PIXEL_SLACK_BYTES
+    if pixels.length is not None:
+        if pixels.length < implied:
+            raise BrokenDicomError(f"The Pixel Data (7FE0,0010) is shorter ({pixels.length} "
+                                   f"bytes) than the header implies ({implied} bytes).")
+        if pixels.length > bound:
+            raise BrokenDicomError(f"The Pixel Data (7FE0,0010) is larger ({pixels.length} "
+                                   f"bytes) than the header implies ({implied} bytes).")
+        return
+    total = pixels.fragments_total(bound)
+    if total > bound:
+        raise BrokenDicomError(f"The encapsulated Pixel Data (7FE0,0010) is larger (over "
+                               f"{bound} bytes) than the header implies ({implied} bytes).")
+    head = pixels.first_fragment(FRAME_HEAD_BYTES)
+    found = frame_size(head) if head else None
+    expected = (image.rows, image.columns, image.samples)
+    if found is not None and found != expected and not (found[0] == 0 and
+                                                        found[1:] == expected[1:]):
+        # (A JPEG frame may leave its height to a later DNL marker: rows 0.)
+        raise BrokenDicomError(
+            "The first frame of the Pixel Data (7FE0,0010) is {} x {} x {} (rows x columns x "
+            "samples), not {} x {} x {} as the header says.".format(*found, *expected))
+
+
 # --- the rules --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -382,20 +613,31 @@ class InstanceKeys(NamedTuple):
     transfer_syntax_uid: str | None = None  # set by header_scan.read_keys
 
 
-def check_instance(raw, little):
-    """Run every rule; return the instance's InstanceKeys.
+def check_instance(raw, little, vrs=None, pixels=None):
+    """Run every rule; return the instance's InstanceKeys. With ``vrs`` (the explicit
+    VRs of the wanted tags) those are checked first (``check_vrs``); with ``pixels`` (the
+    file's PixelData) its size is checked against the header last (``check_pixel_size``).
 
     Raises
     ------
     InvalidInstanceError
         With CIRCUS's messages: ``Could not find a encoding <x>``, ``Instance number not
         set``, ``Series UID of this DICOM file is invalid.``, then the checks of a new
-        series document (study UID, Rows, Columns, Modality, sex).
+        series document (study UID, Rows, Columns, Modality, sex), then the Image Pixel
+        elements.
+    BrokenDicomError
+        When the pixel data does not have the size the header implies.
     """
+    if vrs:
+        check_vrs(vrs)
     kept = {r.name: r.check(raw, little) for r in RULES}
-    rows, columns = kept["size"]
+    image = kept["image_pixel"]
+    if pixels is not None:
+        check_pixel_size(pixels, image)
+    frames = _ascii(raw(NUMBER_OF_FRAMES))  # checked by the image_pixel rule
     return InstanceKeys(kept["instance_number"], kept["series_uid"], kept["sop_instance_uid"],
-                        kept["sop_class_uid"], kept["frames"], rows, columns)
+                        kept["sop_class_uid"], int(frames) if frames else None, image.rows,
+                        image.columns)
 
 
 @rule("character_set", 0x00080005)
@@ -431,10 +673,8 @@ def _study_uid(raw, _little):
 
 @rule("size", 0x00280010, 0x00280011)
 def _size(raw, little):
-    rows, columns = _uint16(raw(0x00280010), little), _uint16(raw(0x00280011), little)
-    if rows is None or columns is None:
+    if _uint16(raw(0x00280011), little) is None or _uint16(raw(0x00280010), little) is None:
         raise InvalidInstanceError("Rows or Columns of this DICOM file is not set.")
-    return rows, columns
 
 
 @rule("modality", 0x00080060)
@@ -470,15 +710,38 @@ def _sop_class_uid(raw, _little):
     return _optional_uid(raw(0x00080016))
 
 
-@rule("frames", 0x00280008)
-def _frames(raw, _little):
-    text = _ascii(raw(0x00280008))
-    if not text:
-        return None
-    match = INT_RE.match(text)
-    if match is None or not 0 < int(match.group(0)) < 2 ** 31:
-        raise InvalidInstanceError(f"Number of Frames of this DICOM file is invalid: {text!r}.")
-    return int(match.group(0))
+@rule("image_pixel", SAMPLES_PER_PIXEL, PHOTOMETRIC, PLANAR_CONFIGURATION, NUMBER_OF_FRAMES,
+      ROWS, COLUMNS, BITS_ALLOCATED, BITS_STORED, HIGH_BIT, PIXEL_REPRESENTATION)
+def _image_pixel(raw, little):
+    """The Image Pixel elements the volume loader and standard readers rely on; keeps the
+    number of pixel data bytes they imply (``check_pixel_size``)."""
+    rows, columns = _us(raw, ROWS, little), _us(raw, COLUMNS, little)
+    if rows < 1 or columns < 1:
+        raise InvalidInstanceError("Rows and Columns of this DICOM file must be at least 1.")
+    samples = _us(raw, SAMPLES_PER_PIXEL, little)
+    if samples not in (1, 3, 4):
+        raise InvalidInstanceError(f"Samples per Pixel must be 1, 3 or 4, not {samples}.")
+    allocated = _us(raw, BITS_ALLOCATED, little)
+    if allocated != 1 and (allocated % 8 or not 8 <= allocated <= 64):
+        raise InvalidInstanceError(f"Bits Allocated must be 1 or a multiple of 8 up to 64, "
+                                   f"not {allocated}.")
+    stored = _us(raw, BITS_STORED, little)
+    high = _us(raw, HIGH_BIT, little, required=False)
+    if not 1 <= stored <= allocated or (high is not None and high >= allocated):
+        raise InvalidInstanceError(f"Bits Stored ({stored}) or High Bit ({high}) does not "
+                                   f"fit Bits Allocated ({allocated}).")
+    if _us(raw, PIXEL_REPRESENTATION, little) not in (0, 1):
+        raise InvalidInstanceError("Pixel Representation must be 0 or 1.")
+    photometric = _ascii(raw(PHOTOMETRIC))
+    if photometric not in PHOTOMETRICS:
+        raise InvalidInstanceError(f"Photometric Interpretation {photometric!r} is not "
+                                   "one a DICOM reader knows.")
+    if samples > 1 and _us(raw, PLANAR_CONFIGURATION, little) not in (0, 1):
+        raise InvalidInstanceError("Planar Configuration must be 0 or 1.")
+    # Native YBR_FULL_422 keeps two samples per pixel (4:2:2), as readers expect.
+    stored_samples = 2 if photometric == "YBR_FULL_422" and samples == 3 else samples
+    return ImagePixel(rows, columns, samples,
+                      -(-rows * columns * stored_samples * allocated * _frames(raw) // 8))
 
 
 # --- the record -------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from flask import current_app
 
-import series_access
 import storage
 from dicom import volumes
+from dicom.image_ranges import parse_images
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def for_app():
 def open_volume(series, numbers):
     """``(volume, zs)``: the cached volume of a series row and the slice indices of the
     image ``numbers`` asked for (None when one of them is not in the series)."""
-    volume = for_app().volume(series.series_uid, series_access.parse_images(series.images),
+    volume = for_app().volume(series.series_uid, parse_images(series.images),
                               series_stamp(series))
     zs = [volume.index.get(number) for number in numbers or volume.numbers]
     return volume, (None if None in zs else zs)

@@ -1,6 +1,6 @@
 """Alembic environment: runs migrations on the app's engine against models.py's metadata.
 
-Used through Flask-Migrate (`flask --app app db ...`) and by `dbmigrate.py`; the app's
+Used through Flask-Migrate (`flask --app app db ...`) and by `db_maintenance.py`; the app's
 logging configuration is kept (no fileConfig here).
 """
 import logging

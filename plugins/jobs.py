@@ -10,7 +10,6 @@ import os
 
 import sqlalchemy as sa
 
-import series_access
 import tasks
 import storage
 from auth import (compute_privileges, find_user, personal_info_plugin_ids, readable_domains,
@@ -21,6 +20,8 @@ from models import (Feedback, MyListItem, PluginDefinition, PluginJob, PluginJob
                     SystemState, db, iso, new_ulid, parse_iso, utcnow, put_value)
 from plugins import definitions
 from search import ArrayField, SearchSpec
+from series import (check_pvd_range, get_series, parse_ranges, pvd_images, resolve_pvd,
+                    validate_pvd)
 from validation import validate
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def parse_series_argument(text):
     """
     parts = text.split(":")
     if len(parts) == 1:
-        ranges = series_access.parse_ranges(series_access.get_series(parts[0]).images)
+        ranges = parse_ranges(get_series(parts[0]).images)
         if not ranges:
             raise ApiError(400, f"Series {parts[0]} has no image.")
         return {"seriesUid": parts[0], "partialVolumeDescriptor": {
@@ -142,7 +143,7 @@ def _duplicate_exists(plugin_id, entries):
 
 def _check_files(series, pvd):
     """The queue's re-check: every DICOM file of the PVD is on disk (400, not CIRCUS's 500)."""
-    for number in series_access.pvd_images(pvd):
+    for number in pvd_images(pvd):
         if not os.path.isfile(storage.instance_path(series.series_uid, number)):
             raise ApiError(400, f"Series {series.series_uid} not found.")
 
@@ -163,7 +164,7 @@ def register_job(user_email, privileges, body):
     entries = []
     for item in body["series"]:
         entry = {"seriesUid": item["seriesUid"],
-                 "partialVolumeDescriptor": series_access.resolve_pvd(
+                 "partialVolumeDescriptor": resolve_pvd(
                      item["seriesUid"], item["partialVolumeDescriptor"])}
         if "requiredPrivateTags" in item:
             entry["requiredPrivateTags"] = item["requiredPrivateTags"]
@@ -179,8 +180,8 @@ def register_job(user_email, privileges, body):
         series = rows.get(entry["seriesUid"])
         if series is None:
             raise ApiError(400, "Nonexistent series.")
-        series_access.validate_pvd(entry["partialVolumeDescriptor"])
-        series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
+        validate_pvd(entry["partialVolumeDescriptor"])
+        check_pvd_range(series, entry["partialVolumeDescriptor"])
         require_job_series_domain(series, privileges)
     domains = {rows[uid].domain for uid in uids}
     if len(domains) > 1:

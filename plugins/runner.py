@@ -16,13 +16,13 @@ import time
 
 from flask import current_app
 
-import series_access
 import storage
 from dicom import volumes
 from models import PluginDefinition, PluginJob, db
 from plugins import definitions, docker_runner, jobs, remote_runner
 from plugins.job_log import LOG_NAME, JobLog, PluginRunError, short_message
 from plugins.results import copy_outputs, read_results, wait_for_results
+from series import check_pvd_range, get_series, validate_pvd
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,13 @@ def execute(plugin, series, work_dir, job_log, run_id, config):
     run(plugin, run_id, in_dir, out_dir, work_dir, job_log, config)
     job_log.line("Plug-in execution done. Validating the results")
     wait_for_results(out_dir)
-    return read_results(out_dir), out_dir
+    return read_results(out_dir, config.get("JSON_MAX_DEPTH")), out_dir
+
+
+def output_limits(config):
+    """copy_outputs' limits from the settings."""
+    return {"max_files": config["PLUGIN_RESULTS_MAX_FILES"],
+            "max_bytes": config["PLUGIN_RESULTS_MAX_BYTES"]}
 
 
 def run_job(job_id):
@@ -96,7 +102,7 @@ def run_job(job_id):
             results, out_dir = execute(plugin, series, work_dir, job_log, job_id,
                                        current_app.config)
             job_log.line("Copying the result files")
-            copy_outputs(out_dir, results_dir, job_log)
+            copy_outputs(out_dir, results_dir, job_log, **output_limits(current_app.config))
             jobs.finish_job(job_id, results)
             job_log.line("Job execution done.")
         except PluginRunError as exc:
@@ -122,8 +128,8 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
     entries = []
     for text in series_arguments:
         entry = jobs.parse_series_argument(text)
-        pvd = series_access.validate_pvd(entry["partialVolumeDescriptor"])
-        series_access.check_pvd_range(series_access.get_series(entry["seriesUid"]), pvd)
+        pvd = validate_pvd(entry["partialVolumeDescriptor"])
+        check_pvd_range(get_series(entry["seriesUid"]), pvd)
         entries.append(entry)
     db.session.expunge(plugin)
     db.session.rollback()
@@ -137,7 +143,8 @@ def run_standalone(plugin_id, series_arguments, out_dir, keep=False, work_root=N
             try:
                 results, work_out = execute(plugin, entries, work_dir, job_log, run_id,
                                             current_app.config)
-                copy_outputs(work_out, out_dir, job_log, read_only=False)
+                copy_outputs(work_out, out_dir, job_log, read_only=False,
+                             **output_limits(current_app.config))
                 job_log.line("Done.")
             except PluginRunError as exc:
                 job_log.line(f"Error: {exc}")

@@ -11,14 +11,13 @@ from routes import series
 from routes import cases
 from routes import projects
 from routes import blobs
-from routes import mylists
+from routes import my_lists
 from routes import tasks
 from routes import plugins
 from routes import plugin_jobs
 from routes import plugin_job_queue
 from routes import plugin_displays
 from routes import openapi
-from routes import exports
 from routes import admin
 from routes import rs
 from routes.admin import groups as admin_groups
@@ -40,9 +39,8 @@ BLUEPRINTS = [
     cases.bp,
     projects.bp,
     blobs.bp,
-    mylists.bp,
+    my_lists.bp,
     tasks.bp,
-    exports.bp,
     plugins.bp,
     plugin_jobs.bp,
     plugin_job_queue.bp,

@@ -1,23 +1,24 @@
 """The image server: /rs/series/<uid>/metadata and /volume, the /rs/ws/volume WebSocket.
 
 ``metadata`` answers without a token (the web UI sends none); a token given by bearer
-header or ``?token=`` is checked with the series' domain. ``volume`` needs one. The
-socket checks its ``?token=`` on every BEGIN_TRANSFER. ``scan`` (MPR) is wired elsewhere.
+header or ``?token=`` is checked with the series' domain. ``volume`` and ``scan`` (a
+multiplanar reformat, ``dicom.reformat``) need one. The socket checks its ``?token=`` on
+every BEGIN_TRANSFER.
 """
 import logging
 import re
 
+import numpy as np
 from flask import Blueprint, Response, request, stream_with_context
 from flask_sock import Sock
 from isal import isal_zlib
 
 import auth
-import series_access
 import storage
-from dicom import volumes
-from dicom import rs_metadata, transfer, volume_cache
+from dicom import reformat, rs_metadata, transfer, volume_cache, volumes
 from errors import ApiError
 from models import Series, db
+from series import ImagesStringError, is_valid_pvd, pvd_images
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def _pvd_numbers():
     if all(value is None for value in raw.values()):
         return None
     pvd = {key: None if value is None else int(value) for key, value in raw.items()}
-    if not series_access.is_valid_pvd(pvd):
+    if not is_valid_pvd(pvd):
         raise ApiError(400, "Volume descriptor is invalid")
-    return series_access.pvd_images(pvd)
+    return pvd_images(pvd)
 
 
 def _open(series_uid, token_required):
@@ -66,7 +67,7 @@ def _open(series_uid, token_required):
         auth.check_series_token(token, series.domain)
     try:
         volume, zs = volume_cache.open_volume(series, numbers)
-    except series_access.ImagesStringError:
+    except ImagesStringError:
         raise ApiError(404, "Series could not be loaded") from None
     if zs is None:
         raise ApiError(400, "Volume descriptor is invalid")
@@ -107,6 +108,29 @@ def get_volume(series_uid):
     return response
 
 
+@bp.get("/series/<series_uid>/scan")
+def get_scan(series_uid):
+    """A multiplanar reformatted image: raw pixels, or 8-bit windowed (PNG with `format=png`)."""
+    try:
+        scan_request = reformat.parse_scan_query(request.args)
+    except reformat.ScanQueryError as exc:
+        raise ApiError(400, str(exc)) from None
+    volume, zs = _open(series_uid, token_required=True)
+    volume.request(zs)
+    first = volume.first
+    try:
+        shape = (first.rows, first.columns) + ((4,) if first.pixel_format == "rgba8" else ())
+        voxels = np.stack([volume.pixels(z, transfer.DECODE_TIMEOUT).reshape(shape) for z in zs])
+        image = reformat.scan(voxels, scan_request)
+    except reformat.ScanError as exc:
+        raise ApiError(400, str(exc)) from None
+    except volumes.VolumeError as exc:
+        log.warning("Scan of %s failed: %s", series_uid, exc)
+        raise ApiError(404, "Series could not be loaded") from None
+    body = reformat.encode_png(image) if scan_request.format == "png" else image.tobytes()
+    return Response(body, mimetype=scan_request.media_type)
+
+
 def _volume_body(volume, zs, encoding):
     """The slices one by one (compressed on the fly): memory stays one slice deep."""
     compressor = isal_zlib.compressobj(COMPRESSION_LEVEL, isal_zlib.DEFLATED,
@@ -131,20 +155,30 @@ def _begin_transfer(token, series_uid, pvd):
             return None
         numbers = None
         if pvd is not None:
-            if not series_access.is_valid_pvd(pvd):
+            if not is_valid_pvd(pvd):
                 return None
-            numbers = series_access.pvd_images(pvd)
+            numbers = pvd_images(pvd)
         series = db.session.get(Series, series_uid)
         if series is None or not series.images:
             return None
         auth.check_series_token(token, series.domain)
         volume, zs = volume_cache.open_volume(series, numbers)
         return None if zs is None else (volume, zs)
-    except (ApiError, series_access.ImagesStringError):
+    except (ApiError, ImagesStringError):
         return None
     finally:
         # a socket lives for hours: give its database connection back between checks
         db.session.close()
+
+
+@bp.before_request
+def _no_socket_compression():
+    """The volume socket sends raw slices uncompressed: browsers offer permessage-deflate,
+    and deflating every slice in Python would cost more time than it saves on a lab's
+    network (the HTTP volume offers gzip instead). Hiding the offer from the handshake
+    keeps the extension off."""
+    if request.endpoint == "rs.volume_socket":
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 @sock.route("/ws/volume", bp=bp)

@@ -1,29 +1,27 @@
-"""DICOM series: /api/series."""
+"""DICOM series: /api/series (uploads, search, orientation, deletion, volume export)."""
 import os
 import re
 
-from flask import Blueprint, current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, g, request
 
+import exports
 import multipart_spool
 import my_lists
 import search
-import series_access
+import series
 import storage
 import tasks
-from auth import (can_view_personal_info, readable_domains, require_series_domain,
+from auth import (can_view_personal_info, readable_domains, require_global, require_series_domain,
                   require_upload_domain)
 from dicom import importer
 from dicom.errors import DicomImportError, NotDicomError
 from errors import ApiError
 from models import MyListItem, Series, ServerParam, db, new_ulid
-from validation import content_type
+from validation import content_type, expects
 
 bp = Blueprint("series", __name__, url_prefix="/api/series")
 
-FIELD_NAME = "files"
 POSITIVE_INT_RE = re.compile(r"^[1-9]\d*$")
-UPLOAD_BUFFER = 1024 * 1024
 
 _DOMAINS = db.select(ServerParam.value).where(ServerParam.key == "domains")
 
@@ -39,72 +37,6 @@ def _in_domains(domains):
     """``domain IN (...)`` with one parameter per domain: a memoized statement then runs
     without re-rendering its SQL, as an expanding IN would each time."""
     return Series.domain.in_([db.bindparam(None, domain) for domain in domains])
-
-
-# --- multipart spooling -------------------------------------------------------------------
-
-class _LimitedFile:
-    """A spool file that refuses to grow beyond the per-file upload limit (413)."""
-
-    def __init__(self, path, limit):
-        self.path = path
-        self.limit = limit
-        self.size = 0
-        self.fh = open(path, "w+b")
-
-    def write(self, data):
-        self.size += len(data)
-        if self.size > self.limit:
-            raise RequestEntityTooLarge()
-        return self.fh.write(data)
-
-    def seek(self, *args):
-        return self.fh.seek(*args)
-
-    def read(self, *args):
-        return self.fh.read(*args)
-
-    def tell(self):
-        return self.fh.tell()
-
-    def close(self):
-        self.fh.close()
-
-
-def _spool_upload(folder, prefix=""):
-    """Stream the multipart body into ``folder``: one file per part, never in memory.
-
-    Returns the spooled paths of the ``files`` parts in order. Any other file field, a
-    malformed body or a file above UPLOAD_FILE_SIZE_MAX_BYTES is refused.
-    """
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-    limit = current_app.config["UPLOAD_FILE_SIZE_MAX_BYTES"]
-    opened = []
-
-    def on_file(name):
-        if name != FIELD_NAME:
-            raise ApiError(400, f'Uploaded files must use the field name "{FIELD_NAME}".')
-        spooled = _LimitedFile(os.path.join(folder, f"{prefix}{len(opened) + 1:06d}"), limit)
-        opened.append(spooled)
-        return spooled
-
-    boundary = request.mimetype_params.get("boundary", "").encode("ascii", "replace")
-    if not boundary:
-        raise ApiError(400, "The multipart body could not be parsed.")
-    try:
-        # 1 MiB reads: werkzeug's default 64 KiB halves the throughput of large uploads.
-        multipart_spool.parse(request.stream, boundary, on_file, chunk=UPLOAD_BUFFER,
-                              field_max=4 * UPLOAD_BUFFER,
-                              max_parts=current_app.config["ARCHIVE_MAX_ENTRIES"])
-    except (RequestEntityTooLarge, multipart_spool.MultipartTooLarge):
-        raise ApiError(413, "request entity too large") from None
-    except multipart_spool.MultipartError:
-        raise ApiError(400, "The multipart body could not be parsed.") from None
-    finally:
-        for spooled in opened:
-            spooled.close()
-    return [spooled.path for spooled in opened]
 
 
 def _check_upload_domain(domain):
@@ -123,7 +55,7 @@ def _check_upload_domain(domain):
 def list_series():
     """Search the series of the caller's domains."""
     domains = tuple(readable_domains())
-    return search.run(series_access.search_spec(can_view_personal_info()),
+    return search.run(series.search_spec(can_view_personal_info()),
                       lambda: _series_rows().where(_in_domains(domains)), memo=("series", domains))
 
 
@@ -135,7 +67,7 @@ def upload_series(domain):
     task_id = new_ulid()
     spool = storage.spool_dir(task_id)
     try:
-        paths = _spool_upload(spool)
+        paths = multipart_spool.spool_upload(spool)
         if not paths:
             raise ApiError(400, "No file was uploaded.")
         task = tasks.create_task(g.user.user_email, importer.TASK_NAME, kind="series_import",
@@ -166,7 +98,7 @@ def upload_single(domain):
 
 def _spool_one(folder, prefix):
     """Spool the upload of /single straight into the import's staging ``folder``."""
-    paths = _spool_upload(folder, prefix=prefix)
+    paths = multipart_spool.spool_upload(folder, prefix=prefix)
     if len(paths) != 1:
         raise ApiError(400, "Only one file is allowed.")
     return paths[0]
@@ -175,9 +107,9 @@ def _spool_one(folder, prefix):
 @bp.get("/<series_uid>")
 def get_series(series_uid):
     """One series; patient information only for those allowed to see it."""
-    series = series_access.get_series(series_uid)
-    require_series_domain(series)
-    return series.to_json(with_patient_info=can_view_personal_info())
+    row = series.get_series(series_uid)
+    require_series_domain(row)
+    return row.to_json(with_patient_info=can_view_personal_info())
 
 
 def _image_number(name):
@@ -192,23 +124,22 @@ def _image_number(name):
 @bp.get("/<series_uid>/orientation")
 def get_orientation(series_uid):
     """Whether images start..end of a series run head-first or foot-first."""
-    series = series_access.get_series(series_uid)
-    numbers = series_access.parse_ranges(series.images)
+    row = series.get_series(series_uid)
+    numbers = series.parse_ranges(row.images)
     start = _image_number("start") or (numbers[0][0] if numbers else None)
     end = _image_number("end") or (numbers[-1][1] if numbers else None)
-    if start is None or end is None or not (series_access.has_image(series.images, start)
-                                            and series_access.has_image(series.images, end)):
+    if start is None or end is None or not (series.has_image(row.images, start)
+                                            and series.has_image(row.images, end)):
         raise ApiError(400, "The given start/end number is out of bounds.")
-    require_series_domain(series)
-    return {"orientation": series_access.orientation(series, start, end)}
+    require_series_domain(row)
+    return {"orientation": series.orientation(row, start, end)}
 
 
 @bp.delete("/<series_uid>")
 def delete_series(series_uid):
     """Delete a series of the caller's domains and its files (not if a case or job uses it)."""
-    series = series_access.get_series(series_uid)
-    require_series_domain(series)
-    series_access.delete_series(series_uid)
+    require_series_domain(series.get_series(series_uid))
+    series.delete_series(series_uid)
     return "", 204
 
 
@@ -219,5 +150,16 @@ def list_series_in_my_list(my_list_id):
     query = (_series_rows().where(_in_domains(readable_domains()))
              .join(MyListItem, db.and_(MyListItem.my_list_id == my_list.my_list_id,
                                        MyListItem.resource_id == Series.series_uid)))
-    return search.run(series_access.search_spec(can_view_personal_info(), in_my_list=True),
+    return search.run(series.search_spec(can_view_personal_info(), in_my_list=True),
                       query)
+
+
+def _may_download(**_kwargs):
+    require_global("downloadVolume")
+
+
+@bp.post("/export-cs-volume")
+@expects("export-cs-volume", before=_may_download)
+def export_cs_volume(body):
+    """Export series volumes in the plug-in input format (a task with a download)."""
+    return {"taskId": exports.start_cs_volume_export(g.user.user_email, g.privileges, body)}, 201

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 import pytest
 
-from db_check import RECORD_CHECKS
 from auth import check_password, issue_login_token
+from db_maintenance import RECORD_CHECKS
 from models import (Group, PluginDefinition, Project, Series, ServerParam, Token, User, db,
                     utcnow)
 from tests.factories import make_series

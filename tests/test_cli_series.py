@@ -56,6 +56,7 @@ def test_import_series_reports_a_broken_file(app, runner, tmp_path):
     result = runner.invoke(args=["import-series", "-d", "default", str(tmp_path)])
     assert result.exit_code == 1
     assert "Error while processing file #2, entity #2: " in result.output
+    assert "(after 1 imported)" in result.output
     assert rows(app) == {"1.2.3.50": ("1", "default")}
 
 

@@ -68,3 +68,27 @@ def test_one_set_of_vrs():
     assert not elements.LONG_LENGTH_VRS & elements.SHORT_VRS
     assert elements.KNOWN_VRS == {vr.decode() for vr in elements.LONG_LENGTH_VRS | elements.SHORT_VRS}
     assert elements.is_dicm(dicom_bytes()) and not elements.is_dicm(b"DICM")
+
+
+def _fragments(*items, delimiter=True):
+    body = b"".join(b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little") + item for item in items)
+    return body + (elements.SEQUENCE_DELIMITER_LE if delimiter else b"")
+
+
+def test_pixel_data_sums_fragments_up_to_a_bound():
+    value = _fragments(b"", bytes(100), bytes(300))
+    pixels = elements.PixelData(io.BytesIO(value), 0, len(value), True, None)
+    assert pixels.fragments_total(10 ** 6) == len(value)  # no walk: the bytes bound the sum
+    assert pixels.fragments_total(400) == 400
+    assert pixels.fragments_total(150) == 400  # stopped once over the bound
+    assert pixels.first_fragment(10) == bytes(10)
+    broken = value.replace(b"\xfe\xff\x00\xe0", b"\xfe\xff\x00\xe1", 2)
+    with pytest.raises(BrokenDicomError, match="malformed"):
+        elements.PixelData(io.BytesIO(broken), 0, len(broken), True, None).fragments_total(50)
+
+
+def test_walk_header_gives_the_explicit_vrs_of_wanted_tags():
+    data = dicom_bytes()
+    vrs = {}
+    elements.walk_header(data, len(data), frozenset((0x00280010, 0x00200013)), vrs)
+    assert vrs == {0x00280010: "US", 0x00200013: "IS"}

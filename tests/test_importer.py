@@ -10,8 +10,9 @@ import sqlalchemy as sa
 
 import storage
 from dicom import batch as dicom_batch, errors
+from dicom.archives import Bounded, Entry, Limits
 from dicom.batch import ImportBatch
-from dicom.importer import Importer, collect_paths, refresh_parameters
+from dicom.importer import Importer, collect_paths, import_paths, refresh_parameters
 from models import Series, db
 from tests.dicom_factory import dicom_bytes, write_dicom
 
@@ -156,13 +157,7 @@ def _targz(path, entries):
 
 
 def _run(paths, domain="default"):
-    importer = Importer(domain)
-    try:
-        for path in paths:
-            importer.import_file(str(path))
-        return importer.finish()
-    finally:
-        importer.close()
+    return import_paths(domain, [str(path) for path in paths])
 
 
 def _series_entries(uid="1.2.3.100", count=3):
@@ -211,6 +206,7 @@ def test_zip_bomb_fails_and_imports_nothing(ctx, tmp_path):
         _run([archive])
     assert str(info.value).startswith("Error while processing file #1, entity #1: ")
     assert "larger than 1048576 bytes uncompressed" in str(info.value)
+    assert info.value.imported == 0
     assert data_files(ctx) == [] and series_rows() == []
 
 
@@ -272,6 +268,7 @@ def test_plain_files_before_a_broken_one_stay_imported(ctx, tmp_path):
     with pytest.raises(errors.ImportFailed) as info:
         _run(good + [broken])
     assert str(info.value).startswith("Error while processing file #3, entity #3: ")
+    assert info.value.imported == 2  # committed before the failure
     assert series_rows()[0].images == "1-2"
     assert len(data_files(ctx)) == 2
 
@@ -325,3 +322,54 @@ def test_a_consumed_archive_is_removed_before_the_commit(ctx, tmp_path):
     finally:
         sa.event.remove(db.session, "before_commit", look)
     assert seen == [(False, True), (False, True)]
+
+
+# --- the per-file limit on archive entries -------------------------------------------------
+
+def test_bounded_stream_cuts_an_entry_at_the_limit():
+    limits = Limits(max_bytes=10 ** 9, max_entries=10, max_entry_bytes=100)
+    assert Bounded(io.BytesIO(b"x" * 100), limits).read() == b"x" * 100
+    stream = Bounded(io.BytesIO(b"x" * 1000), limits)
+    assert stream.read(60) == b"x" * 60
+    with pytest.raises(errors.ArchiveLimitError, match="larger than 100 bytes"):
+        stream.read(60)
+    with pytest.raises(errors.ArchiveLimitError, match="larger than 100 bytes"):
+        Bounded(io.BytesIO(b"x" * 1000), limits).read()
+
+
+def test_entry_declaring_more_than_the_limit_is_refused_before_it_is_opened():
+    limits = Limits(max_bytes=10 ** 9, max_entries=10, max_entry_bytes=100)
+    opened = []
+    entry = Entry("big.dcm", 101, lambda: opened.append(1) or io.BytesIO(b""), limits)
+    with pytest.raises(errors.ArchiveLimitError, match="larger than 100 bytes"):
+        entry.open()
+    assert opened == []
+
+
+@pytest.mark.parametrize("maker", [_zip, _targz])
+def test_every_entry_is_held_to_the_per_file_limit(ctx, tmp_path, maker):
+    """The Importer (uploads, the CLI) applies UPLOAD_FILE_SIZE_MAX_BYTES to each entry;
+    entries under it import as before."""
+    big = dicom_bytes(series_uid="1.2.3.101", rows=64, columns=64)  # ~8 KiB of pixels
+    ctx.config["UPLOAD_FILE_SIZE_MAX_BYTES"] = len(big) - 1
+    archive = maker(tmp_path / ("a" + maker.__name__), _series_entries(count=2) +
+                    [("study/big.dcm", big)])
+    with pytest.raises(errors.ImportFailed) as info:
+        _run([archive])
+    assert f"larger than {len(big) - 1} bytes" in str(info.value)
+    assert "(entry 'study/big.dcm')" in str(info.value)
+    assert "Nothing of this archive was imported." in str(info.value)
+    assert data_files(ctx) == [] and series_rows() == []
+    ctx.config["UPLOAD_FILE_SIZE_MAX_BYTES"] = len(big)
+    assert _run([archive])[:2] == (3, 1)
+
+
+def test_archive_entry_with_oversized_pixel_data_is_refused(ctx, tmp_path):
+    data = dicom_bytes(series_uid="1.2.3.102", rows=8, columns=8)  # 128 bytes implied
+    at = data.rindex(b"\xe0\x7f\x10\x00OW\x00\x00")
+    extra = 200 * 1024
+    bomb = data[:at + 8] + extra.to_bytes(4, "little") + bytes(extra)
+    archive = _targz(tmp_path / "pixels.tar.gz", _series_entries(count=1) + [("p.dcm", bomb)])
+    with pytest.raises(errors.ImportFailed, match=r"Pixel Data \(7FE0,0010\) is larger"):
+        _run([archive])
+    assert data_files(ctx) == [] and series_rows() == []

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-import dbmigrate
+import db_maintenance
 from app import MIGRATIONS_DIR, create_app
 from models import User, db
 from tests.scratch_db import scratch_database  # noqa: F401  (fixture)
@@ -51,8 +51,8 @@ def insert_baseline_user(email):
 def test_revisions_build_exactly_the_models_schema(empty_app):
     with empty_app.app_context():
         flask_migrate.upgrade()
-        assert dbmigrate.current_revision() == HEAD
-        assert dbmigrate.schema_differences() == [], DRIFT
+        assert db_maintenance.current_revision() == HEAD
+        assert db_maintenance.schema_differences() == [], DRIFT
 
 
 def test_init_db_creates_the_newest_schema_and_is_idempotent(empty_app):
@@ -60,8 +60,8 @@ def test_init_db_creates_the_newest_schema_and_is_idempotent(empty_app):
     second = run(empty_app, "init-db")
     assert "Schema: current" in second and "Nothing to do" in second
     with empty_app.app_context():
-        assert dbmigrate.current_revision() == HEAD
-        assert dbmigrate.schema_differences() == []
+        assert db_maintenance.current_revision() == HEAD
+        assert db_maintenance.schema_differences() == []
         assert db.session.get(User, "circus@circus.example.com") is not None
 
 
@@ -71,11 +71,11 @@ def test_upgrade_of_an_older_database_keeps_its_rows(empty_app, command):
     with empty_app.app_context():
         flask_migrate.upgrade(revision=BASELINE)
         insert_baseline_user("old@example.com")
-        assert dbmigrate.schema_differences() != []  # the older schema really is older
+        assert db_maintenance.schema_differences() != []  # the older schema really is older
     assert f"Schema: upgraded from {BASELINE}" in run(empty_app, command)
     with empty_app.app_context():
-        assert dbmigrate.current_revision() == HEAD
-        assert dbmigrate.schema_differences() == [], DRIFT
+        assert db_maintenance.current_revision() == HEAD
+        assert db_maintenance.schema_differences() == [], DRIFT
         user = db.session.get(User, "old@example.com")
         assert (user.login_id, user.description, user.groups, user.preferences) == (
             "old", "made before the upgrade", [1], {"theme": "mode_black"})
@@ -89,10 +89,10 @@ def test_upgrade_of_an_older_database_keeps_its_rows(empty_app, command):
 def test_migrate_stamps_tables_made_before_migrations_existed(empty_app):
     with empty_app.app_context():
         db.create_all()
-        assert dbmigrate.current_revision() is None
+        assert db_maintenance.current_revision() is None
     assert "Schema: stamped" in run(empty_app, "migrate")
     with empty_app.app_context():
-        assert dbmigrate.current_revision() == HEAD
+        assert db_maintenance.current_revision() == HEAD
 
 
 def test_migrate_refuses_unversioned_tables_that_differ_from_the_models(empty_app):
@@ -103,4 +103,4 @@ def test_migrate_refuses_unversioned_tables_that_differ_from_the_models(empty_ap
     assert result.exit_code != 0
     assert "no schema version" in result.output and "db stamp" in result.output
     with empty_app.app_context():
-        assert dbmigrate.current_revision() is None
+        assert db_maintenance.current_revision() is None

@@ -1,4 +1,5 @@
-"""multipart_spool: the streaming multipart reader of series uploads."""
+"""multipart_spool: the streaming multipart reader of series uploads (spool_upload is tested
+through the upload routes in test_series.py)."""
 import io
 import os
 

@@ -216,6 +216,52 @@ def test_volume_is_compressed_when_accepted(ctx, client, tokens, encoding, decod
     assert decode(res.data) == expected.tobytes()
 
 
+# --- HTTP: scan (multiplanar reformat) -----------------------------------------------------
+
+def test_scan_of_an_axial_plane_is_that_slice(ctx, client, tokens):
+    uid = store(ctx, HEAD)
+    expected = series_pixels(HEAD)  # (z, y, x)
+    z, rows, columns = expected.shape
+    res = get(client, f"/rs/series/{uid}/scan?origin=0,0,3&xAxis={columns},0,0"
+                      f"&yAxis=0,{rows},0&size={columns},{rows}", tokens["alice"])
+    assert res.status_code == 200 and res.content_type == "application/octet-stream"
+    image = np.frombuffer(res.data, dtype=expected.dtype.newbyteorder("<"))
+    assert np.array_equal(image.reshape(rows, columns), expected[3])
+
+
+def test_scan_windowed_png_of_a_coronal_plane(ctx, client, tokens):
+    uid = store(ctx, HEAD)
+    expected = series_pixels(HEAD)
+    z, rows, columns = expected.shape
+    res = get(client, f"/rs/series/{uid}/scan?origin=0,5,0&xAxis={columns},0,0&yAxis=0,0,{z}"
+                      f"&size={columns},{z}&ww=400&wl=40&format=png", tokens["alice"])
+    assert res.status_code == 200 and res.content_type == "image/png"
+    assert res.data.startswith(b"\x89PNG\r\n\x1a\n")
+    raw = get(client, f"/rs/series/{uid}/scan?origin=0,5,0&xAxis={columns},0,0&yAxis=0,0,{z}"
+                      f"&size={columns},{z}&ww=400&wl=40", tokens["alice"])
+    assert len(raw.data) == columns * z  # 8-bit windowed without PNG
+
+
+@pytest.mark.parametrize("query, error", [
+    ("origin=0,0,0&xAxis=1,0,0&yAxis=0,1,0&size=4096,4096", "Requested image size is too large."),
+    ("origin=0,0,0&xAxis=1,0,0&yAxis=0,1,0&size=0,4", "Invalid image size"),
+    ("origin=0,0,0&xAxis=1,0,0&yAxis=0,1,0&size=4,4&format=png",
+     "Window values are required for PNG output."),
+    ("xAxis=1,0,0&yAxis=0,1,0&size=4,4", "origin is empty."),
+])
+def test_scan_bad_queries(ctx, client, tokens, query, error):
+    uid = store(ctx, HEAD)
+    res = get(client, f"/rs/series/{uid}/scan?{query}", tokens["alice"])
+    assert (res.status_code, res.json) == (400, {"error": error})
+
+
+def test_scan_needs_a_token_and_the_domain(ctx, client, tokens):
+    uid = store(ctx, HEAD, domain="other")
+    query = "origin=0,0,0&xAxis=4,0,0&yAxis=0,4,0&size=4,4"
+    assert client.get(f"/rs/series/{uid}/scan?{query}").status_code == 401
+    assert get(client, f"/rs/series/{uid}/scan?{query}", tokens["alice"]).status_code == 403
+
+
 # --- the cache ---------------------------------------------------------------------------
 
 def test_second_request_decodes_nothing(ctx, client, tokens):
@@ -315,6 +361,20 @@ def connect(server, token="cli"):
     ws = websocket.create_connection(f"{server.ws_base}/rs/ws/volume?token={token}",
                                      timeout=30)
     return ws
+
+
+def test_socket_declines_compression(rs_server):
+    """Slices go raw even when the client offers permessage-deflate, as browsers do."""
+    ws = websocket.create_connection(
+        f"{rs_server.ws_base}/rs/ws/volume?token={rs_server.token}", timeout=30,
+        header=["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    try:
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.getheaders()}
+        send(ws, messageType="BEGIN_TRANSFER", transferId="t", seriesUid=rs_server.uids["head"])
+        header, payload = receive(ws)
+        assert header["messageType"] == "TRANSFER_IMAGE" and len(payload) == 260 * 320 * 2
+    finally:
+        ws.close()
 
 
 def send(ws, **data):

@@ -4,9 +4,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-import series_access
 import table_versions
 from models import Series, SystemState, db
+from series import delete_series
 from tests.factories import make_series
 
 PAGE = {"limit": 2, "sort": '{"seriesUid": 1}'}  # a full page: the total must be counted
@@ -72,7 +72,7 @@ def test_core_delete_and_update_renew_the_stamp(app, client, auth_headers, three
     assert total(client, auth_headers["alice"]) == 3
     assert total(client, auth_headers["alice"], filter='{"modality": "CT"}') == 3
     with app.app_context():
-        series_access.delete_series("1.2.7.3")  # a Core DELETE, files and rows
+        delete_series("1.2.7.3")  # a Core DELETE, files and rows
         db.session.commit()
     assert total(client, auth_headers["alice"]) == 2
     with app.app_context():

@@ -1,9 +1,9 @@
 """Series as a domain object: partial volume descriptors, orientation, deletion, the
 series search; the image range strings (``dicom.image_ranges``) are offered here too.
 
-Used by the series routes, cases, plug-in jobs and exports. The ``images`` string of a
-series is CIRCUS's multi-integer-range form (``"1-3,5,8-10"``); a partial volume
-descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
+Used by the series routes, the image server, cases, plug-in jobs and exports. The
+``images`` string of a series is CIRCUS's multi-integer-range form (``"1-3,5,8-10"``); a
+partial volume descriptor (PVD, API.md 4.1) is ``{"start", "end", "delta"}``.
 """
 import functools
 import json

@@ -17,13 +17,13 @@ import sqlalchemy as sa
 
 import blobs
 import my_lists
-import series_access
 from auth import (personal_info_project_ids, readable_project_ids, require_cases_writable,
                   require_project_role, require_series_domain)
 from errors import ApiError, get_or_404, not_found
 from models import (CaseRevision, CaseSeries, CaseTag, ClinicalCase, MyListItem, Project,
                     Series, db, iso, new_ulid, utcnow)
 from search import ArrayField, SearchSpec
+from series import check_pvd_range, get_series, parse_ranges, resolve_pvd, validate_pvd
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +135,18 @@ def create_case(user_email, privileges, project_id, series_entries, tags):
     if project is None:
         raise not_found("project")
     entries = [{"seriesUid": e["seriesUid"],
-                "partialVolumeDescriptor": series_access.resolve_pvd(
+                "partialVolumeDescriptor": resolve_pvd(
                     e["seriesUid"], e["partialVolumeDescriptor"])} for e in series_entries]
     require_project_role(project.project_id, "write", privileges=privileges)
     for entry in entries:
-        series_access.validate_pvd(entry["partialVolumeDescriptor"])
+        validate_pvd(entry["partialVolumeDescriptor"])
     check_tag_lengths(tags)
     found = _lock_series([e["seriesUid"] for e in entries])
     for entry in entries:
         series = found.get(entry["seriesUid"])
         if series is None:
             raise ApiError(400, "Nonexistent series.")
-        series_access.check_pvd_range(series, entry["partialVolumeDescriptor"])
+        check_pvd_range(series, entry["partialVolumeDescriptor"])
         require_series_domain(series, privileges)
     domains = list(dict.fromkeys(found[e["seriesUid"]].domain for e in entries))
     if len(domains) > 1:
@@ -194,7 +194,7 @@ def series_entry_from_text(text):
     """
     uid, *numbers = text.split(":")
     if not numbers:
-        ranges = series_access.parse_ranges(series_access.get_series(uid).images)
+        ranges = parse_ranges(get_series(uid).images)
         if not ranges:
             raise ApiError(400, "Specified range is invalid.")
         return {"seriesUid": uid,
@@ -224,7 +224,7 @@ def check_revision(revision):
         raise ApiError(400, "You cannot specify revision creator.")
     for entry in revision["series"]:
         if "partialVolumeDescriptor" in entry:
-            series_access.validate_pvd(entry["partialVolumeDescriptor"])
+            validate_pvd(entry["partialVolumeDescriptor"])
     absent = blobs.missing(_voxel_hashes(revision))
     if absent:
         raise ApiError(400, f"Some voxel data are missing ({', '.join(absent)}). "
