@@ -73,6 +73,7 @@ KNOWN_MAX = 100000  # series domains remembered
 RETRY_SECONDS = 1.0  # after a commit failed for a reason that may pass (database down)
 MAX_PDU = 4 * 1024 * 1024
 DUL_POLL_SECONDS = 0.0002
+STOP_GRACE_SECONDS = 10  # after SIGTERM, the process exits within this long
 # Query/retrieve information models: the service each one serves.
 QR_MODELS = {PatientRootQueryRetrieveInformationModelFind: "find",
              StudyRootQueryRetrieveInformationModelFind: "find",
@@ -108,7 +109,10 @@ class Received:
 
 class _NoDelayServer(ThreadedAssociationServer):
     """pynetdicom's server with TCP_NODELAY on every accepted socket: without it, small
-    PDUs wait for delayed ACKs and a store runs at ~11 instances/s."""
+    PDUs wait for delayed ACKs and a store runs at ~11 instances/s. Its connection threads
+    are daemons: a connection that never sends its A-ASSOCIATE-RQ would otherwise keep the
+    stopped process alive for the ACSE timeout (what associations acknowledged is staged)."""
+    daemon_threads = True
 
     def get_request(self):
         client, address = super().get_request()
@@ -794,4 +798,17 @@ def run_listener(app, host=None, port=None):
     try:
         stop.wait()
     finally:
+        # A bounded stop: what was acknowledged is staged durably, and a commit cut short
+        # leaves its staged links for the next start, so exiting is always safe.
+        watchdog = threading.Timer(STOP_GRACE_SECONDS, _exit_now)
+        watchdog.daemon = True
+        watchdog.start()
         listener.stop()
+        watchdog.cancel()
+
+
+def _exit_now():
+    log.warning("The DICOM listener did not stop within %s s (threads: %s); exiting",
+                STOP_GRACE_SECONDS, [t.name for t in threading.enumerate()])
+    logging.shutdown()
+    os._exit(0)

@@ -575,3 +575,15 @@ def test_part10_builds_a_file_pydicom_reads():
             meta.TransferSyntaxUID) == (CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
     assert meta.FileMetaInformationGroupLength == len(raw) - 144 - len(buffer.getvalue())
     assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
+
+
+def test_stop_is_prompt_with_a_silent_connection_open(app, domains):
+    running = net.Listener(app, host="127.0.0.1", port=0).start()  # idle timeout: 60 s
+    silent = socket.create_connection(("127.0.0.1", running.port))
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        running.stop()
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
