@@ -796,7 +796,10 @@ def run_listener(app, host=None, port=None):
     listener = Listener(app, host, port).start()
     print(f"DICOM listener {listener.ae_title} on {listener.host}:{listener.port}", flush=True)
     try:
-        stop.wait()
+        # With a timeout: a signal delivered to another thread (pynetdicom's) only runs its
+        # handler once the main thread wakes, and an untimed wait may never wake.
+        while not stop.wait(0.5):
+            pass
     finally:
         # A bounded stop: what was acknowledged is staged durably, and a commit cut short
         # leaves its staged links for the next start, so exiting is always safe.
