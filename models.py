@@ -378,6 +378,22 @@ class Instance(db.Model):
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
+
+class DicomNode(Timestamps, db.Model):
+    """A DICOM node (AE) the listener talks to: who may call, what it may do, where its
+    stores go; ``port`` matters only for a node we send to (a C-MOVE destination)."""
+    __tablename__ = "dicom_nodes"
+    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")  # "" admits any address
+    port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    domain: Mapped[str] = mapped_column(String(128))
+    allow: Mapped[list] = mapped_column(JSON, default=list)  # echo, store, find, get, move
+
+    def to_json(self):
+        return {"aeTitle": self.ae_title, "host": self.host, "port": self.port,
+                "domain": self.domain, "allow": list(self.allow), **self.timestamps()}
+
+
 class ClinicalCase(Timestamps, db.Model):
     __tablename__ = "clinical_cases"
     case_id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_ulid)
