@@ -435,6 +435,13 @@ def can_view_personal_info():
             and bool((g.user.preferences or {}).get("personalInfoView")))
 
 
+def require_personal_info_view():
+    """ApiError 403 unless the caller holds personalInfoView: whole DICOM files (DICOMweb
+    retrieve) carry the patient's data, which no preference can strip from them."""
+    if not g.privileges.has_global("personalInfoView"):
+        raise ApiError(403, "You do not have privilege to retrieve whole DICOM files.")
+
+
 def can_search_patient_info():
     """Whether a search filter may name patientInfo.* keys (global personalInfoView)."""
     return g.privileges.has_global("personalInfoView")

@@ -1,6 +1,7 @@
 """The admin commands of `flask --app app ...`, each a module-level command of ``commands``
 (create_app adds them all to the app's CLI)."""
 import json
+import logging
 import sys
 import time
 
@@ -19,7 +20,7 @@ import table_versions
 import worker
 from auth import (GLOBAL_PRIVILEGES, SCOPES, check_token_request, compute_privileges,
                   find_user, hash_password, issue_permanent_token, token_expiry_json)
-from dicom import importer, instance
+from dicom import importer, instance, net, nodes
 from dicom.errors import DicomImportError
 from errors import ApiError
 from models import (GROUPS_STAMP, Group, Project, ServerParam, SystemState, User, db,
@@ -189,6 +190,50 @@ def worker_command(once):
         click.echo(f"Ran {worker.run_pending(worker.worker_id())} unit(s) of work.")
     else:
         worker.run_forever(current_app._get_current_object())
+
+
+@commands.command("dicom-listener")
+@click.option("--host", default=None, help="Address to listen on (default: CIRCUS_DICOM_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default: CIRCUS_DICOM_PORT).")
+def dicom_listener_command(host, port):
+    """Serve DICOM (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE) to the registered nodes until
+    SIGTERM or Ctrl-C."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # a line per PDU otherwise
+    net.run_listener(current_app._get_current_object(), host, port)
+
+
+@commands.command("dicom-node-add")
+@click.argument("ae_title")
+@click.option("--host", default="", help="Host or address the node calls from (empty: any).")
+@click.option("--port", type=int, default=None, help="Its port (needed to send it C-MOVEs).")
+@click.option("--domain", required=True, help="Domain its stores go into and queries see.")
+@click.option("--allow", default="echo,store,find", show_default=True,
+              help="Comma-separated services: echo, store, find, get, move.")
+def dicom_node_add_command(ae_title, host, port, domain, allow):
+    """Register a DICOM node, as POST /api/admin/dicom-nodes does."""
+    body = {"aeTitle": ae_title, "host": host, "port": port, "domain": domain,
+            "allow": [s.strip() for s in allow.split(",") if s.strip()]}
+    _run_api_call(nodes.create_node, body, "dicom-node-create")
+    click.echo(f"Added DICOM node {ae_title}.")
+
+
+@commands.command("dicom-node-list")
+def dicom_node_list_command():
+    """List the DICOM nodes: AE title, host, port, domain, allowed services."""
+    for node in nodes.list_nodes():
+        click.echo(f"{node.ae_title}\t{node.host or '*'}\t{node.port or '-'}\t{node.domain}"
+                   f"\t{','.join(node.allow)}")
+
+
+@commands.command("dicom-node-remove")
+@click.argument("ae_title")
+def dicom_node_remove_command(ae_title):
+    """Remove a DICOM node."""
+    try:
+        nodes.delete_node(ae_title)
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Removed DICOM node {ae_title}.")
 
 
 @commands.command("migrate")

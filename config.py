@@ -99,6 +99,20 @@ def from_environment():
         "LOGIN_THROTTLE_BLOCK": int(os.environ.get("CIRCUS_LOGIN_THROTTLE_BLOCK", 300)),
         # Content-Security-Policy of the web UI's files; unset: routes/web_ui.py's strict one.
         "WEB_UI_CSP": os.environ.get("CIRCUS_WEB_UI_CSP") or None,
+        # DICOM listener (`flask --app app dicom-listener`): our called AE title, and the
+        # address it listens on (0.0.0.0 opens it to the network; nodes still must be known).
+        "DICOM_AET": os.environ.get("CIRCUS_DICOM_AET", "CIRCUS"),
+        "DICOM_HOST": os.environ.get("CIRCUS_DICOM_HOST", "127.0.0.1"),
+        "DICOM_PORT": int(os.environ.get("CIRCUS_DICOM_PORT", 11112)),
+        # A lab's open mode: when set, any calling AE title unknown to the node table may
+        # echo and store into this domain (and find/get within it). Off by default.
+        "DICOM_OPEN_DOMAIN": os.environ.get("CIRCUS_DICOM_OPEN_DOMAIN") or None,
+        # Associations served at once by one listener; more are rejected (transient).
+        "DICOM_MAX_ASSOCIATIONS": int(os.environ.get("CIRCUS_DICOM_MAX_ASSOCIATIONS", 10)),
+        # Seconds an association may stay silent (and ACSE/DIMSE waits) before it is aborted.
+        "DICOM_IDLE_TIMEOUT": float(os.environ.get("CIRCUS_DICOM_IDLE_TIMEOUT", 60)),
+        # Seconds between the listener's commits of received instances into the index.
+        "DICOM_COMMIT_INTERVAL": float(os.environ.get("CIRCUS_DICOM_COMMIT_INTERVAL", 0.15)),
         # Fixed-user mode for debugging (never in production): every request runs as this user.
         "FIX_USER": os.environ.get("CIRCUS_API_FIX_USER"),
     }

@@ -300,8 +300,12 @@ class Series(Timestamps, db.Model):
 
     # (modality, seriesDate, domain) covers the common filtered search and its COUNT
     # without reading rows (the domain condition is always there).
+    # (modality, study, series, domain): a DICOM search of one modality (QIDO-RS, C-FIND)
+    # walks it in its answer's order and stops after a page.
     __table_args__ = (Index("ix_series_domain_created", "domain", "created_at"),
-                      Index("ix_series_modality_date", "modality", "series_date", "domain"))
+                      Index("ix_series_modality_date", "modality", "series_date", "domain"),
+                      Index("ix_series_modality_study", "modality", "study_uid", "series_uid",
+                            "domain"))
 
     def set_patient_info(self, info):
         """Store patientInfo and its indexed copies together."""
@@ -373,6 +377,22 @@ class Instance(db.Model):
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class DicomNode(Timestamps, db.Model):
+    """A DICOM node (AE) the listener talks to: who may call, what it may do, where its
+    stores go; ``port`` matters only for a node we send to (a C-MOVE destination)."""
+    __tablename__ = "dicom_nodes"
+    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")  # "" admits any address
+    port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    domain: Mapped[str] = mapped_column(String(128))
+    allow: Mapped[list] = mapped_column(JSON, default=list)  # echo, store, find, get, move
+
+    def to_json(self):
+        return {"aeTitle": self.ae_title, "host": self.host, "port": self.port,
+                "domain": self.domain, "allow": list(self.allow), **self.timestamps()}
+
 
 class ClinicalCase(Timestamps, db.Model):
     __tablename__ = "clinical_cases"

@@ -1,12 +1,14 @@
-"""A streaming multipart/form-data reader that writes file parts straight to files.
+"""A streaming multipart reader that writes file parts straight to files.
 
 Werkzeug's parser compiles two regular expressions per request (one per boundary) and
 copies every chunk through a growing buffer; for uploads of DICOM files that is most of the
 per-request parsing cost. This reader finds the delimiter with ``bytes.find``, reads the body
 in large chunks and writes each file part's bytes to its sink without building the part in
-memory. Only what the series upload needs is supported: file parts are spooled, other parts
-(form fields) are read, bounded in size, and dropped. ``spool_upload`` spools the current
-request's upload into a folder with it, one file per part.
+memory. Two uses: multipart/form-data (series uploads), where file parts are spooled and
+other parts (form fields) are read, bounded in size, and dropped (``spool_upload`` spools
+the current request's upload into a folder with it, one file per part); and
+multipart/related (DICOMweb STOW-RS, ``on_part``), where every part is handed over with its
+headers.
 """
 import os
 
@@ -58,13 +60,15 @@ class _Reader:
         return len(self.buf) - self.pos >= count
 
 
-def parse(stream, boundary, on_file, chunk=1024 * 1024, field_max=4 * 1024 * 1024,
-          max_parts=None):
+def parse(stream, boundary, on_file=None, chunk=1024 * 1024, field_max=4 * 1024 * 1024,
+          max_parts=None, on_part=None):
     """Read a multipart body from ``stream``.
 
     ``on_file(name)`` is called for each file part (a part whose Content-Disposition has a
     ``filename``) with its field name and returns an object with ``write(bytes)``; the
-    part's bytes are written to it. Returns the number of parts read.
+    part's bytes are written to it. With ``on_part(headers)`` instead, every part is a
+    file: it is called with the part's headers (lower-case name -> value) and returns the
+    sink. Returns the number of parts read.
 
     Raises
     ------
@@ -109,7 +113,7 @@ def parse(stream, boundary, on_file, chunk=1024 * 1024, field_max=4 * 1024 * 102
         parts += 1
         if max_parts is not None and parts > max_parts:
             raise MultipartTooLarge("too many parts")
-        sink = _part_sink(reader, on_file, field_max)
+        sink = _part_sink(reader, on_file, field_max, on_part)
         # The part's bytes run up to the next delimiter.
         while True:
             found = reader.buf.find(delimiter, reader.pos)
@@ -125,11 +129,11 @@ def parse(stream, boundary, on_file, chunk=1024 * 1024, field_max=4 * 1024 * 102
                 raise MultipartError("unexpected end of body")
 
 
-def _part_sink(reader, on_file, field_max):
+def _part_sink(reader, on_file, field_max, on_part=None):
     """Read one part's headers; return where its bytes go."""
-    start = reader.pos
-    if reader.need(2) and reader.buf[start:start + 2] == b"\r\n":
-        block, reader.pos = b"", start + 2
+    # need() may move the unread bytes to the start of a new buffer: read pos after it.
+    if reader.need(2) and reader.buf[reader.pos:reader.pos + 2] == b"\r\n":
+        block, reader.pos = b"", reader.pos + 2
     else:
         while True:
             end = reader.buf.find(b"\r\n\r\n", reader.pos)
@@ -140,17 +144,20 @@ def _part_sink(reader, on_file, field_max):
         if end - reader.pos > HEADER_MAX_BYTES:
             raise MultipartError("part headers too long")
         block, reader.pos = reader.buf[reader.pos:end], end + 4
-    disposition = ""
+    headers = {}
     try:
-        for line in block.decode().split("\r\n"):
+        # A related part may go without headers (its type is the body's ``type``).
+        lines = block.decode().split("\r\n") if block or on_part is None else ()
+        for line in lines:
             name, colon, value = line.partition(":")
             if not colon:
                 raise MultipartError("bad part header")
-            if name.strip().lower() == "content-disposition":
-                disposition = value.strip()
+            headers[name.strip().lower()] = value.strip()
     except UnicodeDecodeError:
         raise MultipartError("bad part header") from None
-    _kind, options = parse_options_header(disposition)
+    if on_part is not None:
+        return on_part(headers)
+    _kind, options = parse_options_header(headers.get("content-disposition", ""))
     if "filename" in options:
         return on_file(options.get("name", ""))
     return _BoundedSink(field_max)

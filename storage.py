@@ -37,6 +37,7 @@ ROOTS = ("dicom", "blobs", "plugin-results", "downloads", "spool", "work", "plug
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 HEX_RE = re.compile(r"^[0-9a-f]{40}$")
 ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
+NAME_RE = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}$")  # a file name, no dot first
 
 
 class UnsafePathError(ValueError):
@@ -141,6 +142,13 @@ def dicom_staging_dir(name):
     """A private folder inside the DICOM root (same file system, so renames into series
     folders are atomic) where an import batch stages its files, or a deletion parks them."""
     return os.path.join(root("dicom"), ".staging", _checked_id(name))
+
+
+def dicom_listener_path(*names):
+    """``.staging/net/`` of the DICOM root, or a path below it: the DICOM listeners'
+    received instances (one folder per listener process), acknowledged and waiting for
+    the index (dicom/net.py). Local to the host, on every store."""
+    return os.path.join(dicom_staging_dir("net"), *(_checked_id(name, NAME_RE) for name in names))
 
 
 def series_dir(series_uid):

@@ -9,5 +9,6 @@ archives     zip / tar.gz entries of uploads, bounded and untrusted
 importer     the one import entry: /single, uploads (task), the CLI
 volumes      series or descriptor -> numpy volume (HU for CT), MHD/RAW, plug-in input
 tag_dump     the anonymised tag dump given to plug-ins
+web          DICOMweb (PS3.18): QIDO-RS, WADO-RS and STOW-RS over the stored series
 errors       DicomImportError and its subclasses
 """

@@ -255,6 +255,18 @@ class ImportBatch:
             unlink_quietly(staged)
             raise
 
+    def add_link(self, path):
+        """Stage a hard link to ``path``, a file on the DICOM root's file system that must
+        stay where it is until the commit succeeds (an instance a DICOM listener has
+        acknowledged: dicom/net.py)."""
+        staged = self._staged_name()
+        os.link(path, staged)
+        try:
+            return self.add_staged(staged)
+        except BaseException:
+            unlink_quietly(staged)
+            raise
+
     def add_staged(self, staged, sync_now=False):
         """Stage a file already in the staging folder (named by ``_staged_name`` or with
         this batch's prefix). ``sync_now`` starts its fsync at once (EarlySync): for a

@@ -17,6 +17,7 @@ from dicom.instance import UID_RE, default_offset
 from models import Instance, Series, db
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+FETCH_WINDOW = 16  # instance files asked of the store ahead of the reader
 PATIENT_KEYS = frozenset(("PatientID", "PatientName", "PatientBirthDate", "PatientSex"))
 DATE_RE = re.compile(r"^\d{8}$")
 INT_RE = re.compile(r"^[+-]?\d{1,10}$")
@@ -223,7 +224,9 @@ def _local(value, fmt):
 def _study_attributes(series):
     info = series.patient_info or {}
     return {"PatientID": series.patient_id, "PatientName": series.patient_name,
-            "PatientBirthDate": info.get("birthDate"), "PatientSex": series.patient_sex,
+            # patientInfo keeps ISO dates ("1970-01-01"); DICOM answers them as DA
+            "PatientBirthDate": (info.get("birthDate") or "").replace("-", "") or None,
+            "PatientSex": series.patient_sex,
             "StudyInstanceUID": series.study_uid, "StudyDate": series.study_date,
             "StudyTime": series.study_time, "AccessionNumber": series.accession_number,
             "StudyDescription": series.study_description, "StudyID": series.study_id,
@@ -294,8 +297,9 @@ def _images(series_query, instance_conditions, limit, offset):
 
 
 def instance_files(domains, study_uid=None, series_uid=None, sop_instance_uid=None):
-    """(Instance row, file path) of every stored instance of the visible series that the
-    given UIDs select, ordered by study, series and instance number."""
+    """(Instance row, local file path) of every stored instance of the visible series that
+    the given UIDs select, ordered by study, series and instance number. On an object
+    store the files are fetched into the host cache a window ahead, in parallel."""
     query = (sa.select(Instance).join(Series, Series.series_uid == Instance.series_uid)
              .where(Series.domain.in_(domains)))
     if study_uid is not None:
@@ -305,5 +309,10 @@ def instance_files(domains, study_uid=None, series_uid=None, sop_instance_uid=No
     if sop_instance_uid is not None:
         query = query.where(Instance.sop_instance_uid == sop_instance_uid)
     query = query.order_by(Series.study_uid, Instance.series_uid, Instance.instance_number)
-    for instance in db.session.execute(query).scalars():
-        yield instance, storage.instance_path(instance.series_uid, instance.instance_number)
+    rows = db.session.execute(query).scalars().all()
+    store = storage.store()
+    keys = [storage.instance_key(row.series_uid, row.instance_number) for row in rows]
+    for i, (instance, key) in enumerate(zip(rows, keys)):
+        if i % FETCH_WINDOW == 0:  # keep one window in flight ahead of the reader
+            store.prefetch(keys[i + FETCH_WINDOW if i else 0:i + 2 * FETCH_WINDOW])
+        yield instance, store.fetch(key)

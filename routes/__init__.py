@@ -22,6 +22,7 @@ from routes import plugin_displays
 from routes import openapi
 from routes import admin
 from routes import rs
+from routes import dicomweb
 
 BLUEPRINTS = [
     status.bp,
@@ -43,4 +44,5 @@ BLUEPRINTS = [
     openapi.bp,
     admin.bp,
     rs.bp,
+    dicomweb.bp,
 ]

@@ -81,3 +81,25 @@ def test_bounds():
     with pytest.raises(MultipartError):
         run(b"--b0undary\r\nX: " + b"y" * (multipart_spool.HEADER_MAX_BYTES + 10)
             + b"\r\n\r\nx\r\n--b0undary--\r\n", chunk=1 << 20)
+
+
+def test_related_parts_go_to_on_part_with_their_headers():
+    got = []
+
+    def on_part(headers):
+        got.append((headers, Sink()))
+        return got[-1][1]
+    data = body([(b"Content-Type: application/dicom", b"one"),
+                 (b"Content-Type: application/dicom\r\nContent-Location: x", b"two" * 50)])
+    # a part may also go without any header: its type is the body's
+    data = data[:-len(b"--b0undary--\r\n")] + b"--b0undary\r\n\r\nthree\r\n--b0undary--\r\n"
+    assert parse(io.BytesIO(data), BOUNDARY, on_part=on_part, chunk=5) == 3
+    assert [h for h, _ in got] == [{"content-type": "application/dicom"},
+                                   {"content-type": "application/dicom",
+                                    "content-location": "x"}, {}]
+    assert [s.getvalue() for _, s in got] == [b"one", b"two" * 50, b"three"]
+
+
+def test_form_data_part_without_headers_is_still_refused():
+    with pytest.raises(MultipartError):
+        run(b"--b0undary\r\n\r\nbare\r\n--b0undary--\r\n")

@@ -165,3 +165,23 @@ def test_cli_add_permanent_token_takes_scope_and_expires(app, client, tokens):
                  ["--expires", "2001-01-01"]):
         result = runner.invoke(args=["add-permanent-token", "bob", *args])
         assert result.exit_code != 0, args
+
+
+def test_scopes_on_dicomweb(app, client, auth_headers, dicom_dir):
+    """read searches and retrieves but may not STOW; upload may STOW but not search."""
+    seed_series(app)
+    read = new_token(client, auth_headers["alice"], scopes=["read"])["accessToken"]
+    upload = new_token(client, auth_headers["alice"], scopes=["upload"])["accessToken"]
+    assert client.get("/dicom-web/studies", headers=bearer(read)).status_code == 200
+    body, boundary = _stow_body((dicom_dir / "head-first" / "head-first001.dcm").read_bytes())
+    stow = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    res = client.post("/dicom-web/studies", data=body, headers={**bearer(read), **stow})
+    assert res.status_code == 403 and "scopes (read)" in res.get_json()["error"]
+    assert client.get("/dicom-web/studies", headers=bearer(upload)).status_code == 403
+    res = client.post("/dicom-web/studies", data=body, headers={**bearer(upload), **stow})
+    assert res.status_code == 200
+
+
+def _stow_body(data, boundary="stow-boundary"):
+    part = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + data + b"\r\n"
+    return part + f"--{boundary}--\r\n".encode(), boundary
