@@ -420,3 +420,19 @@ def test_object_cache_stays_within_its_size(ctx, client, auth_headers, dicom_dir
         fh.write(b"replaced")
     with open(storage.instance_path(uid, 1), "rb") as fh:
         assert fh.read() == b"replaced" != first
+
+
+def test_dicomweb_stow_and_wado_through_the_store(ctx, client, auth_headers, dicom_dir):
+    """STOW-RS imports through the batch into the store; WADO-RS streams the stored files."""
+    from tests.test_dicomweb import STOW_TYPE, parts_of, related
+    paths = sorted((dicom_dir / "head-first").glob("*.dcm"))
+    res = client.post("/dicom-web/studies", headers=auth_headers["alice"], content_type=STOW_TYPE,
+                      data=related(*(p.read_bytes() for p in paths)))
+    assert res.status_code == 200, res.get_data()
+    uid = series_uid_of(client, auth_headers["alice"])
+    assert len(stored_keys(storage.series_key(uid))) == 10
+    study = client.get("/api/series", headers=auth_headers["alice"]).get_json()[
+        "items"][0]["studyUid"]
+    res = client.get(f"/dicom-web/studies/{study}/series/{uid}", headers=auth_headers["alice"])
+    assert res.status_code == 200
+    assert [content for _head, content in parts_of(res)] == [p.read_bytes() for p in paths]
