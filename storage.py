@@ -6,11 +6,12 @@ Layout: ``dicom/<seriesUid>/<8-digit instance>.dcm``, ``blobs/<sha1>``,
 one is configured (``web_ui_file``). Nothing else in the project builds a file path; every
 path built from request data goes through ``inside`` so it cannot leave its root.
 
-The *stored* roots (DICOM files, blobs, plug-in results, downloads) are objects of the
-store chosen by ``CIRCUS_STORAGE_URL`` (``LocalStore``: the data directory itself, or
-``S3Store``: a bucket, through boto3); spool, work and cache folders stay local to each host. Writers stage a local file
-and publish it under its key; readers ask for a local readable path or a stream. Callers
-never know which store is in use.
+The *stored* roots (DICOM files, blobs, plug-in results, downloads, and uploads' spooled
+files until their import) are objects of the store chosen by ``CIRCUS_STORAGE_URL``
+(``LocalStore``: the data directory itself; ``S3Store``: a bucket, through boto3); work and
+cache folders stay local to each host. Writers stage a local file and publish it under its
+key before the database commit; readers ask for a local readable path (``fetch``) or a
+stream (``open``). Callers never know which store is in use.
 """
 import logging
 import os
@@ -99,7 +100,7 @@ def init_app(app):
     """Build the store of ``CIRCUS_STORAGE_URL`` and check that it answers (a wrong endpoint,
     credentials or bucket raise StorageConfigError before anything is served)."""
     built = open_store(app.config.get("STORAGE_URL") or "file://",
-                               app.config["CIRCUS_DATA_DIR"], app.config)
+                       app.config["CIRCUS_DATA_DIR"], app.config)
     app.extensions["circus.store"] = built
     return built
 

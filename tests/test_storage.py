@@ -436,3 +436,22 @@ def test_dicomweb_stow_and_wado_through_the_store(ctx, client, auth_headers, dic
     res = client.get(f"/dicom-web/studies/{study}/series/{uid}", headers=auth_headers["alice"])
     assert res.status_code == 200
     assert [content for _head, content in parts_of(res)] == [p.read_bytes() for p in paths]
+
+
+def test_servers_with_an_unreachable_store_do_not_start(tmp_path):
+    """gunicorn and the worker exit at start, saying why, instead of serving half."""
+    import subprocess
+    import sys
+    from tests.test_e2e import ROOT
+    env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
+           "CIRCUS_STORAGE_URL": "s3://circus-test/x",
+           "CIRCUS_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    env.pop("DATABASE_URL", None)
+    for argv in ([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{free_port()}",
+                  "--no-control-socket", "app:create_app()"],
+                 [sys.executable, "-m", "flask", "--app", "app", "worker"]):
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode != 0
+        assert "cannot be reached" in done.stdout + done.stderr, done.stderr[-2000:]
