@@ -115,14 +115,14 @@ class CachedVolume:
     def attributes(self, z):
         """``volumes.image_attributes`` of slice ``z`` (read once)."""
         if z not in self._attributes:
-            self._attributes[z] = volumes.image_attributes(
+            self._attributes[z] = volumes.stored_image_attributes(
                 self.store, self.keys[z], self.numbers[z], self.series_uid)
         return self._attributes[z]
 
     def _decode(self, z):
         try:
-            slice_ = volumes.read_slice(self.store, self.keys[z], self.numbers[z],
-                                        self.series_uid)
+            slice_ = volumes.read_stored_slice(self.store, self.keys[z], self.numbers[z],
+                                               self.series_uid)
             pixels, slice_.pixels = slice_.pixels, None
             allocated = self._place(z, slice_, pixels)
         except volumes.VolumeError as exc:

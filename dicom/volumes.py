@@ -22,6 +22,7 @@ import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 
 import numpy as np
@@ -412,9 +413,10 @@ def _spacing_between_slices(ds, where):
 
 # --- a volume, slice by slice ---------------------------------------------------------------
 
-def _read(store, key, number, series_uid):
-    """The bytes of a stored image (``store.fetch``: the file itself on the data directory,
-    a cached copy of an object): a read-only map of it (pages already populated), else bytes.
+def _read(locate, number, series_uid):
+    """The bytes of the image file ``locate()`` returns (``store.fetch``: the file itself on
+    the data directory, a cached copy of an object): a read-only map of it (pages already
+    populated), else bytes.
 
     Mapping costs a quarter of the CPU of ``read`` here (no copy into fresh memory, and
     no page fault per 4 KiB); the voxels are viewed from it. Stored instance files are
@@ -422,7 +424,7 @@ def _read(store, key, number, series_uid):
     map cannot shrink under us; a deleted file stays readable through its map.
     """
     try:
-        with open(store.fetch(key), "rb") as fh:
+        with open(locate(), "rb") as fh:
             try:
                 return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE,
                                  prot=mmap.PROT_READ)
@@ -436,8 +438,8 @@ def _read(store, key, number, series_uid):
                           f"({exc.strerror or exc}).") from None
 
 
-def _load(store, key, number, series_uid, keep_bytes):
-    data = _read(store, key, number, series_uid)
+def _load(locate, number, series_uid, keep_bytes):
+    data = _read(locate, number, series_uid)
     slice_ = decode_slice(number, data, f"image #{number} of series {series_uid}")
     if keep_bytes:
         slice_.data = data
@@ -483,8 +485,8 @@ class VolumeReader:
         while self._next < len(self.numbers) and len(self._futures) < READ_AHEAD:
             i = self._next
             self._futures.append(self._pool.submit(
-                _load, self._store, self._keys[i], self.numbers[i], self.series_uid,
-                self.keep_bytes))
+                _load, partial(self._store.fetch, self._keys[i]), self.numbers[i],
+                self.series_uid, self.keep_bytes))
             self._next += 1
 
     def _take(self):
@@ -665,19 +667,34 @@ def _remove(path):
 
 # --- single images for the image server (/rs) -----------------------------------------------
 
-def read_slice(store, key, number, series_uid):
+def read_slice(path, number, series_uid):
+    """Decode one image file (``storage.instance_path``), on threads without an app
+    context."""
+    return _load(lambda: path, number, series_uid, False)
+
+
+def read_stored_slice(store, key, number, series_uid):
     """Decode one stored image (``storage.instance_key``): the image server's unit of work,
     run on threads without an app context."""
-    return _load(store, key, number, series_uid, False)
+    return _load(partial(store.fetch, key), number, series_uid, False)
 
 
-def image_attributes(store, key, number, series_uid):
+def stored_image_attributes(store, key, number, series_uid):
+    """``image_attributes`` of a stored image (``storage.instance_key``)."""
+    return _attributes(partial(store.fetch, key), number, series_uid)
+
+
+def image_attributes(path, number, series_uid):
     """What the image server reads besides the pixels, as CIRCUS's extractor does:
     ``window`` ({level, width} from the first values of Window Center/Width, or None),
     ``orientation`` (Image Orientation (Patient) text) and ``imageType`` (the first value
     of Image Type, e.g. ``DERIVED``)."""
+    return _attributes(lambda: path, number, series_uid)
+
+
+def _attributes(locate, number, series_uid):
     where = f"image #{number} of series {series_uid}"
-    ds, _ = _read_header(_read(store, key, number, series_uid), where)
+    ds, _ = _read_header(_read(locate, number, series_uid), where)
     center, width = _text(ds, 0x00281050), _text(ds, 0x00281051)
     window = None
     if center is not None and width is not None:
