@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 from pynetdicom.transport import ThreadedAssociationServer
 
+import audit
 import storage
 from dicom import query
 from dicom.batch import ImportBatch, unlink_quietly
@@ -510,8 +511,9 @@ class Listener:
 
     # --- C-GET and C-MOVE ----------------------------------------------------------------
 
-    def _retrieve(self, event, session):
-        """(Instance rows, paths) an identifier retrieves; QueryError if malformed."""
+    def _retrieve(self, event, session, action, destination=None):
+        """(Instance rows, paths) an identifier retrieves; QueryError if malformed. The
+        retrieve is audited (``action``: dicom-get or dicom-move) before anything is sent."""
         try:
             identifier = event.identifier
         except Exception:  # undecodable
@@ -538,6 +540,12 @@ class Listener:
             for selection in selections:
                 for row, path in query.instance_files(domains, **selection):
                     found.setdefault(path, (row.sop_class_uid, row.transfer_syntax_uid))
+            requestor = event.assoc.requestor
+            audit.record(action, level.lower(), ",".join(uids)[:255], detail={
+                "callingAeTitle": requestor.ae_title, "address": requestor.address,
+                "domain": session.domain, "instances": len(found),
+                **({"destination": destination} if destination else {})})
+            db.session.commit()  # no answer carries it: committed before a file is sent
         return found
 
     def _on_get(self, event):
@@ -547,7 +555,7 @@ class Listener:
             yield _status(NOT_AUTHORIZED, "This node may not retrieve."), None
             return
         try:
-            found = self._retrieve(event, session)
+            found = self._retrieve(event, session, "dicom-get")
         except query.QueryError as exc:
             yield 1
             yield _status(DOES_NOT_MATCH, str(exc)), None
@@ -583,7 +591,7 @@ class Listener:
             yield None, None
             return
         try:
-            found = self._retrieve(event, session)
+            found = self._retrieve(event, session, "dicom-move", destination)
         except query.QueryError as exc:
             yield node[0], node[1]
             yield 1
