@@ -73,6 +73,25 @@ class Ours:
         self.proc.wait(timeout=60)
 
 
+class Ceiling:
+    """bench/dicom_ceiling.py: a bare pynetdicom SCP built as the listener, ``mode`` null or
+    devnull."""
+    aet = "CIRCUS"
+    host = "127.0.0.1"
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.port = free_port()
+        script = os.path.join(ROOT, "bench", "dicom_ceiling.py")
+        self.proc = subprocess.Popen([sys.executable, script, self.aet, str(self.port), mode],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_echo(self)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
 class Peer(Orthanc):
     aet = "ORTHANC"
     host = "127.0.0.1"
@@ -171,6 +190,16 @@ def report(label, ours, peer, unit, goal=None):
     print(line, flush=True)
 
 
+def report_ceiling(ceilings, ours, peer, unit):
+    """Each ceiling beside ours and Orthanc's: ours / ceiling, ceiling / Orthanc."""
+    for ceiling, rate in ceilings:
+        line = f"{'':12} ceiling {ceiling.mode:<7} {rate:9.1f} {unit:<6} ours/ceiling " \
+               f"{ours / rate:5.2f}"
+        if peer:
+            line += f"  ceiling/orthanc {rate / peer:5.2f}"
+        print(line, flush=True)
+
+
 def both(perf, with_orthanc):
     ours = Ours(perf)
     peer = None
@@ -180,10 +209,10 @@ def both(perf, with_orthanc):
     return ours, peer
 
 
-def stop(ours, peer):
-    ours.stop()
-    if peer is not None:
-        peer.stop()
+def stop(*targets):
+    for target in targets:
+        if target is not None:
+            target.stop()
 
 
 def main():
@@ -207,14 +236,21 @@ def main():
 
     if "store" in only or "parallel" in only:
         ours, peer = both(args.perf, with_orthanc)
+        ceilings = []
         try:
+            for mode in ("null", "devnull") if "store" in only else ():
+                ceilings.append(Ceiling(mode))
             batch = small[:args.small]
             mine = len(batch) / store(ours, batch)
             theirs = len(batch) / store(peer, batch) if peer else 0
             report("store-small", mine, theirs, "inst/s", ">= 1.5")
+            report_ceiling([(c, len(batch) / store(c, batch)) for c in ceilings],
+                           mine, theirs, "inst/s")
             mine_ct = ct_bytes / 1e6 / store(ours, ct)
             theirs_ct = ct_bytes / 1e6 / store(peer, ct) if peer else 0
             report("store-ct", mine_ct, theirs_ct, "MB/s", ">= 1.0")
+            report_ceiling([(c, ct_bytes / 1e6 / store(c, ct)) for c in ceilings],
+                           mine_ct, theirs_ct, "MB/s")
             if "parallel" in only:
                 batch = small[args.small:2 * args.small] or small[:args.small]
                 four = len(batch) / store_parallel(ours, batch, 4)
@@ -223,7 +259,7 @@ def main():
                 print(f"{'':12} ours: 4 associations {four:.1f} vs one {mine:.1f} inst/s "
                       f"({four / mine:.2f}x)", flush=True)
         finally:
-            stop(ours, peer)
+            stop(ours, peer, *ceilings)
 
     if only & {"rss", "find", "get"}:
         ours, peer = both(args.perf, with_orthanc and bool(only & {"find", "get"}))

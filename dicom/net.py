@@ -206,6 +206,24 @@ def host_matches(host, address):
     return _normal_ip(address) in {_normal_ip(info[4][0]) for info in infos}
 
 
+def make_ae(ae_title, max_associations, timeout):
+    """The listener's AE: its presentation contexts, maximum PDU and timeouts (also the
+    bare SCP of bench/dicom_ceiling.py)."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_associations = max_associations
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = timeout
+    ae.maximum_pdu_size = MAX_PDU
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        # Both roles: a store SCP for senders, and C-GET peers take the SCP role.
+        ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes,
+                                 scu_role=True, scp_role=True)
+    for model in QR_MODELS:
+        ae.add_supported_context(model)
+    return ae
+
+
 class Listener:
     """The DICOM SCP of one process: start(), then stop(); ``port`` is the bound port."""
 
@@ -246,7 +264,7 @@ class Listener:
         # pynetdicom logs every identifier at INFO, for every query.
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-        self.ae = self._make_ae()
+        self.ae = make_ae(self.ae_title, self.max_associations, self.timeout)
         try:
             self.server = self.ae.make_server((self.host, self.port), ae_title=self.ae_title,
                                               evt_handlers=self._handlers(),
@@ -291,21 +309,6 @@ class Listener:
             shutil.rmtree(storage.dicom_listener_path(self.id), ignore_errors=True)
         os.close(self.lock_fd)
         self.lock_fd = None
-
-    def _make_ae(self):
-        ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = self.max_associations
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.timeout
-        ae.maximum_pdu_size = MAX_PDU
-        ae.require_called_aet = True
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            # Both roles: a store SCP for senders, and C-GET peers take the SCP role.
-            ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes,
-                                     scu_role=True, scp_role=True)
-        for model in QR_MODELS:
-            ae.add_supported_context(model)
-        return ae
 
     def _handlers(self):
         return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
