@@ -1,6 +1,7 @@
 """The pynetdicom ceiling of bench/dicom_net.py: a bare storage SCP built as our listener
 is (dicom.net: ``make_ae``'s contexts, transfer syntaxes and maximum PDU, TCP_NODELAY on
-accepted sockets, the DUL poll delay), whose C-STORE handler does no work.
+accepted sockets, the DUL poll delay, no standard log handlers), whose C-STORE handler does
+no work.
 
 Modes: ``null`` answers Success without touching the data set; ``devnull`` first writes the
 data set's bytes (``encoded_dataset``, as the listener takes them) to /dev/null. Runs until SIGTERM.
@@ -15,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pynetdicom import evt  # noqa: E402
 
-from dicom.net import DUL_POLL_SECONDS, SUCCESS, _NoDelayServer, make_ae  # noqa: E402
+from dicom.net import (DUL_POLL_SECONDS, SUCCESS, _NoDelayServer, make_ae,  # noqa: E402
+                       quiet_standard_handlers)
 
 MODES = ("null", "devnull")
 
@@ -44,6 +46,7 @@ def main():
     if mode not in MODES:
         sys.exit(f"mode: one of {', '.join(MODES)}")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # as the dicom-listener command
+    quiet_standard_handlers()  # as Listener.start
     on_store = on_store_null if mode == "null" else store_devnull(open(os.devnull, "wb"))
     ae = make_ae(ae_title, max_associations=10, timeout=60)
     handlers = [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_ECHO, on_echo),

@@ -9,6 +9,14 @@ node STORESCU (any host; echo, store, find, get) registered, the listener on a f
 Figures (ratios ours / Orthanc):
   store-small   `storescu`, one association, --small small instances: instances/s (goal >= 1.5)
   store-ct      `storescu`, one association, the 200-slice CT: MB/s           (goal >= 1.0)
+  ceiling       beside store-small and store-ct: the same storescu runs into
+                bench/dicom_ceiling.py, a bare pynetdicom SCP built as our listener (same
+                contexts, transfer syntaxes, maximum PDU, TCP_NODELAY, DUL poll delay, no
+                standard log handlers) whose C-STORE handler returns Success untouched
+                (``null``) or only writes the bytes to /dev/null (``devnull``); printed with
+                ours / ceiling and ceiling / Orthanc. The goals are out of reach when
+                ceiling / Orthanc is below them: pynetdicom's association reactor sleeps
+                1 ms a loop (hard-coded, no setting), its DUL polls every DUL_POLL_SECONDS.
   store-4       4 `storescu` at once on disjoint quarters: total instances/s, beside store-small
   rss           ours only: listener RSS after all 19,000 small instances over its RSS after
                 the first 1,000 (goal <= 1.2)
@@ -19,6 +27,7 @@ Usage (from the project root)::
 
     .venv/bin/python bench/dicom_net.py                    # everything (~10 min on 2 cores)
     .venv/bin/python bench/dicom_net.py --small 200 --total 1500 --no-orthanc   # a smoke run
+    .venv/bin/python bench/dicom_net.py --small 200 --only store --no-orthanc   # ceiling too
 """
 import argparse
 import os
@@ -223,7 +232,7 @@ def main():
     parser.add_argument("--find-rounds", type=int, default=5)
     parser.add_argument("--total", type=int, default=None,
                         help="small instances stored for rss/find/get (default: all 19,000)")
-    parser.add_argument("--no-orthanc", action="store_true", help="ours only (smoke runs)")
+    parser.add_argument("--no-orthanc", action="store_true", help="ours and the ceiling only (smoke runs)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.makedirs(args.perf, exist_ok=True)

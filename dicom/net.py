@@ -206,6 +206,14 @@ def host_matches(host, address):
     return _normal_ip(address) in {_normal_ip(info[4][0]) for info in infos}
 
 
+def quiet_standard_handlers():
+    """Unless pynetdicom logs at INFO, bind no "standard" log handlers to new associations
+    (its documented ``LOG_HANDLER_LEVEL``): they format every PDU and DIMSE message, and
+    copy each received data set, for lines that are then dropped."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
 def make_ae(ae_title, max_associations, timeout):
     """The listener's AE: its presentation contexts, maximum PDU and timeouts (also the
     bare SCP of bench/dicom_ceiling.py)."""
@@ -264,6 +272,7 @@ class Listener:
         # pynetdicom logs every identifier at INFO, for every query.
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+        quiet_standard_handlers()
         self.ae = make_ae(self.ae_title, self.max_associations, self.timeout)
         try:
             self.server = self.ae.make_server((self.host, self.port), ae_title=self.ae_title,
