@@ -87,10 +87,12 @@ def put_value(model, key, value, session=None):
         row.value = value
 
 
-def upsert_statement(table):
+def upsert_statement(table, dialect_name=None):
     """``INSERT ... ON CONFLICT (primary key) DO UPDATE`` of every other column, in the
-    dialect of the app's database (SQLite and PostgreSQL both say it; executemany-able)."""
-    insert = (postgresql if db.engine.dialect.name == "postgresql" else sqlite).insert(table)
+    dialect ``dialect_name`` (default: the app's database's; SQLite and PostgreSQL both
+    say it; executemany-able)."""
+    dialect_name = dialect_name or db.engine.dialect.name
+    insert = (postgresql if dialect_name == "postgresql" else sqlite).insert(table)
     keys = [c.name for c in table.primary_key.columns]
     return insert.on_conflict_do_update(index_elements=keys, set_={
         c.name: insert.excluded[c.name] for c in table.columns if c.name not in keys})

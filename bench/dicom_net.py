@@ -9,6 +9,14 @@ node STORESCU (any host; echo, store, find, get) registered, the listener on a f
 Figures (ratios ours / Orthanc):
   store-small   `storescu`, one association, --small small instances: instances/s (goal >= 1.5)
   store-ct      `storescu`, one association, the 200-slice CT: MB/s           (goal >= 1.0)
+  ceiling       beside store-small and store-ct: the same storescu runs into
+                bench/dicom_ceiling.py, a bare pynetdicom SCP built as our listener (same
+                contexts, transfer syntaxes, maximum PDU, TCP_NODELAY, DUL poll delay, no
+                standard log handlers) whose C-STORE handler returns Success untouched
+                (``null``) or only writes the bytes to /dev/null (``devnull``); printed with
+                ours / ceiling and ceiling / Orthanc. The goals are out of reach when
+                ceiling / Orthanc is below them: pynetdicom's association reactor sleeps
+                1 ms a loop (hard-coded, no setting), its DUL polls every DUL_POLL_SECONDS.
   store-4       4 `storescu` at once on disjoint quarters: total instances/s, beside store-small
   rss           ours only: listener RSS after all 19,000 small instances over its RSS after
                 the first 1,000 (goal <= 1.2)
@@ -19,6 +27,7 @@ Usage (from the project root)::
 
     .venv/bin/python bench/dicom_net.py                    # everything (~10 min on 2 cores)
     .venv/bin/python bench/dicom_net.py --small 200 --total 1500 --no-orthanc   # a smoke run
+    .venv/bin/python bench/dicom_net.py --small 200 --only store --no-orthanc   # ceiling too
 """
 import argparse
 import os
@@ -67,6 +76,25 @@ class Ours:
 
     def rss_kb(self):
         return rss_kb(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+class Ceiling:
+    """bench/dicom_ceiling.py: a bare pynetdicom SCP built as the listener, ``mode`` null or
+    devnull."""
+    aet = "CIRCUS"
+    host = "127.0.0.1"
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.port = free_port()
+        script = os.path.join(ROOT, "bench", "dicom_ceiling.py")
+        self.proc = subprocess.Popen([sys.executable, script, self.aet, str(self.port), mode],
+                                     cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_echo(self)
 
     def stop(self):
         self.proc.terminate()
@@ -171,6 +199,16 @@ def report(label, ours, peer, unit, goal=None):
     print(line, flush=True)
 
 
+def report_ceiling(ceilings, ours, peer, unit):
+    """Each ceiling beside ours and Orthanc's: ours / ceiling, ceiling / Orthanc."""
+    for ceiling, rate in ceilings:
+        line = f"{'':12} ceiling {ceiling.mode:<7} {rate:9.1f} {unit:<6} ours/ceiling " \
+               f"{ours / rate:5.2f}"
+        if peer:
+            line += f"  ceiling/orthanc {rate / peer:5.2f}"
+        print(line, flush=True)
+
+
 def both(perf, with_orthanc):
     ours = Ours(perf)
     peer = None
@@ -180,10 +218,10 @@ def both(perf, with_orthanc):
     return ours, peer
 
 
-def stop(ours, peer):
-    ours.stop()
-    if peer is not None:
-        peer.stop()
+def stop(*targets):
+    for target in targets:
+        if target is not None:
+            target.stop()
 
 
 def main():
@@ -194,7 +232,7 @@ def main():
     parser.add_argument("--find-rounds", type=int, default=5)
     parser.add_argument("--total", type=int, default=None,
                         help="small instances stored for rss/find/get (default: all 19,000)")
-    parser.add_argument("--no-orthanc", action="store_true", help="ours only (smoke runs)")
+    parser.add_argument("--no-orthanc", action="store_true", help="ours and the ceiling only (smoke runs)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.makedirs(args.perf, exist_ok=True)
@@ -207,14 +245,21 @@ def main():
 
     if "store" in only or "parallel" in only:
         ours, peer = both(args.perf, with_orthanc)
+        ceilings = []
         try:
+            for mode in ("null", "devnull") if "store" in only else ():
+                ceilings.append(Ceiling(mode))
             batch = small[:args.small]
             mine = len(batch) / store(ours, batch)
             theirs = len(batch) / store(peer, batch) if peer else 0
             report("store-small", mine, theirs, "inst/s", ">= 1.5")
+            report_ceiling([(c, len(batch) / store(c, batch)) for c in ceilings],
+                           mine, theirs, "inst/s")
             mine_ct = ct_bytes / 1e6 / store(ours, ct)
             theirs_ct = ct_bytes / 1e6 / store(peer, ct) if peer else 0
             report("store-ct", mine_ct, theirs_ct, "MB/s", ">= 1.0")
+            report_ceiling([(c, ct_bytes / 1e6 / store(c, ct)) for c in ceilings],
+                           mine_ct, theirs_ct, "MB/s")
             if "parallel" in only:
                 batch = small[args.small:2 * args.small] or small[:args.small]
                 four = len(batch) / store_parallel(ours, batch, 4)
@@ -223,7 +268,7 @@ def main():
                 print(f"{'':12} ours: 4 associations {four:.1f} vs one {mine:.1f} inst/s "
                       f"({four / mine:.2f}x)", flush=True)
         finally:
-            stop(ours, peer)
+            stop(ours, peer, *ceilings)
 
     if only & {"rss", "find", "get"}:
         ours, peer = both(args.perf, with_orthanc and bool(only & {"find", "get"}))

@@ -21,6 +21,7 @@ So a row never points at a missing or half-written file and a failed batch leave
 nothing behind (quirk 33 fixed).
 """
 import ctypes
+import functools
 import io
 import logging
 import os
@@ -267,16 +268,22 @@ class ImportBatch:
             unlink_quietly(staged)
             raise
 
-    def add_staged(self, staged, sync_now=False):
+    def add_staged(self, staged, sync_now=False, data=None, header=None):
         """Stage a file already in the staging folder (named by ``_staged_name`` or with
         this batch's prefix). ``sync_now`` starts its fsync at once (EarlySync): for a
-        batch of one file, whose commit would otherwise wait for it."""
+        batch of one file, whose commit would otherwise wait for it. ``data``: the file's
+        bytes when the caller holds them (checked without reading the file again);
+        ``header``: their ``header_scan.scan`` if the caller made it (not made again)."""
         if sync_now:
             self.syncing[staged] = EarlySync(staged)
         try:
-            with open(staged, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                keys = read_keys(fh, size)
+            if data is not None:
+                size = len(data)
+                keys = read_keys(io.BytesIO(data), size, header)
+            else:
+                with open(staged, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    keys = read_keys(fh, size, header)
         except BaseException:
             self._forget_sync(staged)
             raise
@@ -303,14 +310,19 @@ class ImportBatch:
         self.keys = {}
         self.first_key = {}
 
-    def commit(self):
+    def commit(self, conflicts=None):
         """Make the staged files durable, move them into place and upsert the series rows
         in one transaction; on failure nothing of the batch remains. Return a BatchResult.
+
+        ``conflicts``: a set; a series that exists in another domain is then left out of
+        the batch (its UID added to the set) instead of failing it, checked under the
+        same locks as the rest (STOW-RS: one bad series does not spoil the others).
 
         Raises
         ------
         DomainConflictError
-            When a series of the batch already exists in another domain.
+            When a series of the batch already exists in another domain (and
+            ``conflicts`` is None).
         """
         if not self.staged:
             return BatchResult()
@@ -326,7 +338,7 @@ class ImportBatch:
             by_series.setdefault(uid, []).append(number)
         placed = []
         try:
-            new_files = self._upsert(store, by_series, placed, synced)
+            new_files = self._upsert(store, by_series, placed, synced, conflicts)
         except BaseException:
             db.session.rollback()
             self._remove_new(store, placed)
@@ -338,6 +350,14 @@ class ImportBatch:
         self.first_key = {}
         return BatchResult(instances=sum(len(v) for v in by_series.values()),
                            series_uids=set(by_series), new_instances=len(new_files))
+
+    def _leave_out(self, uid, numbers):
+        """Drop the staged instances of series ``uid`` from this batch."""
+        for number in numbers:
+            staged = self.staged.pop((uid, number))
+            del self.keys[(uid, number)]
+            self._forget_sync(staged)
+            unlink_quietly(staged)
 
     def _lock_rows(self, uids):
         """``{uid: (domain, images)}`` of the existing series of ``uids``, their rows locked
@@ -372,7 +392,7 @@ class ImportBatch:
             raise BrokenDicomError("The DICOM file cannot be parsed consistently.")
         return dict(record.series)
 
-    def _upsert(self, store, by_series, placed, synced):
+    def _upsert(self, store, by_series, placed, synced, conflicts=None):
         new_keys = set()
         now = utcnow()
         for chunk in _chunks(sorted(by_series)):
@@ -393,6 +413,10 @@ class ImportBatch:
                     touched.append(series)
                     continue
                 domain, images = row
+                if domain != self.domain and conflicts is not None:
+                    conflicts.add(uid)
+                    self._leave_out(uid, by_series.pop(uid))
+                    continue
                 if domain != self.domain:
                     raise DomainConflictError(
                         f"The series {uid} already exists in another domain; its instances "
@@ -445,7 +469,8 @@ class ImportBatch:
         """Write the instances rows of every staged instance (a replaced one is updated)."""
         rows = [instance_row(keys) for keys in self.keys.values()]
         if rows:
-            db.session.connection().execute(upsert_statement(Instance.__table__), rows)
+            connection = db.session.connection()
+            connection.execute(_instance_upsert(connection.dialect.name), rows)
 
     @staticmethod
     def _remove_new(store, placed):
@@ -473,6 +498,13 @@ _LOCK_SERIES = (_SERIES.update().where(_SERIES.c.series_uid.in_(sa.bindparam("ui
                 .returning(_SERIES.c.series_uid, _SERIES.c.domain, _SERIES.c.images))
 _UPDATE_IMAGES = (_SERIES.update().where(_SERIES.c.series_uid == sa.bindparam("uid"))
                   .values(images=sa.bindparam("images"), updated_at=sa.bindparam("now")))
+
+
+@functools.lru_cache(maxsize=4)
+def _instance_upsert(dialect_name):
+    """The instances upsert, built once per dialect (building it cost ~1 ms per commit:
+    most of a one-instance STOW-RS or /single commit's Python time)."""
+    return upsert_statement(Instance.__table__, dialect_name)
 
 
 def _chunks(items, size=IN_CHUNK):

@@ -86,19 +86,21 @@ def _uid(text):
     return UID(text)
 
 
-def read_keys(fh, size):
+def read_keys(fh, size, header=None):
     """Check one instance and return its InstanceKeys (transfer syntax included), reading only what
     that needs: the scan, or pydicom's parse (read_dataset, with its errors) whenever the
     scan leaves the file to it or its pixel data check fails. Both paths check the VRs of
     the wanted tags and the pixel data's size; pydicom's also that every top-level value
-    decodes (``check_readable``).
+    decodes (``check_readable``). ``header``: the caller's ``scan`` of the same bytes
+    (from ``fh``'s position), not scanned again.
 
     Raises
     ------
     NotDicomError, BrokenDicomError, InvalidInstanceError
     """
     start = fh.tell()
-    header = scan(fh, size)
+    if header is None:
+        header = scan(fh, size)
     if header is not None:
         fh.seek(start + header.pixel_offset)
         try:

@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 from pynetdicom.transport import ThreadedAssociationServer
 
+import audit
 import storage
 from dicom import query
 from dicom.batch import ImportBatch, unlink_quietly
@@ -205,6 +206,32 @@ def host_matches(host, address):
     return _normal_ip(address) in {_normal_ip(info[4][0]) for info in infos}
 
 
+def quiet_standard_handlers():
+    """Unless pynetdicom logs at INFO, bind no "standard" log handlers to new associations
+    (its documented ``LOG_HANDLER_LEVEL``): they format every PDU and DIMSE message, and
+    copy each received data set, for lines that are then dropped."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
+def make_ae(ae_title, max_associations, timeout):
+    """The listener's AE: its presentation contexts, maximum PDU and timeouts (also the
+    bare SCP of bench/dicom_ceiling.py)."""
+    ae = AE(ae_title=ae_title)
+    ae.maximum_associations = max_associations
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = timeout
+    ae.maximum_pdu_size = MAX_PDU
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        # Both roles: a store SCP for senders, and C-GET peers take the SCP role.
+        ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes,
+                                 scu_role=True, scp_role=True)
+    for model in QR_MODELS:
+        ae.add_supported_context(model)
+    return ae
+
+
 class Listener:
     """The DICOM SCP of one process: start(), then stop(); ``port`` is the bound port."""
 
@@ -245,7 +272,8 @@ class Listener:
         # pynetdicom logs every identifier at INFO, for every query.
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-        self.ae = self._make_ae()
+        quiet_standard_handlers()
+        self.ae = make_ae(self.ae_title, self.max_associations, self.timeout)
         try:
             self.server = self.ae.make_server((self.host, self.port), ae_title=self.ae_title,
                                               evt_handlers=self._handlers(),
@@ -290,21 +318,6 @@ class Listener:
             shutil.rmtree(storage.dicom_listener_path(self.id), ignore_errors=True)
         os.close(self.lock_fd)
         self.lock_fd = None
-
-    def _make_ae(self):
-        ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = self.max_associations
-        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.timeout
-        ae.maximum_pdu_size = MAX_PDU
-        ae.require_called_aet = True
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            # Both roles: a store SCP for senders, and C-GET peers take the SCP role.
-            ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes,
-                                     scu_role=True, scp_role=True)
-        for model in QR_MODELS:
-            ae.add_supported_context(model)
-        return ae
 
     def _handlers(self):
         return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
@@ -510,8 +523,9 @@ class Listener:
 
     # --- C-GET and C-MOVE ----------------------------------------------------------------
 
-    def _retrieve(self, event, session):
-        """(Instance rows, paths) an identifier retrieves; QueryError if malformed."""
+    def _retrieve(self, event, session, action, destination=None):
+        """(Instance rows, paths) an identifier retrieves; QueryError if malformed. The
+        retrieve is audited (``action``: dicom-get or dicom-move) before anything is sent."""
         try:
             identifier = event.identifier
         except Exception:  # undecodable
@@ -538,6 +552,12 @@ class Listener:
             for selection in selections:
                 for row, path in query.instance_files(domains, **selection):
                     found.setdefault(path, (row.sop_class_uid, row.transfer_syntax_uid))
+            requestor = event.assoc.requestor
+            audit.record(action, level.lower(), ",".join(uids)[:255], detail={
+                "callingAeTitle": requestor.ae_title, "address": requestor.address,
+                "domain": session.domain, "instances": len(found),
+                **({"destination": destination} if destination else {})})
+            db.session.commit()  # no answer carries it: committed before a file is sent
         return found
 
     def _on_get(self, event):
@@ -547,7 +567,7 @@ class Listener:
             yield _status(NOT_AUTHORIZED, "This node may not retrieve."), None
             return
         try:
-            found = self._retrieve(event, session)
+            found = self._retrieve(event, session, "dicom-get")
         except query.QueryError as exc:
             yield 1
             yield _status(DOES_NOT_MATCH, str(exc)), None
@@ -583,7 +603,7 @@ class Listener:
             yield None, None
             return
         try:
-            found = self._retrieve(event, session)
+            found = self._retrieve(event, session, "dicom-move", destination)
         except query.QueryError as exc:
             yield node[0], node[1]
             yield 1

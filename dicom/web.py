@@ -34,13 +34,14 @@ from pydicom.uid import UID
 from werkzeug.http import parse_list_header, parse_options_header
 
 import multipart_spool
+from dicom import batch as batch_module
 from dicom import query, volumes
 from dicom.batch import ImportBatch, unlink_quietly
 from dicom.elements import DICM_OFFSET, is_dicm
 from dicom.errors import BrokenDicomError, DicomImportError, NotDicomError
 from dicom.header_scan import scan
 from dicom.reformat import apply_window, encode_png
-from models import Series, ServerParam, db
+from models import ServerParam, db
 
 log = logging.getLogger(__name__)
 
@@ -617,23 +618,39 @@ def check_stow_content_type(mimetype, params):
 
 
 class _PartFile:
-    """A spooled part: a file that refuses to grow beyond ``limit`` bytes."""
+    """A spooled part: a file that refuses to grow beyond ``limit`` bytes. A part of at
+    most ``keep`` bytes is also kept in memory, so that it is checked without reading it
+    back (only until it is staged: memory holds one part at a time)."""
 
-    def __init__(self, path, limit, content_type):
+    def __init__(self, path, limit, content_type, keep=batch_module.SMALL_ENTRY_BYTES):
         self.path = path
         self.limit = limit
         self.content_type = content_type
         self.size = 0
+        self.keep = keep
+        self.chunks = []
         self.fh = open(path, "wb")
 
     def write(self, data):
         self.size += len(data)
         if self.size > self.limit:
             raise multipart_spool.MultipartTooLarge("part too large")
+        if self.chunks is not None:
+            if self.size <= self.keep:
+                self.chunks.append(bytes(data))
+            else:
+                self.chunks = None
         return self.fh.write(data)
 
     def close(self):
         self.fh.close()
+
+    def take_data(self):
+        """The part's bytes if kept in memory (else None); memory is released."""
+        chunks, self.chunks = self.chunks, None
+        if chunks is None:
+            return None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @dataclass
@@ -667,6 +684,7 @@ class _Part:
     sop_instance_uid: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+    staged_series: str | None = None  # the series the batch filed it under
 
 
 def _item(part, reason=None, url=None):
@@ -686,15 +704,16 @@ _ID_TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
             "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
 
 
-def _identify(part):
-    """Read the part's UIDs: with the importer's header walk (which keeps them for the
-    instance rules), else pydicom for an unusual file; NotDicomError unless it looks like
-    DICOM, BrokenDicomError when it cannot be read."""
-    with open(part.path, "rb") as fh:
+def _identify(part, data=None):
+    """Read the part's UIDs (from ``data``, its bytes, or its file): with the importer's
+    header walk (which keeps them for the instance rules), else pydicom for an unusual file;
+    NotDicomError unless it looks like DICOM, BrokenDicomError when it cannot be read.
+    Returns the walk's Header (for ``read_keys``), or None."""
+    with (BytesIO(data) if data is not None else open(part.path, "rb")) as fh:
         if not is_dicm(fh.read(DICM_OFFSET + 4)):
             raise NotDicomError("The part is not a DICOM file.")
         fh.seek(0)
-        header = scan(fh, os.fstat(fh.fileno()).st_size)
+        header = scan(fh, len(data) if data is not None else os.fstat(fh.fileno()).st_size)
         if header is not None:
             found = {keyword: header.raw(tag) for keyword, tag in _ID_TAGS.items()}
             found = {k: v.decode("ascii", "replace") if v is not None else None
@@ -717,6 +736,7 @@ def _identify(part):
     part.sop_instance_uid = text("SOPInstanceUID", meta.get("MediaStorageSOPInstanceUID"))
     part.study_uid = text("StudyInstanceUID")
     part.series_uid = text("SeriesInstanceUID")
+    return header
 
 
 def store(stream, boundary, domain, base_url, study_uid=None, part_max_bytes=None,
@@ -724,11 +744,12 @@ def store(stream, boundary, domain, base_url, study_uid=None, part_max_bytes=Non
     """STOW-RS: import each application/dicom part of a multipart/related body into
     ``domain`` through one import batch; return a StoreResult.
 
-    Parts are spooled to the batch's staging folder as they arrive. A part that is not
+    Each part is spooled to the batch's staging folder as it arrives and staged as soon as
+    it is complete (checked from memory, its header walked once). A part that is not
     DICOM, is truncated, names another study than ``study_uid`` or belongs to a series of
-    another domain fails alone; the others are committed together. Should the commit
-    itself fail (a series created in another domain meanwhile), every part staged for it
-    fails and nothing of it stays.
+    another domain (found by the commit, under its locks) fails alone; the others are
+    committed together. Should the commit itself fail, every part staged for it fails and
+    nothing of it stays.
 
     Raises
     ------
@@ -737,14 +758,26 @@ def store(stream, boundary, domain, base_url, study_uid=None, part_max_bytes=Non
     """
     result = StoreResult()
     with ImportBatch(domain) as batch:
-        spooled = []
+        parts = []  # (part, failure reason or None), in the body's order
+        pending = []  # the last spooled part, staged once the next starts or the body ends
+
+        def stage_pending(sync_now):
+            sink = pending.pop()
+            sink.close()
+            part = _Part(sink.path)
+            reason = _stage(batch, part, sink, study_uid, sync_now)
+            if reason is not None:
+                unlink_quietly(part.path)
+            parts.append((part, reason))
 
         def on_part(headers):
+            if pending:
+                stage_pending(False)
             content_type = parse_options_header(headers.get("content-type", ""))[0].lower()
             sink = _PartFile(os.path.join(batch.dir, f"{batch.prefix}-stow-"
-                                          f"{len(spooled) + 1:06d}"),
+                                          f"{len(parts) + 1:06d}"),
                              part_max_bytes or float("inf"), content_type)
-            spooled.append(sink)
+            pending.append(sink)
             return sink
         try:
             multipart_spool.parse(stream, boundary, on_part=on_part, chunk=READ_CHUNK,
@@ -754,30 +787,26 @@ def store(stream, boundary, domain, base_url, study_uid=None, part_max_bytes=Non
         except multipart_spool.MultipartError:
             raise DicomWebError(400, "The multipart body could not be parsed.") from None
         finally:
-            for sink in spooled:
+            for sink in pending:
                 sink.close()
-        if not spooled:
+        if not pending:
             raise DicomWebError(400, "The multipart body has no part.")
-        staged = []
-        domains = {}
         # One part: its fsync starts at once and overlaps the checks (as /single does).
-        sync_now = len(spooled) == 1
-        for sink in spooled:
-            part = _Part(sink.path)
-            reason = _stage(batch, part, sink.content_type, study_uid, domain, domains,
-                            sync_now)
-            if reason is None:
-                staged.append(part)
-            else:
-                result.failed.append(_item(part, reason))
-                unlink_quietly(part.path)
+        stage_pending(sync_now=not parts)
+        conflicts = set()
         try:
-            batch.commit()
+            batch.commit(conflicts)
         except DicomImportError as exc:
             log.info("STOW-RS batch into %s failed: %s", domain, exc)
-            result.failed.extend(_item(part, PROCESSING_FAILURE) for part in staged)
+            result.failed.extend(_item(part, reason if reason is not None else
+                                       PROCESSING_FAILURE) for part, reason in parts)
             return result
-    for part in staged:
+    for part, reason in parts:
+        if reason is None and part.staged_series in conflicts:
+            reason = PROCESSING_FAILURE  # its series is in another domain
+        if reason is not None:
+            result.failed.append(_item(part, reason))
+            continue
         result.study_uids.add(part.study_uid)
         result.stored.append(_item(part, url=f"{base_url}/studies/{part.study_uid}/series/"
                                              f"{part.series_uid}/instances/"
@@ -785,27 +814,22 @@ def store(stream, boundary, domain, base_url, study_uid=None, part_max_bytes=Non
     return result
 
 
-def _stage(batch, part, content_type, study_uid, domain, domains, sync_now=False):
+def _stage(batch, part, sink, study_uid, sync_now=False):
     """Stage one spooled part into ``batch``; the failure reason, or None when staged."""
-    if content_type not in ("", "application/dicom"):
+    if sink.content_type not in ("", "application/dicom"):
         return CANNOT_UNDERSTAND
+    data = sink.take_data()
     try:
-        _identify(part)
+        header = _identify(part, data)
     except DicomImportError:
         return CANNOT_UNDERSTAND
     if study_uid is not None and part.study_uid != study_uid:
         return STUDY_MISMATCH
-    if part.series_uid is not None:
-        if part.series_uid not in domains:
-            domains[part.series_uid] = db.session.execute(db.select(Series.domain).where(
-                Series.series_uid == part.series_uid)).scalar()
-        if domains[part.series_uid] not in (None, domain):
-            return PROCESSING_FAILURE
     try:
-        batch.add_staged(part.path, sync_now=sync_now)
+        record = batch.add_staged(part.path, sync_now=sync_now, data=data, header=header)
     except (NotDicomError, BrokenDicomError):
         return CANNOT_UNDERSTAND
     except DicomImportError:
         return PROCESSING_FAILURE
+    part.staged_series = record.series_uid
     return None
-

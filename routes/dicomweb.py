@@ -6,6 +6,7 @@ domains. Domain rules and formats live in ``dicom.web``; privileges in ``auth``.
 import orjson
 from flask import Blueprint, Response, current_app, request
 
+import audit
 from auth import (can_view_personal_info, readable_domains, require_personal_info_view,
                   require_upload_domain)
 from dicom import web
@@ -33,11 +34,27 @@ def _json(value, status=200, headers=None):
     return Response(orjson.dumps(value), status=status, mimetype=DICOM_JSON, headers=headers)
 
 
+# The UID that names each match of a search, by resource (for the audit trail).
+_UID_TAGS = {"studies": "0020000D", "series": "0020000E", "instances": "00080018"}
+
+
 def _search(resource, study=None, series=None):
     web.negotiate_json(request.headers.get("Accept"))
-    result = web.search(resource, request.args, readable_domains(), can_view_personal_info(),
+    personal = can_view_personal_info()
+    result = web.search(resource, request.args, readable_domains(), personal,
                         _base_url(), study_uid=study, series_uid=series)
+    if personal and result.matches:  # an answer with patient information is audited
+        tag = _UID_TAGS[resource]
+        audit.record("dicomweb-search", resource, None, detail={"uids": [
+            (match.get(tag) or {}).get("Value", [None])[0] for match in result.matches]})
     return _json(result.matches, headers={"Warning": result.warning} if result.warning else None)
+
+
+def _audit_retrieve(action, files, study, series, instance):
+    """A WADO-RS answer carrying DICOM data or pixels: who took which instances."""
+    target = ("instance", instance) if instance else ("series", series) if series else \
+        ("study", study)
+    audit.record(action, *target, detail={"instances": len(files)})
 
 
 def _multipart(parts, part_type):
@@ -50,6 +67,7 @@ def _retrieve(study, series=None, instance=None):
     syntax = web.negotiate_multipart(request.headers.get("Accept"), "application/dicom")
     files = web.find_files(readable_domains(), study, series, instance)
     require_personal_info_view()
+    _audit_retrieve("wado", files, study, series, instance)
     return _multipart(web.instance_parts(files, syntax), "application/dicom")
 
 
@@ -57,8 +75,10 @@ def _metadata(study, series=None, instance=None):
     web.negotiate_json(request.headers.get("Accept"))
     files = web.find_files(readable_domains(), study, series, instance)
     memo = app_memo("dicomweb.metadata", web.METADATA_MEMO_SIZE)
-    return Response(web.metadata_stream(files, can_view_personal_info(), memo),
-                    mimetype=DICOM_JSON)
+    personal = can_view_personal_info()
+    if personal:
+        _audit_retrieve("wado-metadata", files, study, series, instance)
+    return Response(web.metadata_stream(files, personal, memo), mimetype=DICOM_JSON)
 
 
 def _render(files, frame=1, thumbnail=False):
@@ -154,6 +174,7 @@ def retrieve_frames(study, series, instance, frames):
     numbers = web.parse_frame_list(frames)
     stored = web.find_files(readable_domains(), study, series, instance)[0]
     web.check_frames(stored, numbers)
+    _audit_retrieve("wado-frames", [stored], study, series, instance)
     return _multipart(web.frame_parts(web.frame_bytes(stored, numbers)),
                       "application/octet-stream")
 

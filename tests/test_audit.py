@@ -9,9 +9,12 @@ import sqlalchemy as sa
 import accounts
 import audit
 from auth import hash_password
-from models import AuditEvent, LoginThrottle, User, db, utcnow
+from dicom.importer import import_paths
+from models import AuditEvent, LoginThrottle, Series, User, db, utcnow
 from tests.case_helpers import UID1, UID2, create_case, seed_series
 from tests.sample_series import store_series
+
+HEAD_FIRST = "1.2.276.0.7230010.3.1.3.3289186935.22648.1590026998.547"
 
 LOGIN = {"grant_type": "password", "client_id": "circus-front", "client_secret": "x"}
 
@@ -129,6 +132,32 @@ def test_volume_downloads_are_recorded(app, client, auth_headers, tokens, dicom_
     assert res.status_code == 200
     rows = events(app, "rs-volume")
     assert [(e.target_id, e.user_email) for e in rows] == [(uid, "alice@example.com")]
+
+
+def test_dicomweb_answers_with_patient_data_are_recorded(app, client, auth_headers, personal,
+                                                         dicom_dir):
+    with app.app_context():
+        import_paths("default", [str(p) for p in sorted((dicom_dir / "head-first").iterdir())])
+        series = db.session.get(Series, HEAD_FIRST)
+        study = series.study_uid
+    headers = auth_headers["bob"]
+    res = client.get("/dicom-web/studies", headers=headers)
+    shown = [match["0020000D"]["Value"][0] for match in res.get_json()]
+    assert res.status_code == 200 and study in shown
+    [search] = events(app, "dicomweb-search")
+    assert json.loads(search.detail)["uids"] == shown and search.user_email == "bob@example.com"
+    base = f"/dicom-web/studies/{study}/series/{HEAD_FIRST}"
+    res = client.get(base, headers={**headers, "Accept": 'multipart/related; type="application/dicom"'})
+    assert res.status_code == 200 and res.data
+    [wado] = events(app, "wado")
+    assert (wado.target_type, wado.target_id, json.loads(wado.detail)["instances"]) == (
+        "series", HEAD_FIRST, 10)
+    instance = client.get(f"{base}/instances", headers=headers).get_json()[0]["00080018"]["Value"][0]
+    res = client.get(f"{base}/instances/{instance}/frames/1", headers={
+        **headers, "Accept": 'multipart/related; type="application/octet-stream"'})
+    assert res.status_code == 200
+    assert [(e.target_type, e.target_id) for e in events(app, "wado-frames")] == [
+        ("instance", instance)]
 
 
 def test_audit_off_records_nothing(app, client, auth_headers, personal):

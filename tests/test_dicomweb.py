@@ -195,6 +195,31 @@ def test_stow_instance_of_a_series_in_another_domain(app, client, auth_headers, 
     assert not os.path.exists(storage_path(app, "1.2.3.4.5", 2))
 
 
+def test_stow_series_of_another_domain_is_left_out_by_the_commit(app, client, auth_headers,
+                                                                 other_domain):
+    # The domain of a part's series is checked by the batch's commit, under its locks: the
+    # parts of that series fail (0x0110), the rest of the batch is committed, and nothing
+    # of the refused parts stays in the staging folder.
+    assert stow(client, other_domain, dicom_bytes(instance=1),
+                path="/dicom-web/studies?domain=other").status_code == 200
+    conflicting = [dicom_bytes(instance=n) for n in (2, 3)]
+    fresh = [dicom_bytes(instance=n, series_uid="1.2.3.4.7") for n in (1, 2)]
+    res = stow(client, auth_headers["alice"], conflicting[0], fresh[0], conflicting[1], fresh[1])
+    assert res.status_code == 202
+    answer = res.get_json()
+    assert sop_uids(answer, "00081198") == [uid_of(p) for p in conflicting]
+    assert reasons(answer) == [PROCESSING, PROCESSING]
+    assert sop_uids(answer, "00081199") == [uid_of(p) for p in fresh]
+    res = stow(client, auth_headers["alice"], conflicting[0])  # alone: 409
+    assert res.status_code == 409 and reasons(res.get_json()) == [PROCESSING]
+    with app.app_context():
+        assert db.session.get(Series, "1.2.3.4.5").images == "1"
+        assert db.session.get(Series, "1.2.3.4.7").images == "1-2"
+        staging = storage.dicom_staging_dir("batches")
+    assert os.listdir(staging) == []
+    assert len(stored_files(app)) == 3
+
+
 def test_stow_instance_the_importer_refuses(client, auth_headers):
     res = stow(client, auth_headers["alice"], dicom_bytes(InstanceNumber=None))
     assert res.status_code == 409

@@ -1,5 +1,6 @@
 """The DICOM listener (dicom/net.py) in-process on a free port, with pynetdicom as the SCU."""
 import io
+import json
 import os
 import socket
 import threading
@@ -14,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from dicom import net
 from dicom.image_ranges import parse_ranges
-from models import DicomNode, Series, ServerParam, db
+from models import AuditEvent, DicomNode, Series, ServerParam, db
 from tests.dicom_factory import make_dataset
 
 SCU = "TESTSCU"
@@ -504,6 +505,18 @@ def test_get_a_series_a_study_and_an_instance(stored):
     sop = received[0].SOPInstanceUID
     responses, received = get(stored, _retrieve_identifier("IMAGE", SOPInstanceUID=sop))
     assert [ds.SOPInstanceUID for ds in received] == [sop]
+
+
+def test_a_retrieve_is_audited_before_anything_is_sent(app, stored):
+    get(stored, _retrieve_identifier("SERIES", SeriesInstanceUID=CT_SERIES))
+    with app.app_context():
+        rows = db.session.execute(db.select(AuditEvent).where(
+            AuditEvent.action == "dicom-get")).scalars().all()
+        assert [(r.target_type, r.target_id, r.user_email) for r in rows] == [
+            ("series", CT_SERIES, None)]
+        detail = json.loads(rows[0].detail)
+    assert (detail["callingAeTitle"], detail["instances"], detail["domain"]) == (
+        SCU, 3, "default")
 
 
 def test_get_sees_only_the_nodes_domain_and_refuses_wildcards(stored):
