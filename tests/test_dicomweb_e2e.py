@@ -13,7 +13,7 @@ from dicomweb_client.api import DICOMwebClient
 from tests.conftest import DICOM_DIR
 from tests.dicom_factory import dicom_bytes
 from tests.scratch_db import scratch_database_url
-from tests.test_e2e import Server, flask_cli
+from tests.test_e2e import Server, flask_cli, process_env
 
 pytestmark = pytest.mark.e2e
 HEAD = DICOM_DIR / "head-first"
@@ -24,10 +24,7 @@ LOSSLESS = DICOM_DIR / "misc" / "CT-phantom-lossless.dcm"
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dicomweb-e2e")
     with scratch_database_url() as database_url:
-        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp / "data")}
-        env.pop("DATABASE_URL", None)
-        if database_url:
-            env["DATABASE_URL"] = database_url
+        env = process_env(tmp / "data", database_url)
         srv = Server(tmp, env)
         flask_cli(env, "init-db")
         srv.token = flask_cli(env, "add-permanent-token", "circus").strip().splitlines()[-1]

@@ -32,6 +32,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def process_env(data_dir, database_url, **settings):
+    """The environment of a server, worker or CLI process of its own: this one's, with
+    CIRCUS_DATA_DIR, ``settings``, and DATABASE_URL only when the suite runs on PostgreSQL
+    (a scratch database from ``scratch_database_url``)."""
+    env = {**os.environ, "CIRCUS_DATA_DIR": str(data_dir), **settings}
+    env.pop("DATABASE_URL", None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
 def flask_cli(env, *args):
     """Run `flask --app app ARGS` as a user would; return its stdout."""
     done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
@@ -103,11 +114,7 @@ class Server:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     with scratch_database_url() as database_url:
-        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp / "data"),
-               "CIRCUS_WORKER_POLL_INTERVAL": "0.1"}
-        env.pop("DATABASE_URL", None)
-        if database_url:
-            env["DATABASE_URL"] = database_url
+        env = process_env(tmp / "data", database_url, CIRCUS_WORKER_POLL_INTERVAL="0.1")
         srv = Server(tmp, env)
         flask_cli(env, "init-db")
         assert "Nothing to do" in flask_cli(env, "init-db")  # idempotent

@@ -21,6 +21,7 @@ from models import Series, Task, db
 from tests.conftest import ROOT
 from tests.dicom_factory import dicom_bytes
 from tests.scratch_db import scratch_database_url
+from tests.test_e2e import flask_cli, process_env
 
 LIMIT = 1024 * 1024  # the per-file limit these tests configure
 UNDEFINED_PIXELS = 0xFFFFFFF0  # what the bomb's Pixel Data declares
@@ -221,13 +222,9 @@ def test_a_bomb_entry_costs_no_more_memory_than_a_normal_import(tmp_path, dicom_
     bomb = tmp_path / "bomb.zip"
     bomb.write_bytes(_zip_with_entry("bomb.dcm", _bomb_head(declared=16 * limit), 16 * limit))
     with scratch_database_url() as database_url:
-        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
-               "CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES": str(limit)}
-        env.pop("DATABASE_URL", None)
-        if database_url:
-            env["DATABASE_URL"] = database_url
-        subprocess.run([sys.executable, "-m", "flask", "--app", "app", "init-db"], cwd=ROOT,
-                       env=env, check=True, capture_output=True, timeout=120)
+        env = process_env(tmp_path / "data", database_url,
+                          CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES=str(limit))
+        flask_cli(env, "init-db")
         bomb_peak, output = _peak_rss_of_import(env, bomb)
         assert f"larger than {limit} bytes" in output and "bomb.dcm" in output
         normal_peak, output = _peak_rss_of_import(env, dicom_dir / "head-first")

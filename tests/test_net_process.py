@@ -18,6 +18,7 @@ from app import create_app
 from models import Series, db
 from tests.dicom_factory import write_dicom
 from tests.scratch_db import scratch_database_url
+from tests.test_e2e import flask_cli, free_port, process_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERIES = "1.2.826.0.1.3680043.10.2.1"
@@ -40,19 +41,6 @@ TOOLS = {name: dcmtk_tool(name) for name in ("echoscu", "storescu", "findscu", "
 DCMTK = all(TOOLS.values())
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK (Debian package dcmtk: storescu, "
                                  "findscu, getscu, movescu, echoscu) is not installed")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flask_cli(env, *args):
-    done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 class ListenerProcess:
@@ -92,10 +80,7 @@ class ListenerProcess:
 def setup(tmp_path):
     """The environment of a fresh data folder (and database) with one node, TESTSCU."""
     with scratch_database_url() as database_url:
-        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"), "TCP_NODELAY": "1"}
-        env.pop("DATABASE_URL", None)
-        if database_url:
-            env["DATABASE_URL"] = database_url
+        env = process_env(tmp_path / "data", database_url, TCP_NODELAY="1")
         flask_cli(env, "init-db")
         flask_cli(env, "dicom-node-add", "TESTSCU", "--host", "127.0.0.1", "--domain",
                   "default", "--allow", "echo,store,find,get,move")

@@ -23,7 +23,7 @@ from models import Series, Token, db, utcnow
 from tests.conftest import DICOM_DIR
 from tests.factories import make_group, make_token, make_user
 from tests.sample_series import store_series
-from tests.test_e2e import Server, flask_cli
+from tests.test_e2e import Server, flask_cli, process_env
 from tests.scratch_db import scratch_database_url
 
 MISC = DICOM_DIR / "misc"
@@ -321,11 +321,7 @@ def test_priority_queue_is_lifo_for_equal_priorities():
 def rs_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rs")
     with scratch_database_url() as database_url:
-        env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp / "data"),
-               "WEB_CONCURRENCY": "1"}
-        env.pop("DATABASE_URL", None)
-        if database_url:
-            env["DATABASE_URL"] = database_url
+        env = process_env(tmp / "data", database_url, WEB_CONCURRENCY="1")
         flask_cli(env, "init-db")
         srv = Server(tmp, env)
         srv.token = flask_cli(env, "add-permanent-token", "circus").strip().splitlines()[-1]
