@@ -831,7 +831,12 @@ def run_listener(app, host=None, port=None):
 
 
 def _exit_now():
-    log.warning("The DICOM listener did not stop within %s s (threads: %s); exiting",
-                STOP_GRACE_SECONDS, [t.name for t in threading.enumerate()])
-    logging.shutdown()
-    os._exit(0)
+    # No logging here: a thread stuck while holding a handler's lock would make this wait
+    # too. One raw write to stderr, then out.
+    threads = ", ".join(t.name for t in threading.enumerate())
+    message = (f"The DICOM listener did not stop within {STOP_GRACE_SECONDS} s "
+               f"(threads: {threads}); exiting\n")
+    try:
+        os.write(2, message.encode("utf-8", "replace"))
+    finally:
+        os._exit(0)
