@@ -105,31 +105,28 @@ def run_forever(app, poll_interval=None):
     interval = poll_interval or app.config["WORKER_POLL_INTERVAL"]
     log.info("Worker %s started.", wid)
     tasks.fail_claimed_by(wid)
-    last_sweep = last_download_sweep = last_orphan_sweep = last_audit_prune = float("-inf")
+    # Housekeeping: (seconds between runs, what, its description); each runs once at start.
+    chores = [
+        (min(60, app.config["TASK_STALE_SECONDS"] / 2), tasks.fail_interrupted,
+         "Failing interrupted tasks"),
+        (DOWNLOAD_SWEEP_SECONDS,
+         lambda: tasks.sweep_downloads(app.config["DOWNLOAD_RETENTION_SECONDS"]),
+         "Sweeping old downloads"),
+        (ORPHAN_SWEEP_SECONDS, lambda: batch.sweep_orphans(app.config["ORPHAN_GRACE_SECONDS"]),
+         "Sweeping stored files without a row"),
+        (AUDIT_PRUNE_SECONDS, lambda: audit.prune(app.config["AUDIT_RETENTION_DAYS"]),
+         "Pruning the audit trail"),
+    ]
+    last_run = [float("-inf")] * len(chores)
     while not stopping.is_set():
-        if time.monotonic() - last_sweep > min(60, app.config["TASK_STALE_SECONDS"] / 2):
-            tasks.fail_interrupted()
-            last_sweep = time.monotonic()
-        if time.monotonic() - last_download_sweep > DOWNLOAD_SWEEP_SECONDS:
-            try:
-                tasks.sweep_downloads(app.config["DOWNLOAD_RETENTION_SECONDS"])
-            except OSError:
-                log.exception("Sweeping old downloads failed")
-            last_download_sweep = time.monotonic()
-        if time.monotonic() - last_orphan_sweep > ORPHAN_SWEEP_SECONDS:
-            try:
-                batch.sweep_orphans(app.config["ORPHAN_GRACE_SECONDS"])
-            except OSError:
-                log.exception("Sweeping stored files without a row failed")
-                db.session.rollback()
-            last_orphan_sweep = time.monotonic()
-        if time.monotonic() - last_audit_prune > AUDIT_PRUNE_SECONDS:
-            try:
-                audit.prune(app.config["AUDIT_RETENTION_DAYS"])
-            except Exception:
-                log.exception("Pruning the audit trail failed")
-                db.session.rollback()
-            last_audit_prune = time.monotonic()
+        for index, (every, chore, what) in enumerate(chores):
+            if time.monotonic() - last_run[index] > every:
+                try:
+                    chore()
+                except Exception:
+                    log.exception("%s failed", what)
+                    db.session.rollback()
+                last_run[index] = time.monotonic()
         did_work = False
         for src in JOB_SOURCES:
             if stopping.is_set():
