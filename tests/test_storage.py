@@ -8,20 +8,27 @@ through /rs, exports and downloads; faults through a real TCP proxy that is cut 
 """
 import io
 import os
+import re
 import socket
+import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 import time
 import uuid
 import zipfile
 
 import pytest
+import requests
 
 import storage
 import worker
 from app import create_app
 from dicom import batch
 from models import Instance, Series, Task, db
+from tests import s3_gateway
+from tests.test_e2e import ROOT, flask_cli, free_port, process_env
 
 pytestmark = [pytest.mark.storage, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -216,12 +223,6 @@ def test_unsafe_ids_never_become_keys(ctx):
 
 
 # --- settings and faults (S3) ------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("url", ["s3://", "s3://UPPER/x", "s3://ok-bucket/a/../b", "ftp://x/y",
                                  "file:///somewhere/else"])
@@ -438,20 +439,109 @@ def test_dicomweb_stow_and_wado_through_the_store(ctx, client, auth_headers, dic
     assert [content for _head, content in parts_of(res)] == [p.read_bytes() for p in paths]
 
 
+def assert_start_refused(env, message):
+    """``flask init-db``, the worker and gunicorn each exit non-zero at start with ``message``
+    alone (no traceback); gunicorn answers no request meanwhile and is not left running."""
+    for args in (["init-db"], ["worker"]):
+        done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and message in output, (args, output[-3000:])
+        assert "Traceback" not in output, output[-3000:]
+    base = f"http://127.0.0.1:{free_port()}"
+    log = tempfile.TemporaryFile()
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-b", base[7:],
+                                 "--no-control-socket", "app:create_app()"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    answered = []
+    deadline = time.monotonic() + 120
+    while gunicorn.poll() is None and time.monotonic() < deadline:
+        try:  # the arbiter listens while its workers boot: none may answer
+            answered.append(requests.get(base + "/api/status", timeout=1).status_code)
+        except requests.RequestException:
+            time.sleep(0.1)
+    if gunicorn.poll() is None:
+        gunicorn.kill()
+        gunicorn.wait()
+    log.seek(0)
+    output = log.read().decode(errors="replace")
+    assert gunicorn.returncode == 4 and "App failed to load" in output, output[-3000:]
+    assert message in output and "Traceback" not in output, output[-3000:]
+    assert answered == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(base + "/api/status", timeout=5)
+
+
 def test_servers_with_an_unreachable_store_do_not_start(tmp_path):
-    """gunicorn and the worker exit at start, saying why, instead of serving half."""
-    import subprocess
-    import sys
-    from tests.test_e2e import ROOT
-    env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
-           "CIRCUS_STORAGE_URL": "s3://circus-test/x",
-           "CIRCUS_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
-    env.pop("DATABASE_URL", None)
-    for argv in ([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{free_port()}",
-                  "--no-control-socket", "app:create_app()"],
-                 [sys.executable, "-m", "flask", "--app", "app", "worker"]):
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode != 0
-        assert "cannot be reached" in done.stdout + done.stderr, done.stderr[-2000:]
+    """gunicorn, the worker and the CLI exit at start, saying why, instead of serving half."""
+    env = process_env(tmp_path / "data", None, CIRCUS_STORAGE_URL="s3://circus-test/x",
+                      CIRCUS_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+                      AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
+                      AWS_DEFAULT_REGION="us-east-1")
+    assert_start_refused(env, "cannot be reached")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The endpoint of an S3 gateway that checks credentials (s3_gateway.py: its keys are
+    ACCESS_KEY and SECRET_KEY), over the throwaway store."""
+    try:
+        with s3_gateway.credentialed_gateway(tmp_path_factory.mktemp("gateway")) as endpoint:
+            yield endpoint
+    except s3_gateway.GatewayUnavailable as exc:
+        if REQUIRED:
+            pytest.fail(f"CIRCUS_REQUIRE_S3=1 but {exc}")
+        pytest.skip(str(exc))
+
+
+def credentials(monkeypatch, key=s3_gateway.ACCESS_KEY, secret=s3_gateway.SECRET_KEY):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_wrong_credentials_stop_the_start_and_right_ones_store(app, client, auth_headers,
+                                                              dicom_dir, gateway, monkeypatch):
+    """A store that checks credentials: a wrong secret or an unknown key stops the app's
+    start naming the culprit; the right keys start it and uploads are stored."""
+    config = {"TESTING": True, "CIRCUS_DATA_DIR": app.config["CIRCUS_DATA_DIR"],
+              **s3_config(endpoint=gateway)}
+    credentials(monkeypatch, secret="not-the-secret")
+    with pytest.raises(storage.StorageConfigError, match=re.escape(
+            "refused the credentials (SignatureDoesNotMatch): the secret key "
+            "(AWS_SECRET_ACCESS_KEY) does not match the access key 'circus-test'")):
+        create_app(config)
+    credentials(monkeypatch, key="nobody")
+    with pytest.raises(storage.StorageConfigError, match=re.escape(
+            "refused the credentials (InvalidAccessKeyId): the access key 'nobody' "
+            "(AWS_ACCESS_KEY_ID) is unknown to the store")):
+        create_app(config)
+    credentials(monkeypatch)
+    app.extensions.pop("circus.store")
+    app.config.update(s3_config(endpoint=gateway))
+    with app.app_context():
+        storage.init_app(app)
+        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+        assert task["status"] == "finished", task
+        uid = series_uid_of(client, auth_headers["alice"])
+        assert stored_keys(storage.series_key(uid)) == [
+            storage.instance_key(uid, n) for n in range(1, 11)]
+        assert client.get(f"/rs/series/{uid}/metadata").status_code == 200
+
+
+@NEEDS_S3
+def test_servers_with_wrong_credentials_do_not_start(tmp_path, gateway):
+    """With the right keys ``init-db`` works; with a wrong secret gunicorn, the worker and the
+    CLI exit at start naming the credentials problem, and nothing is served."""
+    env = process_env(tmp_path / "data", None,
+                      CIRCUS_STORAGE_URL=f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}",
+                      CIRCUS_S3_ENDPOINT_URL=gateway, CIRCUS_S3_CREATE_BUCKET="1",
+                      AWS_ACCESS_KEY_ID=s3_gateway.ACCESS_KEY,
+                      AWS_SECRET_ACCESS_KEY=s3_gateway.SECRET_KEY,
+                      AWS_DEFAULT_REGION="us-east-1")
+    assert "Schema: created" in flask_cli(env, "init-db")
+    assert_start_refused({**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+                         "refused the credentials (SignatureDoesNotMatch): the secret key "
+                         "(AWS_SECRET_ACCESS_KEY) does not match the access key 'circus-test'")
