@@ -23,10 +23,11 @@ import pytest
 import requests
 
 import storage
+import tasks
 import worker
 from app import create_app
-from dicom import batch
-from models import Instance, Series, Task, db
+from dicom import batch, importer
+from models import Instance, Series, Task, db, new_ulid
 from tests import s3_gateway
 from tests.test_e2e import ROOT, flask_cli, free_port, process_env
 
@@ -204,6 +205,28 @@ def test_import_killed_before_its_commit_is_swept(ctx, client, auth_headers, dic
     assert task["status"] == "finished" and len(stored_keys("dicom/")) == 10
 
 
+def test_sweep_removes_the_files_of_ended_uploads_only(ctx):
+    """An upload's stored files outlive its import when the store failed as it ended, or
+    when no task row was made; the sweep removes them, never those of a waiting import."""
+    def spooled(task_id, status=None):
+        os.makedirs(storage.spool_dir(task_id))
+        with open(os.path.join(storage.spool_dir(task_id), "000001"), "wb") as fh:
+            fh.write(b"upload")
+        storage.share_spool(task_id)
+        if status is not None:
+            task = tasks.create_task("alice@example.com", importer.TASK_NAME, "series_import")
+            task.task_id, task.status = task_id, status
+            db.session.commit()
+        return task_id
+    for status in ("finished", "error", None):
+        spooled(new_ulid(), status)
+    waiting = spooled(new_ulid(), "processing")
+    assert len(stored_keys("spool/")) == 4
+    assert importer.sweep_spools(3600) == 0  # young: may belong to a request not committed yet
+    assert importer.sweep_spools(3600, now=time.time() + 7200) == 3
+    assert stored_keys("spool/") == [f"spool/{waiting}/000001"]
+
+
 @pytest.mark.parametrize("key", ["dicom/../x", "../dicom/x", "/dicom/x", "dicom//x", "dicom/./x",
                                  "dicom/a\\..\\b", "dicom/x\x00", "work/x", "", "dicom"])
 def test_keys_that_would_leave_the_prefix_are_refused(ctx, key):
@@ -310,19 +333,25 @@ class CuttableProxy:
                 s.close()
 
 
+def use_store(app, prefix, proxy=None):
+    """Switch ``app`` to the S3 store at ``prefix`` of the test bucket, through ``proxy``
+    (a CuttableProxy) when given, else directly."""
+    app.extensions.pop("circus.store", None)
+    app.config.update(s3_config(prefix=prefix, endpoint=proxy and
+                                f"http://127.0.0.1:{proxy.port}"))
+    storage.init_app(app)
+
+
 @NEEDS_S3
 @pytest.mark.parametrize("app_config", [{}])
 def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, auth_headers,
                                                            dicom_dir, app):
-    """The store vanishes during an import: the task fails saying so, nothing is indexed, and
-    the same upload works once the store is back."""
-    target_port = int(ENDPOINT.rsplit(":", 1)[1])
-    proxy = CuttableProxy(target_port)
+    """The store vanishes during an import: the task fails saying so, nothing is indexed,
+    what it left is swept, and the same upload works once the store is back."""
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
     prefix = "t-" + uuid.uuid4().hex[:12]
-    app.extensions.pop("circus.store")
-    app.config.update(s3_config(prefix=prefix, endpoint=f"http://127.0.0.1:{proxy.port}"))
     with app.app_context():
-        storage.init_app(app)
+        use_store(app, prefix, proxy)
 
         def cut_soon():  # the worker's uploads: a part of the ten files' 1.7 MB
             proxy.cut_after = proxy.sent + 600_000
@@ -339,12 +368,57 @@ def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, au
         assert res.status_code == 503 and res.get_json() == {
             "error": "The file storage is not available; try again later."}
         # the store is back (the same bucket and prefix, reached directly)
-        app.extensions.pop("circus.store")
-        app.config.update(s3_config(prefix=prefix))
-        storage.init_app(app)
+        use_store(app, prefix)
+        # what the failed import could not remove (the upload's files, objects placed before
+        # the cut) is swept
+        assert stored_keys("spool/") != []
+        batch.sweep_orphans(0, now=time.time() + 5)
+        importer.sweep_spools(0, now=time.time() + 5)
+        assert stored_keys("spool/") == [] and stored_keys("dicom/") == []
         task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
         assert task["status"] == "finished", task
         assert len(stored_keys("dicom/")) == 10
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_store_going_away_mid_export_fails_the_task_cleanly(client, auth_headers, dicom_dir,
+                                                           app):
+    """The store vanishes while an export publishes its archive: the task fails saying so,
+    no download is offered or stored, and the same export works once the store is back."""
+    alice = auth_headers["alice"]
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    export = {"series": [{"seriesUid": None, "partialVolumeDescriptor": {
+        "start": 1, "end": 10, "delta": 1}}]}
+    with app.app_context():
+        use_store(app, prefix, proxy)
+        assert upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])[
+            "status"] == "finished"
+        export["series"][0]["seriesUid"] = series_uid_of(client, alice)
+        for cut in (True, False):
+            if not cut:  # the store is back
+                use_store(app, prefix)
+            res = client.post("/api/series/export-cs-volume", headers=alice, json=export)
+            assert res.status_code == 201, res.get_json()
+            task_id = res.get_json()["taskId"]
+            proxy.cut_after = proxy.sent + 300_000  # a part of the 0.9 MB archive
+            worker.run_pending()
+            db.session.expire_all()
+            task = db.session.get(Task, task_id).to_json()
+            download = client.get(f"/api/tasks/{task_id}/download", headers=alice)
+            if cut:
+                assert task["status"] == "error", task
+                assert task["errorMessage"].startswith(
+                    "The download file could not be stored: The object store failed"), task
+                assert download.status_code == 409 and download.get_json() == {
+                    "error": "This task has not been completed."}
+            else:
+                assert task["status"] == "finished", task
+                assert download.status_code == 200
+                with tarfile.open(fileobj=io.BytesIO(download.data)) as tar:
+                    assert len(tar.extractfile("0.raw").read()) == 320 * 260 * 10 * 2
+        assert stored_keys("downloads/") == [storage.download_key(task_id)]
 
 
 @NEEDS_S3
