@@ -30,6 +30,8 @@ from app import create_app
 from dicom import batch, importer
 from models import Instance, Series, Task, db, new_ulid
 from tests import s3_gateway
+from tests.plugin_helpers import grant, remote_definition
+from tests.remote_plugin_server import RemotePlugin
 from tests.test_e2e import ROOT, flask_cli, free_port, process_env
 
 pytestmark = [pytest.mark.storage, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -436,6 +438,42 @@ def test_store_going_away_mid_export_fails_the_task_cleanly(client, auth_headers
                 with tarfile.open(fileobj=io.BytesIO(download.data)) as tar:
                     assert len(tar.extractfile("0.raw").read()) == 320 * 260 * 10 * 2
         assert stored_keys("downloads/") == [storage.download_key(task_id)]
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_store_going_away_as_results_are_stored_fails_the_job(client, auth_headers, dicom_dir,
+                                                              app, monkeypatch):
+    """The store vanishes while a plug-in job stores its results: the job fails saying so,
+    never finished with results that are not all stored."""
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
+    publish_results = storage.publish_results
+
+    def cut_midway(job_id, *args, **kwargs):  # the store goes away after a few hundred bytes
+        proxy.cut_after = proxy.sent + 300
+        publish_results(job_id, *args, **kwargs)
+    with RemotePlugin(delay=0.5) as plugin, app.app_context():
+        use_store(app, "t-" + uuid.uuid4().hex[:12], proxy)
+        assert upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])[
+            "status"] == "finished"
+        res = client.post("/api/admin/plugins", headers=auth_headers["alice"], json=(
+            remote_definition(endpoint=plugin.endpoint, secret="s3cret")))
+        assert res.status_code == 201, res.get_json()
+        plugin_id = client.get("/api/admin/plugins", headers=auth_headers["alice"]).get_json()[
+            "items"][-1]["pluginId"]
+        grant("alice@example.com", plugin_id)
+        res = client.post("/api/plugin-jobs", headers=auth_headers["alice"], json={
+            "pluginId": plugin_id, "series": [{"seriesUid": series_uid_of(
+                client, auth_headers["alice"]), "partialVolumeDescriptor": "auto"}]})
+        assert res.status_code == 201, res.get_json()
+        job_id = res.get_json()["jobId"]
+        monkeypatch.setattr(storage, "publish_results", cut_midway)
+        worker.run_pending()
+        job = client.get(f"/api/plugin-jobs/{job_id}", headers=auth_headers["alice"]).get_json()
+        assert job["status"] == "failed", job
+        assert job["errorMessage"].startswith("The file storage failed: The object store "
+                                              "failed"), job["errorMessage"]
+        assert job["results"] is None
 
 
 @NEEDS_S3
