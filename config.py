@@ -19,8 +19,9 @@ def from_environment():
         # Bytes of objects each host keeps in cache/objects/ (read from the store for /rs,
         # exports and plug-in input); least recently used first out.
         "OBJECT_CACHE_BYTES": int(os.environ.get("CIRCUS_OBJECT_CACHE_BYTES", 2 * 1024**3)),
-        # Objects without a database row (an import killed between upload and commit) older
-        # than this many seconds are removed by the worker's storage sweep.
+        # Objects without a database row (an import killed between upload and commit), and
+        # uploaded files whose import ended without removing them (a failing store), older
+        # than this many seconds are removed by the worker's storage sweeps.
         "ORPHAN_GRACE_SECONDS": int(os.environ.get("CIRCUS_ORPHAN_GRACE_SECONDS", 6 * 3600)),
         # Overrides the database only (e.g. postgresql+psycopg://user@host/db).
         "DATABASE_URL": os.environ.get("DATABASE_URL"),

@@ -52,3 +52,22 @@ def post_worker_init(worker):
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def post_fork(server, worker):
+    """A setting the app refuses at start (a store that does not answer or refuses the
+    credentials: a ClickException raised by ``create_app``) ends gunicorn with its message:
+    raised as gunicorn's AppImportError, the worker prints it alone and the arbiter stops
+    ("App failed to load", exit 4) instead of a traceback per worker and booting again."""
+    import click  # in the worker, as the app's own modules
+    from gunicorn.errors import AppImportError
+
+    load_wsgi = worker.load_wsgi
+
+    def load_wsgi_or_refuse():
+        try:
+            load_wsgi()
+        except click.ClickException as exc:
+            raise AppImportError(exc.format_message()) from None
+
+    worker.load_wsgi = load_wsgi_or_refuse

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import boto3
 import botocore.config
 import botocore.exceptions
+import click
 from boto3.s3.transfer import TransferConfig
 from flask import current_app
 
@@ -45,8 +46,11 @@ class UnsafePathError(ValueError):
     """Raised when a path or key built from outside data would leave its storage root."""
 
 
-class StorageConfigError(RuntimeError):
-    """Raised at start when the storage setting is wrong or its store does not answer."""
+class StorageConfigError(click.ClickException):
+    """Raised at start when the storage setting is wrong or its store does not answer.
+
+    A ClickException: the CLI (``init-db``, ``worker``, ...) prints its message alone and exits
+    1; gunicorn.conf.py ends gunicorn with it (no worker is booted again)."""
 
 
 class StorageError(OSError):
@@ -560,7 +564,8 @@ class S3Store:
         self.prefix = prefix
         self.data_dir = data_dir
         self.create_bucket = bool(config.get("S3_CREATE_BUCKET"))
-        self.client = boto3.session.Session().client(
+        self.session = boto3.session.Session()
+        self.client = self.session.client(
             "s3", endpoint_url=config.get("S3_ENDPOINT_URL") or None,
             config=botocore.config.Config(
                 retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
@@ -579,17 +584,21 @@ class S3Store:
         return self.prefix + check_key(key)
 
     def check(self):
-        """Refuse to start on a store that does not answer, or a missing bucket (created
-        instead when CIRCUS_S3_CREATE_BUCKET=1)."""
+        """Refuse to start on a store that does not answer, refused credentials, or a
+        missing bucket (created instead when CIRCUS_S3_CREATE_BUCKET=1). A listing, not a
+        HEAD: its refusal says why (a HEAD's answer has no body)."""
         where = f"s3://{self.bucket}/{self.prefix} at {self.client.meta.endpoint_url}"
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
             return
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code not in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageConfigError(f"The object store refused access to {where} "
-                                         f"({code}): check the credentials.") from None
+                raise StorageConfigError(self._refusal(where, exc.response["Error"])) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise StorageConfigError(f"No credentials for the object store {where}: set "
+                                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or another "
+                                     "AWS credential source).") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise StorageConfigError(f"The object store {where} cannot be reached: "
                                      f"{exc}") from None
@@ -602,6 +611,22 @@ class S3Store:
                 botocore.exceptions.ClientError) as exc:
             raise StorageConfigError(f"The bucket {self.bucket!r} cannot be created: "
                                      f"{exc}") from None
+
+    def _refusal(self, where, error):
+        """The start-up message of a store that refused the check with ``error`` (its
+        Code and Message): refused credentials are named."""
+        code = str(error.get("Code", ""))
+        credentials = self.session.get_credentials()  # resolved when the client was built
+        key = f"the access key {credentials.access_key!r}" if credentials else "the access key"
+        if code == "InvalidAccessKeyId":
+            why = f"{key} (AWS_ACCESS_KEY_ID) is unknown to the store"
+        elif code == "SignatureDoesNotMatch":
+            why = f"the secret key (AWS_SECRET_ACCESS_KEY) does not match {key}"
+        elif code in ("AccessDenied", "403"):
+            why = f"{key} may not list the bucket; check its permissions"
+        else:
+            return f"The object store {where} refused the check ({code}): {error.get('Message')}"
+        return f"The object store {where} refused the credentials ({code}): {why}."
 
     def staging_dir(self, key):
         return os.path.join(self.data_dir, check_key(key).split("/", 1)[0], ".staging")

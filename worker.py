@@ -114,6 +114,8 @@ def run_forever(app, poll_interval=None):
          "Sweeping old downloads"),
         (ORPHAN_SWEEP_SECONDS, lambda: batch.sweep_orphans(app.config["ORPHAN_GRACE_SECONDS"]),
          "Sweeping stored files without a row"),
+        (ORPHAN_SWEEP_SECONDS, lambda: importer.sweep_spools(app.config["ORPHAN_GRACE_SECONDS"]),
+         "Sweeping the stored files of ended uploads"),
         (AUDIT_PRUNE_SECONDS, lambda: audit.prune(app.config["AUDIT_RETENTION_DAYS"]),
          "Pruning the audit trail"),
     ]

@@ -9,6 +9,7 @@ file ``/single`` streams straight into a batch's staging folder.
 import logging
 import os
 import tarfile
+import time
 import zipfile
 import zlib
 from typing import NamedTuple
@@ -24,7 +25,7 @@ from dicom.errors import DicomImportError, ImportFailed
 from dicom.header_scan import read_keys
 from dicom.image_ranges import parse_ranges
 from dicom.instance import STUDY_COLUMNS, default_offset, read_record
-from models import Instance, Series, db, upsert_statement
+from models import Instance, Series, Task, db, upsert_statement
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,31 @@ def run_import_task(task, progress):
     if result.skipped:
         message += f" {result.skipped} non-DICOM entries were skipped."
     return message
+
+
+def sweep_spools(grace_seconds, now=None):
+    """Delete the stored files of uploads (``spool/<taskId>/``) older than ``grace_seconds``
+    whose import task is over, or that never got a task row (its request failed): the import
+    removes them as it ends, unless the store was failing then. A queued or running task's
+    files stay. Returns the number of uploads whose files were deleted."""
+    limit = (time.time() if now is None else now) - grace_seconds
+    newest = {}
+    for key, _size, mtime in storage.store().list("spool/"):
+        parts = key.split("/")
+        if len(parts) > 2 and storage.ID_RE.match(parts[1]):  # spool/<taskId>/<file>
+            newest[parts[1]] = max(mtime, newest.get(parts[1], mtime))
+    old = [task_id for task_id, mtime in newest.items() if mtime < limit]
+    waiting = set()
+    for i in range(0, len(old), 500):
+        waiting.update(db.session.execute(sa.select(Task.task_id).where(
+            Task.task_id.in_(old[i:i + 500]), Task.status == "processing")).scalars())
+    db.session.rollback()
+    ended = [task_id for task_id in old if task_id not in waiting]
+    for task_id in ended:
+        storage.remove_spool(task_id)
+    if ended:
+        log.info("Swept the stored files of %d ended upload(s).", len(ended))
+    return len(ended)
 
 
 # --- maintenance ------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def run_job(job_id):
         except PluginRunError as exc:
             job_log.line(f"Error: {exc}")
             jobs.fail_job(job_id, str(exc))
+        except storage.StorageError as exc:  # the store failed (reading input, storing results)
+            log.warning("Plug-in job %s: %s", job_id, exc)
+            job_log.line(f"Error: {exc}")
+            jobs.fail_job(job_id, f"The file storage failed: {short_message(exc)}")
         except Exception as exc:
             log.exception("Plug-in job %s failed unexpectedly", job_id)
             job_log.line(f"Error: {type(exc).__name__}: {exc}")

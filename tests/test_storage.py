@@ -4,24 +4,35 @@ Every test of the ``store`` fixture runs on both; the S3 ones need a real S3-com
 store (``../shared/tools/s3-throwaway.sh start`` prints its settings: CIRCUS_S3_ENDPOINT_URL
 and the AWS variables) and skip without one. Each S3 test gets a prefix of its own in the
 bucket ``circus-test``. Uploads go through the API, the spool and the real worker; reads
-through /rs, exports and downloads; faults through a real TCP proxy that is cut mid-upload.
+through /rs, exports and downloads; faults through a real TCP proxy that is cut mid-upload,
+and wrong credentials against a gateway that checks them (s3_gateway.py).
 """
 import io
 import os
+import re
 import socket
+import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 import time
 import uuid
 import zipfile
 
 import pytest
+import requests
 
 import storage
+import tasks
 import worker
 from app import create_app
-from dicom import batch
-from models import Instance, Series, Task, db
+from dicom import batch, importer
+from models import Instance, Series, Task, db, new_ulid
+from tests import s3_gateway
+from tests.plugin_helpers import grant, remote_definition
+from tests.remote_plugin_server import RemotePlugin
+from tests.test_e2e import ROOT, flask_cli, free_port, process_env
 
 pytestmark = [pytest.mark.storage, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -37,6 +48,13 @@ NEEDS_S3 = pytest.mark.skipif(
 def s3_config(prefix=None, endpoint=None, bucket=BUCKET, create=True):
     return {"STORAGE_URL": f"s3://{bucket}/{prefix or 't-' + uuid.uuid4().hex[:12]}",
             "S3_ENDPOINT_URL": endpoint or ENDPOINT, "S3_CREATE_BUCKET": create}
+
+
+def credentials(monkeypatch, key=s3_gateway.ACCESS_KEY, secret=s3_gateway.SECRET_KEY):
+    """Set the AWS credential variables the stores built next will use."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=NEEDS_S3)])
@@ -197,6 +215,28 @@ def test_import_killed_before_its_commit_is_swept(ctx, client, auth_headers, dic
     assert task["status"] == "finished" and len(stored_keys("dicom/")) == 10
 
 
+def test_sweep_removes_the_files_of_ended_uploads_only(ctx):
+    """An upload's stored files outlive its import when the store failed as it ended, or
+    when no task row was made; the sweep removes them, never those of a waiting import."""
+    def spooled(task_id, status=None):
+        os.makedirs(storage.spool_dir(task_id))
+        with open(os.path.join(storage.spool_dir(task_id), "000001"), "wb") as fh:
+            fh.write(b"upload")
+        storage.share_spool(task_id)
+        if status is not None:
+            task = tasks.create_task("alice@example.com", importer.TASK_NAME, "series_import")
+            task.task_id, task.status = task_id, status
+            db.session.commit()
+        return task_id
+    for status in ("finished", "error", None):
+        spooled(new_ulid(), status)
+    waiting = spooled(new_ulid(), "processing")
+    assert len(stored_keys("spool/")) == 4
+    assert importer.sweep_spools(3600) == 0  # young: may belong to a request not committed yet
+    assert importer.sweep_spools(3600, now=time.time() + 7200) == 3
+    assert stored_keys("spool/") == [f"spool/{waiting}/000001"]
+
+
 @pytest.mark.parametrize("key", ["dicom/../x", "../dicom/x", "/dicom/x", "dicom//x", "dicom/./x",
                                  "dicom/a\\..\\b", "dicom/x\x00", "work/x", "", "dicom"])
 def test_keys_that_would_leave_the_prefix_are_refused(ctx, key):
@@ -217,12 +257,6 @@ def test_unsafe_ids_never_become_keys(ctx):
 
 # --- settings and faults (S3) ------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("url", ["s3://", "s3://UPPER/x", "s3://ok-bucket/a/../b", "ftp://x/y",
                                  "file:///somewhere/else"])
 def test_bad_storage_urls_stop_the_start(tmp_path, url):
@@ -230,11 +264,20 @@ def test_bad_storage_urls_stop_the_start(tmp_path, url):
         create_app({"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path), "STORAGE_URL": url})
 
 
-def test_wrong_endpoint_stops_the_start(tmp_path):
+def test_wrong_endpoint_stops_the_start(tmp_path, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = {"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path), **s3_config(endpoint=endpoint)}
+    credentials(monkeypatch)
     with pytest.raises(storage.StorageConfigError, match="cannot be reached"):
-        create_app({"TESTING": True, "CIRCUS_DATA_DIR": str(tmp_path),
-                    **s3_config(endpoint=endpoint)})
+        create_app(config)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(storage.StorageConfigError, match=re.escape(
+            "No credentials for the object store s3://circus-test/")):
+        create_app(config)
 
 
 @NEEDS_S3
@@ -309,19 +352,25 @@ class CuttableProxy:
                 s.close()
 
 
+def use_store(app, prefix, proxy=None):
+    """Switch ``app`` to the S3 store at ``prefix`` of the test bucket, through ``proxy``
+    (a CuttableProxy) when given, else directly."""
+    app.extensions.pop("circus.store", None)
+    app.config.update(s3_config(prefix=prefix, endpoint=proxy and
+                                f"http://127.0.0.1:{proxy.port}"))
+    storage.init_app(app)
+
+
 @NEEDS_S3
 @pytest.mark.parametrize("app_config", [{}])
 def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, auth_headers,
                                                            dicom_dir, app):
-    """The store vanishes during an import: the task fails saying so, nothing is indexed, and
-    the same upload works once the store is back."""
-    target_port = int(ENDPOINT.rsplit(":", 1)[1])
-    proxy = CuttableProxy(target_port)
+    """The store vanishes during an import: the task fails saying so, nothing is indexed,
+    what it left is swept, and the same upload works once the store is back."""
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
     prefix = "t-" + uuid.uuid4().hex[:12]
-    app.extensions.pop("circus.store")
-    app.config.update(s3_config(prefix=prefix, endpoint=f"http://127.0.0.1:{proxy.port}"))
     with app.app_context():
-        storage.init_app(app)
+        use_store(app, prefix, proxy)
 
         def cut_soon():  # the worker's uploads: a part of the ten files' 1.7 MB
             proxy.cut_after = proxy.sent + 600_000
@@ -338,12 +387,93 @@ def test_store_going_away_mid_upload_fails_the_task_cleanly(tmp_path, client, au
         assert res.status_code == 503 and res.get_json() == {
             "error": "The file storage is not available; try again later."}
         # the store is back (the same bucket and prefix, reached directly)
-        app.extensions.pop("circus.store")
-        app.config.update(s3_config(prefix=prefix))
-        storage.init_app(app)
+        use_store(app, prefix)
+        # what the failed import could not remove (the upload's files, objects placed before
+        # the cut) is swept
+        assert stored_keys("spool/") != []
+        batch.sweep_orphans(0, now=time.time() + 5)
+        importer.sweep_spools(0, now=time.time() + 5)
+        assert stored_keys("spool/") == [] and stored_keys("dicom/") == []
         task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
         assert task["status"] == "finished", task
         assert len(stored_keys("dicom/")) == 10
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_store_going_away_mid_export_fails_the_task_cleanly(client, auth_headers, dicom_dir,
+                                                           app):
+    """The store vanishes while an export publishes its archive: the task fails saying so,
+    no download is offered or stored, and the same export works once the store is back."""
+    alice = auth_headers["alice"]
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    export = {"series": [{"seriesUid": None, "partialVolumeDescriptor": {
+        "start": 1, "end": 10, "delta": 1}}]}
+    with app.app_context():
+        use_store(app, prefix, proxy)
+        assert upload(client, alice, [("ct.zip", head_first_zip(dicom_dir))])[
+            "status"] == "finished"
+        export["series"][0]["seriesUid"] = series_uid_of(client, alice)
+        for cut in (True, False):
+            if not cut:  # the store is back
+                use_store(app, prefix)
+            res = client.post("/api/series/export-cs-volume", headers=alice, json=export)
+            assert res.status_code == 201, res.get_json()
+            task_id = res.get_json()["taskId"]
+            proxy.cut_after = proxy.sent + 300_000  # a part of the 0.9 MB archive
+            worker.run_pending()
+            db.session.expire_all()
+            task = db.session.get(Task, task_id).to_json()
+            download = client.get(f"/api/tasks/{task_id}/download", headers=alice)
+            if cut:
+                assert task["status"] == "error", task
+                assert task["errorMessage"].startswith(
+                    "The download file could not be stored: The object store failed"), task
+                assert download.status_code == 409 and download.get_json() == {
+                    "error": "This task has not been completed."}
+            else:
+                assert task["status"] == "finished", task
+                assert download.status_code == 200
+                with tarfile.open(fileobj=io.BytesIO(download.data)) as tar:
+                    assert len(tar.extractfile("0.raw").read()) == 320 * 260 * 10 * 2
+        assert stored_keys("downloads/") == [storage.download_key(task_id)]
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_store_going_away_as_results_are_stored_fails_the_job(client, auth_headers, dicom_dir,
+                                                              app, monkeypatch):
+    """The store vanishes while a plug-in job stores its results: the job fails saying so,
+    never finished with results that are not all stored."""
+    proxy = CuttableProxy(int(ENDPOINT.rsplit(":", 1)[1]))
+    publish_results = storage.publish_results
+
+    def cut_midway(job_id, *args, **kwargs):  # the store goes away after a few hundred bytes
+        proxy.cut_after = proxy.sent + 300
+        publish_results(job_id, *args, **kwargs)
+    with RemotePlugin(delay=0.5) as plugin, app.app_context():
+        use_store(app, "t-" + uuid.uuid4().hex[:12], proxy)
+        assert upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])[
+            "status"] == "finished"
+        res = client.post("/api/admin/plugins", headers=auth_headers["alice"], json=(
+            remote_definition(endpoint=plugin.endpoint, secret="s3cret")))
+        assert res.status_code == 201, res.get_json()
+        plugin_id = client.get("/api/admin/plugins", headers=auth_headers["alice"]).get_json()[
+            "items"][-1]["pluginId"]
+        grant("alice@example.com", plugin_id)
+        res = client.post("/api/plugin-jobs", headers=auth_headers["alice"], json={
+            "pluginId": plugin_id, "series": [{"seriesUid": series_uid_of(
+                client, auth_headers["alice"]), "partialVolumeDescriptor": "auto"}]})
+        assert res.status_code == 201, res.get_json()
+        job_id = res.get_json()["jobId"]
+        monkeypatch.setattr(storage, "publish_results", cut_midway)
+        worker.run_pending()
+        job = client.get(f"/api/plugin-jobs/{job_id}", headers=auth_headers["alice"]).get_json()
+        assert job["status"] == "failed", job
+        assert job["errorMessage"].startswith("The file storage failed: The object store "
+                                              "failed"), job["errorMessage"]
+        assert job["results"] is None
 
 
 @NEEDS_S3
@@ -438,20 +568,102 @@ def test_dicomweb_stow_and_wado_through_the_store(ctx, client, auth_headers, dic
     assert [content for _head, content in parts_of(res)] == [p.read_bytes() for p in paths]
 
 
+def assert_start_refused(env, message):
+    """``flask init-db``, the worker and gunicorn each exit non-zero at start with ``message``
+    alone (no traceback); gunicorn answers no request before it exits."""
+    for args in (["init-db"], ["worker"]):
+        done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and message in output, (args, output[-3000:])
+        assert "Traceback" not in output, output[-3000:]
+    base = f"http://127.0.0.1:{free_port()}"
+    log = tempfile.TemporaryFile()
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "-b", base[7:],
+                                 "--no-control-socket", "app:create_app()"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    answered = []
+    deadline = time.monotonic() + 120
+    while gunicorn.poll() is None and time.monotonic() < deadline:
+        try:  # the arbiter listens while its workers boot: none may answer
+            answered.append(requests.get(base + "/api/status", timeout=1).status_code)
+        except requests.RequestException:
+            time.sleep(0.1)
+    if gunicorn.poll() is None:
+        gunicorn.kill()
+        gunicorn.wait()
+    log.seek(0)
+    output = log.read().decode(errors="replace")
+    assert gunicorn.returncode == 4 and "App failed to load" in output, \
+        (gunicorn.returncode, output[-3000:])
+    assert message in output and "Traceback" not in output, output[-3000:]
+    assert answered == [], (answered, output[-3000:])
+
+
 def test_servers_with_an_unreachable_store_do_not_start(tmp_path):
-    """gunicorn and the worker exit at start, saying why, instead of serving half."""
-    import subprocess
-    import sys
-    from tests.test_e2e import ROOT
-    env = {**os.environ, "CIRCUS_DATA_DIR": str(tmp_path / "data"),
-           "CIRCUS_STORAGE_URL": "s3://circus-test/x",
-           "CIRCUS_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
-    env.pop("DATABASE_URL", None)
-    for argv in ([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{free_port()}",
-                  "--no-control-socket", "app:create_app()"],
-                 [sys.executable, "-m", "flask", "--app", "app", "worker"]):
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode != 0
-        assert "cannot be reached" in done.stdout + done.stderr, done.stderr[-2000:]
+    """gunicorn, the worker and the CLI exit at start, saying why, instead of serving half."""
+    env = process_env(tmp_path / "data", None, CIRCUS_STORAGE_URL="s3://circus-test/x",
+                      CIRCUS_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+                      AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
+                      AWS_DEFAULT_REGION="us-east-1")
+    assert_start_refused(env, "cannot be reached")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The endpoint of an S3 gateway that checks credentials (s3_gateway.py: its keys are
+    ACCESS_KEY and SECRET_KEY), over the throwaway store."""
+    try:
+        with s3_gateway.credentialed_gateway(tmp_path_factory.mktemp("gateway")) as endpoint:
+            yield endpoint
+    except s3_gateway.GatewayUnavailable as exc:
+        if REQUIRED:
+            pytest.fail(f"CIRCUS_REQUIRE_S3=1 but {exc}")
+        pytest.skip(str(exc))
+
+
+@NEEDS_S3
+@pytest.mark.parametrize("app_config", [{}])
+def test_wrong_credentials_stop_the_start_and_right_ones_store(app, client, auth_headers,
+                                                              dicom_dir, gateway, monkeypatch):
+    """A store that checks credentials: a wrong secret or an unknown key stops the app's
+    start naming the culprit; the right keys start it and uploads are stored."""
+    config = {"TESTING": True, "CIRCUS_DATA_DIR": app.config["CIRCUS_DATA_DIR"],
+              **s3_config(endpoint=gateway)}
+    credentials(monkeypatch, secret="not-the-secret")
+    with pytest.raises(storage.StorageConfigError, match=re.escape(
+            "refused the credentials (SignatureDoesNotMatch): the secret key "
+            "(AWS_SECRET_ACCESS_KEY) does not match the access key 'circus-test'")):
+        create_app(config)
+    credentials(monkeypatch, key="nobody")
+    with pytest.raises(storage.StorageConfigError, match=re.escape(
+            "refused the credentials (InvalidAccessKeyId): the access key 'nobody' "
+            "(AWS_ACCESS_KEY_ID) is unknown to the store")):
+        create_app(config)
+    credentials(monkeypatch)
+    app.extensions.pop("circus.store")
+    app.config.update(s3_config(endpoint=gateway))
+    with app.app_context():
+        storage.init_app(app)
+        task = upload(client, auth_headers["alice"], [("ct.zip", head_first_zip(dicom_dir))])
+        assert task["status"] == "finished", task
+        uid = series_uid_of(client, auth_headers["alice"])
+        assert stored_keys(storage.series_key(uid)) == [
+            storage.instance_key(uid, n) for n in range(1, 11)]
+        assert client.get(f"/rs/series/{uid}/metadata").status_code == 200
+
+
+@NEEDS_S3
+def test_servers_with_wrong_credentials_do_not_start(tmp_path, gateway):
+    """With the right keys ``init-db`` works; with a wrong secret gunicorn, the worker and the
+    CLI exit at start naming the credentials problem, and nothing is served."""
+    env = process_env(tmp_path / "data", None,
+                      CIRCUS_STORAGE_URL=f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}",
+                      CIRCUS_S3_ENDPOINT_URL=gateway, CIRCUS_S3_CREATE_BUCKET="1",
+                      AWS_ACCESS_KEY_ID=s3_gateway.ACCESS_KEY,
+                      AWS_SECRET_ACCESS_KEY=s3_gateway.SECRET_KEY,
+                      AWS_DEFAULT_REGION="us-east-1")
+    assert "Schema: created" in flask_cli(env, "init-db")
+    assert_start_refused({**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+                         "refused the credentials (SignatureDoesNotMatch): the secret key "
+                         "(AWS_SECRET_ACCESS_KEY) does not match the access key 'circus-test'")
