@@ -8,7 +8,9 @@ Each measurement starts both systems on empty storage.
 
 Figures (ratios ours / Orthanc unless said):
   zip-ct, zip-small   one request with a zip (the CT; ``--small`` small instances),
-                      instances/s until the import is finished (our task polled)
+                      instances/s until the import is finished (our task polled);
+                      medians of --rounds, ours and Orthanc fresh in turn (--trees: several
+                      checkouts in turn, each also over the first)
   single-ct           /single from one client: MB/s         (Orthanc: POST /instances)
   single-small        /single from one client: instances/s
   (floor)             beside them, the same uploads to ``bench/upload_floor.py``: a bare WSGI
@@ -26,6 +28,7 @@ Usage (from the project root)::
 
     .venv/bin/python bench/ingest.py                      # everything (~10 min on 2 cores)
     .venv/bin/python bench/ingest.py --only zip,single --small 1000
+    .venv/bin/python bench/ingest.py --only zip --trees ../before,.   # before/after
 """
 import argparse
 import glob
@@ -122,9 +125,11 @@ def children(pid):
 
 
 class Ours:
-    """gunicorn (served configuration) + one worker process on a fresh data directory."""
+    """gunicorn (served configuration) + one worker process on a fresh data directory, run
+    from ``root``: this checkout, or another one (``--trees``: a worktree of an earlier
+    commit, for before/after figures from the same client and data)."""
 
-    def __init__(self, perf):
+    def __init__(self, perf, root=ROOT):
         self.dir = os.path.join(perf, "circus")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -132,15 +137,15 @@ class Ours:
         self.env = {**os.environ, "CIRCUS_DATA_DIR": self.dir, "CIRCUS_WORKER_POLL_INTERVAL": "0.05",
                     "CIRCUS_UPLOAD_FILE_SIZE_MAX_BYTES": str(4 * 1024 ** 3)}
         flask = [sys.executable, "-m", "flask", "--app", "app"]
-        subprocess.run(flask + ["init-db"], cwd=ROOT, env=self.env, check=True, capture_output=True)
-        out = subprocess.run(flask + ["add-permanent-token", "circus"], cwd=ROOT, env=self.env,
+        subprocess.run(flask + ["init-db"], cwd=root, env=self.env, check=True, capture_output=True)
+        out = subprocess.run(flask + ["add-permanent-token", "circus"], cwd=root, env=self.env,
                              check=True, capture_output=True, text=True).stdout
         self.token = out.strip().splitlines()[-1]
         self.port = free_port()
         self.server = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{self.port}", "app:create_app()"],
-            cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.worker = subprocess.Popen(flask + ["worker"], cwd=ROOT, env=self.env,
+            cwd=root, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.worker = subprocess.Popen(flask + ["worker"], cwd=root, env=self.env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_up(self.port, "/api/status")
 
@@ -287,21 +292,46 @@ def report(label, ours, peer, unit, goal=None):
     print(line, flush=True)
 
 
-def bench_zip(perf, data, small):
+def tree_label(root):
+    """A checkout as the figures name it: its short commit."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or os.path.basename(root)
+
+
+def bench_zip(perf, data, small, rounds, trees):
+    """Each zip ``rounds`` times, each tree and Orthanc fresh in turn; medians. With several
+    trees, each one's median is also given over the first tree's (a before/after figure)."""
     ct = make_zip(os.path.join(perf, "ct200.zip"), files_of(os.path.join(data, "ct200")))
     sm = make_zip(os.path.join(perf, f"small{small}.zip"),
                   files_of(os.path.join(data, "small10k"), small))
     for label, path, count in (("zip-ct", ct, 200), ("zip-small", sm, small)):
-        ours, peer = fresh(perf)
-        try:
-            ours.single(files_of(os.path.join(data, "extra9k"), 1))  # warm both processes
-            seconds, message = ours.upload_zip(path)
-            peer_seconds = peer.upload_zip(path)
-        finally:
-            ours.stop()
-            peer.stop()
-        report(label, count / seconds, count / peer_seconds, "inst/s", 1.5)
-        print(f"{'':14} ours: {message}", flush=True)
+        ours = {root: [] for root in trees}
+        peer_rates = []
+        for _ in range(rounds):
+            for root in trees:
+                server = Ours(perf, root)
+                try:
+                    server.single(files_of(os.path.join(data, "extra9k"), 1))  # warm up
+                    seconds, message = server.upload_zip(path)
+                finally:
+                    server.stop()
+                ours[root].append(count / seconds)
+            peer = Orthanc(perf)
+            try:
+                peer_rates.append(count / peer.upload_zip(path))
+            finally:
+                peer.stop()
+        peer_median = statistics.median(peer_rates)
+        first = statistics.median(ours[trees[0]])
+        for root in trees:
+            rates = ours[root]
+            name = label if len(trees) == 1 else f"{label} {tree_label(root)}"
+            report(name, statistics.median(rates), peer_median, "inst/s", 1.5)
+            note = f"ours: {message}; rounds {', '.join(f'{r:.0f}' for r in rates)}"
+            if root != trees[0]:
+                note += f"; over {tree_label(trees[0])}: {statistics.median(rates) / first:.2f}"
+            print(f"{'':14} {note}", flush=True)
 
 
 class UploadFloor(Ours):
@@ -474,14 +504,19 @@ def main():
     parser.add_argument("--small", type=int, default=3000, help="small instances per test")
     parser.add_argument("--copies", type=int, default=10, help="CT copies in the big zip")
     parser.add_argument("--only", default="zip,single,cli,rss")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the single figures")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the zip and single figures (medians)")
+    parser.add_argument("--trees", default=ROOT,
+                        help="comma-separated checkouts whose servers the zip figures measure "
+                             "in turn (default: this one)")
     args = parser.parse_args()
     os.makedirs(args.perf, exist_ok=True)
     data = ensure_data(args.perf)
     only = set(args.only.split(","))
     print(f"ingest benchmark, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
     if "zip" in only:
-        bench_zip(args.perf, data, args.small)
+        bench_zip(args.perf, data, args.small, args.rounds,
+                  [os.path.abspath(t) for t in args.trees.split(",")])
     if "single" in only:
         bench_single(args.perf, data, min(args.small, 1000), args.rounds)
     if "cli" in only:
