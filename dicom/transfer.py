@@ -11,7 +11,10 @@ does, and never end the socket.
 import json
 import logging
 import socket
+import struct
 import threading
+
+from simple_websocket import ConnectionClosed
 
 from dicom import volumes
 
@@ -31,8 +34,12 @@ stopping = threading.Event()
 
 def pack(data, payload=b""):
     """One message: JSON, 0x0A, payload."""
-    return b"".join((json.dumps(data, separators=(",", ":")).encode("utf-8"), END_OF_JSON,
-                     payload))
+    return pack_head(data) + bytes(payload)
+
+
+def pack_head(data):
+    """The part of a message before its payload: JSON, 0x0A."""
+    return json.dumps(data, separators=(",", ":")).encode("utf-8") + END_OF_JSON
 
 
 def unpack(message):
@@ -150,7 +157,7 @@ class Agent:
     """The transfers of one socket and the turn-taking between them."""
 
     def __init__(self, send, begin):
-        self.send = send  # bytes -> None (may block: the client's pace)
+        self.send = send  # (head bytes, payload buffer) -> None (may block: the client's pace)
         self.begin = begin  # (seriesUid, pvd) -> (CachedVolume, zs) or None when refused
         self.transfers = {}
         self.turn = 0
@@ -213,8 +220,8 @@ class Agent:
             return
         if not transfer.queue:
             del self.transfers[transfer.id]  # ends silently: the client counts slices
-        self.send(pack({"messageType": "TRANSFER_IMAGE", "transferId": transfer.id,
-                        "imageIndex": index}, row))
+        self.send(pack_head({"messageType": "TRANSFER_IMAGE", "transferId": transfer.id,
+                             "imageIndex": index}), row)
 
 
 def serve(ws, begin):
@@ -223,7 +230,7 @@ def serve(ws, begin):
     ``ws`` is a simple-websocket connection (``receive(timeout)``, ``send``); an idle
     socket blocks in ``receive``, a busy one checks for messages between slices.
     """
-    agent = Agent(ws.send, begin)
+    agent = Agent(message_sender(ws), begin)
     while not stopping.is_set():
         busy = agent.busy()
         message = ws.receive(timeout=0 if busy else IDLE_WAIT)
@@ -240,3 +247,70 @@ def serve(ws, begin):
             ws.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def message_sender(ws):
+    """``send(head, payload)`` for a simple-websocket server connection: each message one
+    unfragmented, unmasked binary frame, written by one ``sendmsg`` of the frame header,
+    the head and the payload's own buffer (a slice of the cached volume, never copied).
+
+    ``ws.send`` goes through wsproto, which copies a payload five times (bytearray, the
+    extension's bytes, header + payload, bytes + bytearray): for 512 KB slices that cost
+    more than sending them. A complete frame leaves wsproto's state as it was. With a
+    negotiated extension (never: ``routes/rs.py`` declines permessage-deflate) or a
+    connection of another shape, messages go through ``ws.send``.
+    """
+    try:
+        extensions = ws.ws.connection._proto.extensions
+        plain = ws.is_server and not any(e.enabled() for e in extensions)
+    except AttributeError:
+        plain = False
+    if not plain:
+        return lambda head, payload: ws.send(head + bytes(payload))
+    sock = ws.sock = SerialSocket(ws.sock)
+
+    def send(head, payload):
+        if not ws.connected:
+            raise ConnectionClosed(ws.close_reason, ws.close_message)
+        body = memoryview(payload).cast("B")
+        sock.sendmsg_all([frame_header(len(head) + body.nbytes) + head, body])
+    return send
+
+
+def frame_header(length):
+    """RFC 6455 header of a final, unmasked binary frame of ``length`` payload bytes."""
+    if length < 126:
+        return struct.pack("!BB", 0x82, length)
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x82, 126, length)
+    return struct.pack("!BBQ", 0x82, 127, length)
+
+
+class SerialSocket:
+    """A connection's socket whose writes never interleave: simple-websocket's reader
+    thread writes pings, pongs and the close answer while the socket's thread writes
+    slices, and the kernel lets another write in while a large one waits for buffer
+    space, which would cut a frame. Everything else is the socket's own."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data):
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def sendmsg_all(self, buffers):
+        """Write every byte of ``buffers`` (a list of bytes-like objects), in order."""
+        buffers = [memoryview(b).cast("B") for b in buffers]
+        with self._lock:
+            while buffers:
+                sent = self._sock.sendmsg(buffers)
+                while buffers and sent >= buffers[0].nbytes:
+                    sent -= buffers.pop(0).nbytes
+                if sent:
+                    buffers[0] = buffers[0][sent:]
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
