@@ -6,7 +6,8 @@ priority order (higher first; for equal priorities the latest ``SET_PRIORITY`` f
 within one request ascending) as CIRCUS's ``PriorityIntegerQueue`` with
 ``lifoForSamePriority``. Transfers take turns, one slice each; a transfer ends silently
 when its last slice is sent. Messages that cannot be understood are ignored, as CIRCUS
-does, and never end the socket.
+does, and never end the socket. A slice goes out as one frame written straight from the
+cached volume (``message_sender``).
 """
 import json
 import logging
@@ -25,6 +26,7 @@ DECODE_AHEAD = 4  # slices of a transfer queued for decoding beyond the one bein
 IDLE_WAIT = 1.0  # seconds an idle socket blocks on receive before checking for shutdown
 CLOSE_WAIT = 1.0  # seconds a stopping socket waits for the client's close answer
 DECODE_TIMEOUT = 120  # seconds a slice may take before its transfer is given up
+ABNORMAL_CLOSURE = 1006  # RFC 6455 close code: the connection was lost
 MESSAGE_TYPES = {"BEGIN_TRANSFER", "SET_PRIORITY", "PAUSE_TRANSFER", "RESUME_TRANSFER",
                  "ABORT_TRANSFER", "TRANSFER_IMAGE"}
 
@@ -273,7 +275,10 @@ def message_sender(ws):
         if not ws.connected:
             raise ConnectionClosed(ws.close_reason, ws.close_message)
         body = memoryview(payload).cast("B")
-        sock.sendmsg_all([frame_header(len(head) + body.nbytes) + head, body])
+        try:
+            sock.sendmsg_all([frame_header(len(head) + body.nbytes) + head, body])
+        except OSError as exc:  # the client went away: as simple-websocket says it
+            raise ConnectionClosed(ABNORMAL_CLOSURE, str(exc)) from None
     return send
 
 
