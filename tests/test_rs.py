@@ -309,6 +309,13 @@ def test_cache_is_bounded(ctx, client, tokens, app):
     assert list(cache.entries) == [b] and cache.bytes == 320 * 260 * 2 * 10
 
 
+def test_volume_rows_are_writable_and_sized():
+    rows = volume_cache.allocate_rows(3, 5)
+    rows[1] = np.arange(5)
+    assert rows.shape == (3, 5) and rows.dtype == np.uint8 and list(rows[1]) == [0, 1, 2, 3, 4]
+    assert volume_cache.allocate_rows(0, 5).shape == (0, 5)
+
+
 def test_priority_queue_is_lifo_for_equal_priorities():
     queue = transfer.PriorityQueue(range(10))
     queue.append([5, 6], 1)
