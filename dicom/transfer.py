@@ -6,12 +6,16 @@ priority order (higher first; for equal priorities the latest ``SET_PRIORITY`` f
 within one request ascending) as CIRCUS's ``PriorityIntegerQueue`` with
 ``lifoForSamePriority``. Transfers take turns, one slice each; a transfer ends silently
 when its last slice is sent. Messages that cannot be understood are ignored, as CIRCUS
-does, and never end the socket.
+does, and never end the socket. A slice goes out as one frame written straight from the
+cached volume (``message_sender``).
 """
 import json
 import logging
 import socket
+import struct
 import threading
+
+from simple_websocket import ConnectionClosed
 
 from dicom import volumes
 
@@ -22,6 +26,7 @@ DECODE_AHEAD = 4  # slices of a transfer queued for decoding beyond the one bein
 IDLE_WAIT = 1.0  # seconds an idle socket blocks on receive before checking for shutdown
 CLOSE_WAIT = 1.0  # seconds a stopping socket waits for the client's close answer
 DECODE_TIMEOUT = 120  # seconds a slice may take before its transfer is given up
+ABNORMAL_CLOSURE = 1006  # RFC 6455 close code: the connection was lost
 MESSAGE_TYPES = {"BEGIN_TRANSFER", "SET_PRIORITY", "PAUSE_TRANSFER", "RESUME_TRANSFER",
                  "ABORT_TRANSFER", "TRANSFER_IMAGE"}
 
@@ -31,8 +36,12 @@ stopping = threading.Event()
 
 def pack(data, payload=b""):
     """One message: JSON, 0x0A, payload."""
-    return b"".join((json.dumps(data, separators=(",", ":")).encode("utf-8"), END_OF_JSON,
-                     payload))
+    return pack_head(data) + bytes(payload)
+
+
+def pack_head(data):
+    """The part of a message before its payload: JSON, 0x0A."""
+    return json.dumps(data, separators=(",", ":")).encode("utf-8") + END_OF_JSON
 
 
 def unpack(message):
@@ -150,7 +159,7 @@ class Agent:
     """The transfers of one socket and the turn-taking between them."""
 
     def __init__(self, send, begin):
-        self.send = send  # bytes -> None (may block: the client's pace)
+        self.send = send  # (head bytes, payload buffer) -> None (may block: the client's pace)
         self.begin = begin  # (seriesUid, pvd) -> (CachedVolume, zs) or None when refused
         self.transfers = {}
         self.turn = 0
@@ -213,8 +222,8 @@ class Agent:
             return
         if not transfer.queue:
             del self.transfers[transfer.id]  # ends silently: the client counts slices
-        self.send(pack({"messageType": "TRANSFER_IMAGE", "transferId": transfer.id,
-                        "imageIndex": index}, row))
+        self.send(pack_head({"messageType": "TRANSFER_IMAGE", "transferId": transfer.id,
+                             "imageIndex": index}), row)
 
 
 def serve(ws, begin):
@@ -223,7 +232,7 @@ def serve(ws, begin):
     ``ws`` is a simple-websocket connection (``receive(timeout)``, ``send``); an idle
     socket blocks in ``receive``, a busy one checks for messages between slices.
     """
-    agent = Agent(ws.send, begin)
+    agent = Agent(message_sender(ws), begin)
     while not stopping.is_set():
         busy = agent.busy()
         message = ws.receive(timeout=0 if busy else IDLE_WAIT)
@@ -240,3 +249,73 @@ def serve(ws, begin):
             ws.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def message_sender(ws):
+    """``send(head, payload)`` for a simple-websocket server connection: each message one
+    unfragmented, unmasked binary frame, written by one ``sendmsg`` of the frame header,
+    the head and the payload's own buffer (a slice of the cached volume, never copied).
+
+    ``ws.send`` goes through wsproto, which copies a payload five times (bytearray, the
+    extension's bytes, header + payload, bytes + bytearray): for 512 KB slices that cost
+    more than sending them. A complete frame leaves wsproto's state as it was. With a
+    negotiated extension (never: ``routes/rs.py`` declines permessage-deflate) or a
+    connection of another shape, messages go through ``ws.send``.
+    """
+    try:
+        extensions = ws.ws.connection._proto.extensions
+        plain = ws.is_server and not any(e.enabled() for e in extensions)
+    except AttributeError:
+        plain = False
+    if not plain:
+        return lambda head, payload: ws.send(head + bytes(payload))
+    sock = ws.sock = SerialSocket(ws.sock)
+
+    def send(head, payload):
+        if not ws.connected:
+            raise ConnectionClosed(ws.close_reason, ws.close_message)
+        body = memoryview(payload).cast("B")
+        try:
+            sock.sendmsg_all([frame_header(len(head) + body.nbytes) + head, body])
+        except OSError as exc:  # the client went away: as simple-websocket says it
+            raise ConnectionClosed(ABNORMAL_CLOSURE, str(exc)) from None
+    return send
+
+
+def frame_header(length):
+    """RFC 6455 header of a final, unmasked binary frame of ``length`` payload bytes."""
+    if length < 126:
+        return struct.pack("!BB", 0x82, length)
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x82, 126, length)
+    return struct.pack("!BBQ", 0x82, 127, length)
+
+
+class SerialSocket:
+    """A connection's socket whose writes never interleave: simple-websocket's reader
+    thread writes pings, pongs and the close answer while the socket's thread writes
+    slices, and the kernel lets another write in while a large one waits for buffer
+    space, which would cut a frame. Everything else is the socket's own."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data):
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def sendmsg_all(self, buffers):
+        """Write every byte of ``buffers`` (a list of bytes-like objects), in order."""
+        buffers = [memoryview(b).cast("B") for b in buffers]
+        with self._lock:
+            while buffers:
+                sent = self._sock.sendmsg(buffers)
+                while buffers and sent >= buffers[0].nbytes:
+                    sent -= buffers.pop(0).nbytes
+                if sent:
+                    buffers[0] = buffers[0][sent:]
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)

@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -13,7 +14,10 @@ from datetime import timedelta
 import numpy as np
 import pydicom
 import pytest
+import simple_websocket
 import websocket
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage
 
 import storage
 from app import create_app
@@ -305,6 +309,13 @@ def test_cache_is_bounded(ctx, client, tokens, app):
     assert list(cache.entries) == [b] and cache.bytes == 320 * 260 * 2 * 10
 
 
+def test_volume_rows_are_writable_and_sized():
+    rows = volume_cache.allocate_rows(3, 5)
+    rows[1] = np.arange(5)
+    assert rows.shape == (3, 5) and rows.dtype == np.uint8 and list(rows[1]) == [0, 1, 2, 3, 4]
+    assert volume_cache.allocate_rows(0, 5).shape == (0, 5)
+
+
 def test_priority_queue_is_lifo_for_equal_priorities():
     queue = transfer.PriorityQueue(range(10))
     queue.append([5, 6], 1)
@@ -313,6 +324,73 @@ def test_priority_queue_is_lifo_for_equal_priorities():
     queue.append([3, 4], 0)  # the latest request of a priority goes first
     assert [queue.shift() for _ in range(10)] == [2, 8, 5, 6, 3, 4, 0, 1, 7, 9]
     assert queue.shift() is None
+
+
+@pytest.fixture
+def socket_pair():
+    """(simple-websocket server connection, the client's raw socket), handshake read."""
+    server_end, client_end = socket.socketpair()
+    environ = {"werkzeug.socket": server_end, "HTTP_HOST": "localhost",
+               "HTTP_UPGRADE": "websocket", "HTTP_CONNECTION": "Upgrade",
+               "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+               "HTTP_SEC_WEBSOCKET_VERSION": "13"}
+    ws = simple_websocket.Server(environ)
+    client_end.settimeout(10)
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        response += client_end.recv(1)
+    yield ws, client_end
+    client_end.close()
+    ws.thread.join(5)
+
+
+@pytest.mark.parametrize("size", [0, 100, 1000, 70000])
+def test_slice_frames_are_what_a_client_reads(socket_pair, size):
+    """Frames written around wsproto (one sendmsg, no copy) parse as the same messages,
+    for each length encoding (7, 16, 64 bits)."""
+    ws, client_end = socket_pair
+    send = transfer.message_sender(ws)
+    assert isinstance(ws.sock, transfer.SerialSocket)  # the direct path was taken
+    rows = np.arange(2 * size, dtype=np.uint8).reshape(2, size)
+    heads = [transfer.pack_head({"messageType": "TRANSFER_IMAGE", "imageIndex": i})
+             for i in range(2)]
+    for head, row in zip(heads, rows):
+        send(head, row)
+    reader = Connection(ConnectionType.CLIENT)
+    messages = []
+    while len(messages) < 2:
+        reader.receive_data(client_end.recv(1 << 20))
+        messages += [e for e in reader.events() if isinstance(e, BytesMessage)]
+    assert all(m.message_finished for m in messages)
+    assert [bytes(m.data) for m in messages] == [heads[0] + rows[0].tobytes(),
+                                                 heads[1] + rows[1].tobytes()]
+
+
+def test_a_gone_client_ends_the_socket_quietly(socket_pair):
+    """Writing to a client that went away raises ConnectionClosed (flask-sock ends the
+    socket without a traceback), not the socket's OSError."""
+    ws, client_end = socket_pair
+    send = transfer.message_sender(ws)
+    client_end.close()
+    with pytest.raises(simple_websocket.ConnectionClosed):
+        for _ in range(100):
+            send(b"{}\n", np.zeros(1 << 16, np.uint8))
+
+
+def test_partial_writes_complete_the_frame():
+    class Trickle:
+        """A socket taking at most 7 bytes per write."""
+        def __init__(self):
+            self.out = bytearray()
+
+        def sendmsg(self, buffers):
+            data = b"".join(bytes(b) for b in buffers)[:7]
+            self.out += data
+            return len(data)
+
+    trickle = Trickle()
+    transfer.SerialSocket(trickle).sendmsg_all([b"head", b"", np.arange(40, dtype=np.uint8)])
+    assert bytes(trickle.out) == b"head" + bytes(range(40))
 
 
 # --- the WebSocket against gunicorn -----------------------------------------------------
