@@ -75,12 +75,19 @@ class Server:
                 if proc.poll() is not None:
                     pytest.fail(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
             try:
-                if requests.get(self.base + "/api/status", timeout=5).status_code == 200:
+                if requests.get(self.base + "/api/status", timeout=5).status_code == 200 \
+                        and self.workers_started():
                     return
             except (requests.ConnectionError, requests.Timeout):  # not listening or booting
                 pass
             time.sleep(0.2)
         pytest.fail("gunicorn did not answer /api/status in time:\n" + self.log("gunicorn"))
+
+    def workers_started(self):
+        """Every worker process has said it started (its SIGTERM handler is set: a stop
+        before that would end it by the signal, not cleanly)."""
+        return all(" started." in self.log(name) for name in self.processes
+                   if name.startswith("worker"))
 
     def stop(self):
         """SIGTERM both; return {name: exit code} (None if it had to be killed)."""
