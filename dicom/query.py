@@ -69,6 +69,25 @@ RETURNED = {key for counts in COUNTS.values() for key in counts} | {"NumberOfFra
                                                                     "TransferSyntaxUID"}
 
 
+# What a match shows of a series and an instance, read as plain rows of the tables'
+# columns: ORM entities would also load (and decode) the ``parameters`` document and fill
+# the identity map, and the ORM's annotated columns make every execution of a new statement
+# compare each of them with its cached twin; both cost more than the rest of a search.
+_SERIES, _INSTANCES = Series.__table__.c, Instance.__table__.c
+_SERIES_COLUMNS = (
+    _SERIES.series_uid, _SERIES.study_uid, _SERIES.patient_id, _SERIES.patient_name,
+    _SERIES.patient_info, _SERIES.patient_sex, _SERIES.study_date, _SERIES.study_time,
+    _SERIES.accession_number, _SERIES.study_description, _SERIES.study_id,
+    _SERIES.referring_physician_name, _SERIES.series_number, _SERIES.modality,
+    _SERIES.series_description, _SERIES.series_date)
+_INSTANCE_COLUMNS = (_INSTANCES.sop_instance_uid, _INSTANCES.sop_class_uid,
+                     _INSTANCES.instance_number, _INSTANCES.number_of_frames, _INSTANCES.rows,
+                     _INSTANCES.columns, _INSTANCES.transfer_syntax_uid)
+# A series' instances, counted in the statement that reads the series (once per row read).
+_INSTANCE_COUNT = (sa.select(sa.func.count()).where(_INSTANCES.series_uid == _SERIES.series_uid)
+                   .correlate(Series.__table__).scalar_subquery().label("instance_count"))
+
+
 def _like(value):
     """A DICOM wildcard pattern as a LIKE pattern (``\\`` escapes % and _)."""
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -166,7 +185,7 @@ def _split(level, keys, include_patient):
 
 def _series_query(domains, series_conditions, modalities):
     """The UIDs of the matching series (a select of Series.series_uid)."""
-    query = sa.select(Series.series_uid).where(Series.domain.in_(domains), *series_conditions)
+    query = sa.select(_SERIES.series_uid).where(Series.domain.in_(domains), *series_conditions)
     if modalities is not None:
         other = sa.orm.aliased(Series)
         query = query.where(sa.exists().where(
@@ -197,7 +216,7 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
     if level == "IMAGE":
         matches = _images(base, instance_c, limit, offset)
     elif level == "SERIES":
-        rows = _rows(base.with_only_columns(*SERIES_COLUMNS, _INSTANCE_COUNT)
+        rows = _rows(base.with_only_columns(*_SERIES_COLUMNS, _INSTANCE_COUNT)
                      .order_by(_SERIES.study_uid, _SERIES.series_uid).limit(limit).offset(offset))
         shift = timedelta(minutes=default_offset())
         matches = [{**_series_attributes(r, shift), "NumberOfSeriesRelatedInstances":
@@ -213,25 +232,6 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
             for key in PATIENT_KEYS:
                 match.pop(key, None)
     return matches, ignored
-
-
-# What a match shows of a series and an instance, read as plain rows of the tables'
-# columns: ORM entities would also load (and decode) the ``parameters`` document and fill
-# the identity map, and the ORM's annotated columns make every execution of a new statement
-# compare each of them with its cached twin; both cost more than the rest of a search.
-_SERIES, _INSTANCES = Series.__table__.c, Instance.__table__.c
-SERIES_COLUMNS = (
-    _SERIES.series_uid, _SERIES.study_uid, _SERIES.patient_id, _SERIES.patient_name,
-    _SERIES.patient_info, _SERIES.patient_sex, _SERIES.study_date, _SERIES.study_time,
-    _SERIES.accession_number, _SERIES.study_description, _SERIES.study_id,
-    _SERIES.referring_physician_name, _SERIES.series_number, _SERIES.modality,
-    _SERIES.series_description, _SERIES.series_date)
-_INSTANCE_COLUMNS = (_INSTANCES.sop_instance_uid, _INSTANCES.sop_class_uid,
-                     _INSTANCES.instance_number, _INSTANCES.number_of_frames, _INSTANCES.rows,
-                     _INSTANCES.columns, _INSTANCES.transfer_syntax_uid)
-# A series' instances, counted in the statement that reads the series (once per row read).
-_INSTANCE_COUNT = (sa.select(sa.func.count()).where(_INSTANCES.series_uid == _SERIES.series_uid)
-                   .correlate(Series.__table__).scalar_subquery().label("instance_count"))
 
 
 def _rows(statement):
@@ -271,7 +271,7 @@ def _groups(level, group, picked, domains):
     """One match per study (or patient) of ``picked``, from all its visible series."""
     if not picked:
         return []
-    rows = _rows(sa.select(*SERIES_COLUMNS, _INSTANCE_COUNT).where(
+    rows = _rows(sa.select(*_SERIES_COLUMNS, _INSTANCE_COUNT).where(
         group.in_(picked), Series.domain.in_(domains))
         .order_by(Series.study_uid, Series.series_uid))
     by_group = {}
@@ -300,7 +300,7 @@ def _groups(level, group, picked, domains):
 
 def _images(series_query, instance_conditions, limit, offset):
     rows = _rows(
-        sa.select(*SERIES_COLUMNS, *_INSTANCE_COLUMNS).select_from(Instance)
+        sa.select(*_SERIES_COLUMNS, *_INSTANCE_COLUMNS).select_from(Instance)
         .join(Series, Series.series_uid == Instance.series_uid)
         .where(Instance.series_uid.in_(series_query.scalar_subquery()), *instance_conditions)
         .order_by(Series.study_uid, Series.series_uid, Instance.instance_number)

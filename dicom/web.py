@@ -240,8 +240,16 @@ def match_json(match, level, base_url):
     """One search match (keyword -> value) in the JSON model, with its RetrieveURL."""
     out = {}
     for keyword, tag, vr, convert in _match_layout(tuple(match)):
-        out[tag] = (_json_element(vr, convert, match[keyword]) if keyword is not None else
-                    {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]})
+        if keyword is None:
+            out[tag] = {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]}
+            continue
+        value = match[keyword]
+        if value is None or value == "":  # the commonest cases first, without a call
+            out[tag] = {"vr": vr}
+        elif convert is str and type(value) is str:
+            out[tag] = {"vr": vr, "Value": [value]}
+        else:
+            out[tag] = _json_element(vr, convert, value)
     return out
 
 
