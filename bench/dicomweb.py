@@ -8,10 +8,26 @@ DICOMweb plug-in under /dicom-web/). Each figure starts both systems on empty st
 
 Figures (ratios ours / Orthanc unless said):
   stow-1, stow-50   STOW-RS of N small instances (default 2,000) at 1 and at 50 instances
-                    per request, one client: instances/s (goals >= 1.0 and >= 2.0)
+                    per request, one client: instances/s (goals >= 1.0 and >= 2.0). Each
+                    of ``--stow-rounds`` rounds starts every system on empty storage and
+                    runs them one after the other, after a ``sync``, in an order that
+                    rotates; the figure is the median of the per-round ratios (one pass
+                    swings by +-25% on a shared 2-core machine, Orthanc too). Every round
+                    stores into folders never used before, removed only after the last
+                    round: this file system (ext4 without a journal) skips inodes freed in
+                    the last 60-360 s when it allocates one, so creating files right after
+                    removing thousands in the same block group (the previous round's
+                    storage) costs ~0.5 ms per file instead of ~20 us, and that would be
+                    measured instead of the server
+  (floor)           beside stow-1, the ceiling of one instance per request here: the same
+                    bodies to ``bench/upload_floor.py`` (a bare WSGI app under the same
+                    gunicorn settings that only stores the body durably: no Flask, token,
+                    parsing or database), and the same files to the shared floor app's
+                    naive Flask + SQLAlchemy + SQLite ingest (as bench/ingest.py's floors)
   qido-rps          QIDO-RS ``/series?limit=20&Modality=MR`` on 10,000 series (the small
                     and extra sets, stored by STOW-RS at 50 per request into both): requests/s
-                    from wrk's C keep-alive connections (goal >= 10)
+                    from wrk's C keep-alive connections, ours and Orthanc alternating for
+                    ``--qido-rounds`` rounds; the median of the per-round ratios (goal >= 10)
   qido-p50          ours only: p50 of the same search from one client at 100,000 series
                     over 1,000 series (rows written straight into the database; goal <= 1.2)
   wado-ct           WADO-RS retrieve of the 200-slice CT series (stored syntax): MB/s (>= 1.0)
@@ -32,13 +48,15 @@ import base64
 import http.client
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 
-from ingest import Orthanc, Ours, Sampler, ensure_data, files_of, report
+from ingest import (FlaskFloor, Orthanc, Ours, Sampler, UploadFloor, ensure_data, files_of,
+                    report)
 from loadgen import wait_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +111,8 @@ with app.app_context():
 class Client:
     """One keep-alive connection to a DICOMweb server (ours: bearer token, Orthanc: basic)."""
 
-    def __init__(self, port, auth, prefix="/dicom-web"):
-        self.port, self.auth, self.prefix = port, auth, prefix
+    def __init__(self, port, auth, prefix="/dicom-web", ok=200):
+        self.port, self.auth, self.prefix, self.ok = port, auth, prefix, ok
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
 
     def request(self, method, path, body=None, headers=None, sink=None):
@@ -133,7 +151,7 @@ class Client:
         status, data = self.request("POST", "/studies", body=body(), headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Content-Length": str(size), "Accept": "application/dicom+json"})
-        if status != 200:
+        if status != self.ok:
             raise RuntimeError(f"STOW-RS on port {self.port}: {status} {data[:300]!r}")
 
 
@@ -195,24 +213,71 @@ class OurServer(Ours):
 
 # --- figures ------------------------------------------------------------------------------
 
-def bench_stow(perf, data, count):
+def median_ratios(label, own, peer, unit, goal=None, who="ours"):
+    """One line: the medians of ``own`` (``who``'s) and ``peer`` and of their per-round
+    ratios."""
+    ratios = [o / p for o, p in zip(own, peer)]
+    median = statistics.median
+    line = (f"{label:<14} {who:<5}{median(own):9.1f} {unit:<12} orthanc {median(peer):9.1f} "
+            f"{unit:<12} ratio median {median(ratios):5.2f} (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(line + (f"  (goal >= {goal})" if goal else ""), flush=True)
+
+
+class FloorStow:
+    """bench/upload_floor.py as a STOW-RS peer: the same multipart bodies, stored durably
+    as they come (it answers 201)."""
+
+    def __init__(self, perf):
+        self.server = UploadFloor(perf)
+
+    def client(self):
+        return Client(self.server.port, "Bearer unused", ok=201)
+
+    def stop(self):
+        self.server.stop()
+
+
+def bench_stow(perf, data, count, rounds):
     small = files_of(os.path.join(data, "small10k"), count)
+    warm = files_of(os.path.join(data, "extra9k"), 5)
+    folders = []
     for per_request, goal in ((1, 1.0), (50, 2.0)):
-        ours, peer = OurServer(perf), Orthanc(perf)
-        warm = files_of(os.path.join(data, "extra9k"), 5)
-        try:
-            clients = ours_client(ours), orthanc_client()
-            for client in clients:  # every module imported, every worker answered once
-                stow_all(client, warm, 1)
-            ours_seconds = stow_all(clients[0], small, per_request)
-            peer_seconds = stow_all(clients[1], small, per_request)
-        finally:
-            ours.stop()
-            peer.stop()
-        report(f"stow-{per_request}", count / ours_seconds, count / peer_seconds, "inst/s", goal)
+        figures = {"ours": [], "peer": [], "floor": [], "flask": []}
+        for index in range(rounds):
+            folder = os.path.join(perf, f"stow-{uuid.uuid4().hex[:8]}")  # new: see above
+            folders.append(folder)
+            systems = {}
+            try:  # each started one is stopped, whichever fails to start
+                for name, start in (("ours", OurServer), ("peer", Orthanc), ("floor", FloorStow),
+                                    ("flask", FlaskFloor))[:2 if per_request > 1 else 4]:
+                    systems[name] = start(folder)
+                clients = {"ours": ours_client(systems["ours"]), "peer": orthanc_client()}
+                if per_request == 1:
+                    clients["floor"] = systems["floor"].client()
+                for name, client in clients.items():  # every module imported, every worker
+                    stow_all(client, warm, 1)
+                if per_request == 1:
+                    systems["flask"].single(warm)
+                order = list(systems)
+                order = order[index % len(order):] + order[:index % len(order)]
+                for name in order:
+                    os.sync()  # no writeback of the passes before to wait for
+                    seconds = (systems[name].single(small) if name == "flask" else
+                               stow_all(clients[name], small, per_request))
+                    figures[name].append(count / seconds)
+            finally:
+                for system in systems.values():
+                    system.stop()
+        median_ratios(f"stow-{per_request}", figures["ours"], figures["peer"], "inst/s", goal)
+        if per_request == 1:
+            median_ratios("  floor-1", figures["floor"], figures["peer"], "inst/s", who="floor")
+            median_ratios("  flask-1", figures["flask"], figures["peer"], "inst/s", who="flask")
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def bench_qido(perf, data, series, seconds, connections):
+def bench_qido(perf, data, series, seconds, connections, rounds):
     paths = files_of(os.path.join(data, "small10k")) + files_of(os.path.join(data, "extra9k"))
     # 10 instances per series in small10k, then one per series: the first ``series`` series.
     paths = paths[:10 * series] if series <= 1000 else paths[:10000 + series - 1000]
@@ -220,14 +285,16 @@ def bench_qido(perf, data, series, seconds, connections):
     try:
         stow_all(ours_client(ours), paths, 50)
         stow_all(orthanc_client(), paths, 50)
-        ours_rps = wrk(ours.port, "/dicom-web" + QIDO_PATH, f"Bearer {ours.token}", seconds,
-                       connections)
-        peer_rps = wrk(Orthanc.port, "/dicom-web" + QIDO_PATH, ORTHANC_AUTH, seconds,
-                       connections)
+        ours_rps, peer_rps = [], []
+        for _ in range(rounds):
+            ours_rps.append(wrk(ours.port, "/dicom-web" + QIDO_PATH, f"Bearer {ours.token}",
+                                seconds, connections))
+            peer_rps.append(wrk(Orthanc.port, "/dicom-web" + QIDO_PATH, ORTHANC_AUTH, seconds,
+                                connections))
     finally:
         ours.stop()
         peer.stop()
-    report(f"qido-rps-{series}", ours_rps, peer_rps, "req/s", 10.0)
+    median_ratios(f"qido-rps-{series}", ours_rps, peer_rps, "req/s", 10.0)
 
 
 def bench_p50(perf, sizes, rounds):
@@ -321,9 +388,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--perf", default="/tmp/perf-dicomweb", help="scratch directory")
     parser.add_argument("--stow", type=int, default=2000, help="instances of stow-1/stow-50")
+    parser.add_argument("--stow-rounds", type=int, default=3, help="rounds of stow-1/stow-50")
     parser.add_argument("--series", type=int, default=10000, help="series of qido-rps")
     parser.add_argument("--p50-sizes", default="1000,100000", help="series of qido-p50")
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration")
+    parser.add_argument("--qido-rounds", type=int, default=3, help="wrk runs of each system")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of timed GETs")
     parser.add_argument("--copies", type=int, default=10, help="CT copies of the rss figures")
@@ -335,9 +404,10 @@ def main():
     print(f"dicomweb benchmark, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
           flush=True)
     if "stow" in only:
-        bench_stow(args.perf, data, args.stow)
+        bench_stow(args.perf, data, args.stow, args.stow_rounds)
     if "qido" in only:
-        bench_qido(args.perf, data, args.series, args.seconds, args.connections)
+        bench_qido(args.perf, data, args.series, args.seconds, args.connections,
+                   args.qido_rounds)
     if "p50" in only:
         bench_p50(args.perf, [int(n) for n in args.p50_sizes.split(",")], args.rounds * 20)
     if "wado" in only:

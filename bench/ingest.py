@@ -381,7 +381,9 @@ class FlaskFloor(Orthanc):
 
     def __init__(self, perf):
         folder = new_folder(perf, "flask-floor")
-        self.env = {**os.environ, "PERF": folder, "FLOOR_FSYNC": "1", "PYTHONPATH": SHARED}
+        # ROOT after SHARED: gunicorn.conf.py's post_worker_init imports dicom.transfer.
+        self.env = {**os.environ, "PERF": folder, "FLOOR_FSYNC": "1",
+                    "PYTHONPATH": SHARED + os.pathsep + ROOT}
         subprocess.run([sys.executable, os.path.join(SHARED, "floor_app.py"), "init", "0"],
                        cwd=SHARED, env=self.env, check=True, capture_output=True)
         self.port = free_port()

@@ -69,6 +69,25 @@ RETURNED = {key for counts in COUNTS.values() for key in counts} | {"NumberOfFra
                                                                     "TransferSyntaxUID"}
 
 
+# What a match shows of a series and an instance, read as plain rows of the tables'
+# columns: ORM entities would also load (and decode) the ``parameters`` document and fill
+# the identity map, and the ORM's annotated columns make every execution of a new statement
+# compare each of them with its cached twin; both cost more than the rest of a search.
+_SERIES, _INSTANCES = Series.__table__.c, Instance.__table__.c
+_SERIES_COLUMNS = (
+    _SERIES.series_uid, _SERIES.study_uid, _SERIES.patient_id, _SERIES.patient_name,
+    _SERIES.patient_info, _SERIES.patient_sex, _SERIES.study_date, _SERIES.study_time,
+    _SERIES.accession_number, _SERIES.study_description, _SERIES.study_id,
+    _SERIES.referring_physician_name, _SERIES.series_number, _SERIES.modality,
+    _SERIES.series_description, _SERIES.series_date)
+_INSTANCE_COLUMNS = (_INSTANCES.sop_instance_uid, _INSTANCES.sop_class_uid,
+                     _INSTANCES.instance_number, _INSTANCES.number_of_frames, _INSTANCES.rows,
+                     _INSTANCES.columns, _INSTANCES.transfer_syntax_uid)
+# A series' instances, counted in the statement that reads the series (once per row read).
+_INSTANCE_COUNT = (sa.select(sa.func.count()).where(_INSTANCES.series_uid == _SERIES.series_uid)
+                   .correlate(Series.__table__).scalar_subquery().label("instance_count"))
+
+
 def _like(value):
     """A DICOM wildcard pattern as a LIKE pattern (``\\`` escapes % and _)."""
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -165,7 +184,8 @@ def _split(level, keys, include_patient):
 
 
 def _series_query(domains, series_conditions, modalities):
-    query = sa.select(Series).where(Series.domain.in_(domains), *series_conditions)
+    """The UIDs of the matching series (a select of Series.series_uid)."""
+    query = sa.select(_SERIES.series_uid).where(Series.domain.in_(domains), *series_conditions)
     if modalities is not None:
         other = sa.orm.aliased(Series)
         query = query.where(sa.exists().where(
@@ -196,17 +216,16 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
     if level == "IMAGE":
         matches = _images(base, instance_c, limit, offset)
     elif level == "SERIES":
-        rows = db.session.execute(base.order_by(Series.study_uid, Series.series_uid)
-                                  .limit(limit).offset(offset)).scalars().all()
-        counts = _instance_counts([r.series_uid for r in rows])
-        matches = [{**_series_attributes(r), "NumberOfSeriesRelatedInstances":
-                    counts.get(r.series_uid, 0)} for r in rows]
+        rows = _rows(base.with_only_columns(*_SERIES_COLUMNS, _INSTANCE_COUNT)
+                     .order_by(_SERIES.study_uid, _SERIES.series_uid).limit(limit).offset(offset))
+        shift = timedelta(minutes=default_offset())
+        matches = [{**_series_attributes(r, shift), "NumberOfSeriesRelatedInstances":
+                    r.instance_count} for r in rows]
     else:
         group = Series.study_uid if level == "STUDY" else Series.patient_id
         picked = db.session.execute(
-            sa.select(group).where(Series.series_uid.in_(base.with_only_columns(
-                Series.series_uid).scalar_subquery())).group_by(group).order_by(group)
-            .limit(limit).offset(offset)).scalars().all()
+            sa.select(group).where(Series.series_uid.in_(base.scalar_subquery()))
+            .group_by(group).order_by(group).limit(limit).offset(offset)).scalars().all()
         matches = _groups(level, group, picked, domains)
     if not include_patient:
         for match in matches:
@@ -215,10 +234,17 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
     return matches, ignored
 
 
-def _local(value, fmt):
+def _rows(statement):
+    return db.session.connection().execute(statement).all()
+
+
+def _local_date_time(value, shift):
+    """(DA, TM) of a stored UTC datetime ``shift`` (the server's UTC offset) later, or
+    (None, None)."""
     if value is None:
-        return None
-    return (value + timedelta(minutes=default_offset())).strftime(fmt)
+        return None, None
+    text = (value + shift).strftime("%Y%m%d%H%M%S")
+    return text[:8], text[8:]
 
 
 def _study_attributes(series):
@@ -233,31 +259,21 @@ def _study_attributes(series):
             "ReferringPhysicianName": series.referring_physician_name}
 
 
-def _series_attributes(series):
+def _series_attributes(series, shift):
+    date, time = _local_date_time(series.series_date, shift)
     return {**_study_attributes(series), "SeriesInstanceUID": series.series_uid,
             "SeriesNumber": series.series_number, "Modality": series.modality,
             "SeriesDescription": series.series_description,
-            "SeriesDate": _local(series.series_date, "%Y%m%d"),
-            "SeriesTime": _local(series.series_date, "%H%M%S")}
-
-
-def _instance_counts(series_uids):
-    counts = {}
-    for start in range(0, len(series_uids), 500):
-        chunk = series_uids[start:start + 500]
-        counts.update(db.session.execute(
-            sa.select(Instance.series_uid, sa.func.count()).where(Instance.series_uid.in_(chunk))
-            .group_by(Instance.series_uid)).all())
-    return counts
+            "SeriesDate": date, "SeriesTime": time}
 
 
 def _groups(level, group, picked, domains):
     """One match per study (or patient) of ``picked``, from all its visible series."""
     if not picked:
         return []
-    rows = db.session.execute(sa.select(Series).where(group.in_(picked), Series.domain.in_(
-        domains)).order_by(Series.study_uid, Series.series_uid)).scalars().all()
-    counts = _instance_counts([r.series_uid for r in rows])
+    rows = _rows(sa.select(*_SERIES_COLUMNS, _INSTANCE_COUNT).where(
+        group.in_(picked), Series.domain.in_(domains))
+        .order_by(Series.study_uid, Series.series_uid))
     by_group = {}
     for row in rows:
         by_group.setdefault(getattr(row, group.key), []).append(row)
@@ -266,7 +282,7 @@ def _groups(level, group, picked, domains):
         members = by_group.get(value, [])
         if not members:
             continue
-        instances = sum(counts.get(r.series_uid, 0) for r in members)
+        instances = sum(r.instance_count for r in members)
         if level == "STUDY":
             match = _study_attributes(members[0])
             match["ModalitiesInStudy"] = sorted({r.modality for r in members})
@@ -283,17 +299,18 @@ def _groups(level, group, picked, domains):
 
 
 def _images(series_query, instance_conditions, limit, offset):
-    visible = series_query.subquery()
-    rows = db.session.execute(
-        sa.select(Instance, Series).join(Series, Series.series_uid == Instance.series_uid)
-        .where(Instance.series_uid.in_(sa.select(visible.c.series_uid)), *instance_conditions)
+    rows = _rows(
+        sa.select(*_SERIES_COLUMNS, *_INSTANCE_COLUMNS).select_from(Instance)
+        .join(Series, Series.series_uid == Instance.series_uid)
+        .where(Instance.series_uid.in_(series_query.scalar_subquery()), *instance_conditions)
         .order_by(Series.study_uid, Series.series_uid, Instance.instance_number)
-        .limit(limit).offset(offset)).all()
-    return [{**_series_attributes(series), "SOPInstanceUID": instance.sop_instance_uid,
-             "SOPClassUID": instance.sop_class_uid, "InstanceNumber": instance.instance_number,
-             "NumberOfFrames": instance.number_of_frames, "Rows": instance.rows,
-             "Columns": instance.columns, "TransferSyntaxUID": instance.transfer_syntax_uid}
-            for instance, series in rows]
+        .limit(limit).offset(offset))
+    shift = timedelta(minutes=default_offset())
+    return [{**_series_attributes(row, shift), "SOPInstanceUID": row.sop_instance_uid,
+             "SOPClassUID": row.sop_class_uid, "InstanceNumber": row.instance_number,
+             "NumberOfFrames": row.number_of_frames, "Rows": row.rows,
+             "Columns": row.columns, "TransferSyntaxUID": row.transfer_syntax_uid}
+            for row in rows]
 
 
 def instance_files(domains, study_uid=None, series_uid=None, sop_instance_uid=None):

@@ -178,24 +178,39 @@ def _attribute_info(keyword):
 def json_attribute(keyword, value):
     """``(tag, {"vr": ..., "Value": [...]})`` of a keyword and a plain value (str, number,
     list of them, None or "" for an empty attribute)."""
-    return _json_element(*_attribute_info(keyword), value)
+    tag, vr = _attribute_info(keyword)
+    return tag, _json_element(vr, _converter(vr), value)
 
 
-def _json_element(tag, vr, value):
-    values = value if isinstance(value, (list, tuple)) else [value]
-    values = [v for v in values if v is not None and v != ""]
-    element = {"vr": vr}
-    if values:
-        if vr == "PN":
-            values = [{"Alphabetic": str(v)} for v in values]
-        elif vr in ("IS", "SL", "SS", "UL", "US", "SV", "UV"):
-            values = [int(v) for v in values]
-        elif vr in ("DS", "FL", "FD"):
-            values = [float(v) for v in values]
-        else:
-            values = [str(v) for v in values]
-        element["Value"] = values
-    return tag, element
+_INT_VRS = frozenset(("IS", "SL", "SS", "UL", "US", "SV", "UV"))
+_FLOAT_VRS = frozenset(("DS", "FL", "FD"))
+RETRIEVE_URL_TAG = "00081190"
+
+
+def _person_name(value):
+    return {"Alphabetic": str(value)}
+
+
+def _converter(vr):
+    """How one value of an attribute of ``vr`` is written in the JSON model."""
+    if vr == "PN":
+        return _person_name
+    if vr in _INT_VRS:
+        return int
+    if vr in _FLOAT_VRS:
+        return float
+    return str
+
+
+def _json_element(vr, convert, value):
+    """The JSON model of an attribute's value; None, "" and empty lists give no Value."""
+    if isinstance(value, (list, tuple)):
+        values = [convert(v) for v in value if v is not None and v != ""]
+    elif value is None or value == "":
+        values = None
+    else:
+        values = [convert(value)]
+    return {"vr": vr, "Value": values} if values else {"vr": vr}
 
 
 def _retrieve_url(base_url, match, level):
@@ -207,16 +222,35 @@ def _retrieve_url(base_url, match, level):
     return url
 
 
+@functools.lru_cache(maxsize=256)
+def _match_layout(keywords):
+    """``(keyword, tag, VR, converter)`` of each attribute among a match's keywords, in tag
+    order, with the RetrieveURL (keyword None) in its place: every match of a search has
+    the same keywords, so this is worked out once."""
+    items = {}
+    for keyword in keywords:
+        info = _attribute_info(keyword)
+        if info is not None:  # file meta (TransferSyntaxUID) is no attribute of an answer
+            items[info[0]] = (keyword, *info, _converter(info[1]))
+    items[RETRIEVE_URL_TAG] = (None, RETRIEVE_URL_TAG, "UR", None)
+    return tuple(items[tag] for tag in sorted(items))
+
+
 def match_json(match, level, base_url):
     """One search match (keyword -> value) in the JSON model, with its RetrieveURL."""
     out = {}
-    for keyword, value in match.items():
-        info = _attribute_info(keyword)
-        if info is not None:  # file meta (TransferSyntaxUID) is no attribute of an answer
-            key, element = _json_element(*info, value)
-            out[key] = element
-    out["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]}
-    return dict(sorted(out.items()))
+    for keyword, tag, vr, convert in _match_layout(tuple(match)):
+        if keyword is None:
+            out[tag] = {"vr": "UR", "Value": [_retrieve_url(base_url, match, level)]}
+            continue
+        value = match[keyword]
+        if value is None or value == "":  # the commonest cases first, without a call
+            out[tag] = {"vr": vr}
+        elif convert is str and type(value) is str:
+            out[tag] = {"vr": vr, "Value": [value]}
+        else:
+            out[tag] = _json_element(vr, convert, value)
+    return out
 
 
 def _strip(dataset, include_patient):
