@@ -156,6 +156,62 @@ def _no_delay(event):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class StoredFile(Dataset):
+    """A stored instance a C-GET or C-MOVE sends. pynetdicom's retrieve SCPs take only
+    datasets: this one stands for the file (its SOP Instance UID names it in a failure
+    list), and ``send_stored_files`` sends it as its stored bytes."""
+
+    def __init__(self, path, sop_class, syntax, sop_instance):
+        super().__init__()
+        self.stored_path = path
+        self.stored_as = (sop_class, syntax)
+        self.SOPInstanceUID = sop_instance or ""
+
+    def parsed(self):
+        """The file as a parsed dataset; ``OSError`` or ``InvalidDicomError`` when it
+        cannot be read."""
+        return dcmread(self.stored_path)
+
+
+def send_stored_files(assoc):
+    """Make ``assoc`` send each StoredFile from the file's bytes as stored, in chunks
+    (pynetdicom's ``STORE_SEND_CHUNKED_DATASET`` send from a path: nothing parsed or
+    re-encoded), when one of its contexts takes the file's transfer syntax exactly; else
+    parsed, for pynetdicom to convert (implicit <-> explicit VR)."""
+    send = assoc.send_c_store
+    if getattr(send, "sends_stored_files", False):
+        return
+
+    def send_c_store(dataset, *args, **kwargs):
+        if not isinstance(dataset, StoredFile):
+            return send(dataset, *args, **kwargs)
+        sop_class, syntax = dataset.stored_as
+        if sop_class and syntax and pynetdicom_config.STORE_SEND_CHUNKED_DATASET:
+            try:
+                assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
+            except ValueError:
+                pass  # no exact context: parsed below
+            else:
+                try:
+                    return send(dataset.stored_path, *args, **kwargs)
+                except (AttributeError, InvalidDicomError):
+                    pass  # its file meta lacks what the send needs (checked before sending)
+        try:
+            parsed = dataset.parsed()
+        except (OSError, InvalidDicomError) as exc:
+            log.error("Cannot read %s for a retrieve: %s", dataset.stored_path, exc)
+            raise  # pynetdicom counts the sub-operation as failed
+        return send(parsed, *args, **kwargs)
+
+    send_c_store.sends_stored_files = True
+    assoc.send_c_store = send_c_store
+
+
+def _sends_stored_files(event):
+    """``send_stored_files`` on the association a C-MOVE opens to its destination."""
+    send_stored_files(event.assoc)
+
+
 def _status(code, comment=None):
     """A response status, with an Error Comment (LO: 64 characters) when given."""
     if comment is None:
@@ -273,6 +329,8 @@ class Listener:
         # pynetdicom logs every identifier at INFO, for every query.
         pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
         pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+        # A C-GET or C-MOVE sends stored files as they are (send_stored_files).
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
         quiet_standard_handlers()
         self.ae = make_ae(self.ae_title, self.max_associations, self.timeout)
         try:
@@ -525,8 +583,9 @@ class Listener:
     # --- C-GET and C-MOVE ----------------------------------------------------------------
 
     def _retrieve(self, event, session, action, destination=None):
-        """(Instance rows, paths) an identifier retrieves; QueryError if malformed. The
-        retrieve is audited (``action``: dicom-get or dicom-move) before anything is sent."""
+        """``{path: (SOP class, transfer syntax, SOP instance UID)}`` of the instances an
+        identifier retrieves; QueryError if malformed. The retrieve is audited
+        (``action``: dicom-get or dicom-move) before anything is sent."""
         try:
             identifier = event.identifier
         except Exception:  # undecodable
@@ -552,7 +611,8 @@ class Listener:
                 selections = [{name: uid} for uid in uids]
             for selection in selections:
                 for row, path in query.instance_files(domains, **selection):
-                    found.setdefault(path, (row.sop_class_uid, row.transfer_syntax_uid))
+                    found.setdefault(path, (row.sop_class_uid, row.transfer_syntax_uid,
+                                            row.sop_instance_uid))
             requestor = event.assoc.requestor
             audit.record(action, level.lower(), ",".join(uids)[:255], detail={
                 "callingAeTitle": requestor.ae_title, "address": requestor.address,
@@ -573,6 +633,7 @@ class Listener:
             yield 1
             yield _status(DOES_NOT_MATCH, str(exc)), None
             return
+        send_stored_files(event.assoc)
         yield from self._send(event, found)
 
     def _send(self, event, found):
@@ -581,17 +642,11 @@ class Listener:
             yield _status(OUT_OF_RESOURCES, "Too many instances for one retrieve."), None
             return
         yield len(found)
-        for path in found:
+        for path, (sop_class, syntax, sop_instance) in found.items():
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
-            try:
-                # pynetdicom's C-GET/C-MOVE SCP takes datasets only: parsed, not decoded.
-                dataset = dcmread(path)
-            except (OSError, InvalidDicomError) as exc:
-                log.error("Cannot read %s for a retrieve: %s", path, exc)
-                dataset = Dataset()  # counted as a failed sub-operation
-            yield PENDING, dataset
+            yield PENDING, StoredFile(path, sop_class, syntax, sop_instance)
 
     def _on_move(self, event):
         session = self._allowed(event, "move")
@@ -610,10 +665,12 @@ class Listener:
             yield 1
             yield _status(DOES_NOT_MATCH, str(exc)), None
             return
-        pairs = sorted({pair for pair in found.values() if pair[0] and pair[1]})
+        pairs = sorted({(sop_class, syntax) for sop_class, syntax, _uid in found.values()
+                        if sop_class and syntax})
         contexts = [build_context(sop_class, syntax)
                     for sop_class, syntax in pairs[:MAX_CONTEXTS]]
-        options = {"evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay)]}
+        options = {"evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay),
+                                    (evt.EVT_CONN_OPEN, _sends_stored_files)]}
         if contexts:
             options["contexts"] = contexts
         yield node[0], node[1], options
