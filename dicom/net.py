@@ -9,14 +9,16 @@ one domain.
 
 Storage: each received instance is checked as the importer checks it (header_scan; the
 first instance of a new series parsed whole, as its batch will parse it; a series of
-another domain refused), written to this listener's staging folder (fsync of the file and
-of its folder) and only then acknowledged. A committer thread imports what
-was acknowledged every ``DICOM_COMMIT_INTERVAL`` seconds through ``batch.ImportBatch``:
-one transaction per domain and tick, not per instance. Each listener holds an ``flock``
-on its folder; a starting listener first imports what a dead one (its lock free) left.
+another domain refused), appended to this listener's staging log (dicom/staging_log.py:
+one flush covers the instances of every association waiting at once) and only then
+acknowledged. A committer thread imports what was acknowledged every
+``DICOM_COMMIT_INTERVAL`` seconds through ``batch.ImportBatch`` (the checks' results
+passed on, not redone): one transaction per domain and tick, not per instance. Each
+listener holds an ``flock`` on its folder; a starting listener first imports what a dead
+one (its lock free) left.
 """
 import fcntl
-import hashlib
+import functools
 import io
 import logging
 import os
@@ -48,10 +50,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 import audit
 import storage
 from dicom import query
-from dicom.batch import ImportBatch, unlink_quietly
+from dicom import staging_log
+from dicom.batch import ImportBatch
 from dicom.errors import DicomImportError, DomainConflictError, InvalidInstanceError
 from dicom.header_scan import read_keys
-from dicom.instance import UID_RE, default_offset, extract_record, read_dataset
+from dicom.instance import UID_RE, InstanceKeys, default_offset, extract_record, read_dataset
 from models import DicomNode, Series, db, new_ulid
 
 log = logging.getLogger(__name__)
@@ -100,13 +103,19 @@ class Session:
     allow: frozenset
 
 
-@dataclass
+@dataclass(eq=False)
 class Received:
-    """One acknowledged instance waiting for the index."""
+    """One acknowledged instance waiting for the index: its staging log record, its
+    InstanceKeys and, for the first of a new series, the series record (as checked)."""
     domain: str
-    path: str
-    series_uid: str
+    record: staging_log.Record
+    keys: InstanceKeys
+    series: dict | None = None
     done: bool = False
+
+    @property
+    def series_uid(self):
+        return self.keys.series_uid
 
 
 class _NoDelayServer(ThreadedAssociationServer):
@@ -308,8 +317,7 @@ class Listener:
         self.received = []  # Received, in arrival order
         self.pending = {}  # series UID -> [domain, instances staged and not yet committed]
         self.known = OrderedDict()  # series UID -> its domain in the index (bounded)
-        self.folders = {}  # domain -> its staging folder
-        self.counter = 0
+        self.log = None  # this listener's StagingLog
         self.stopping = threading.Event()
         self.lock_fd = None
         self.server = self.committer = self.ae = None
@@ -364,6 +372,7 @@ class Listener:
         with self.lock:
             left = [item for item in self.received if not item.done]
         if left:  # the database refused until the end: the next start imports them
+            self.log.close()
             os.close(self.lock_fd)
             self.lock_fd = None
         else:
@@ -373,6 +382,7 @@ class Listener:
         """Remove this listener's folder and release its lock."""
         if self.lock_fd is None:
             return
+        self.log.close()
         with self.app.app_context():
             shutil.rmtree(storage.dicom_listener_path(self.id), ignore_errors=True)
         os.close(self.lock_fd)
@@ -452,53 +462,61 @@ class Listener:
                       str(event.context.transfer_syntax),
                       event.encoded_dataset(include_meta=False))
         try:
-            uid = self._reserve(session.domain, data)
+            keys, series = self._reserve(session.domain, data)
         except DomainConflictError as exc:
             return _status(NOT_AUTHORIZED, str(exc))
         except InvalidInstanceError as exc:
             return _status(DOES_NOT_MATCH, str(exc))
         except DicomImportError as exc:
             return _status(CANNOT_UNDERSTAND, str(exc))
+        record = None
         try:
-            path = self._stage(session.domain, data)
+            record = self.log.append(session.domain, data)
+            self.log.sync(record)
         except OSError as exc:
             log.error("Cannot stage a received instance: %s", exc)
-            self._release(uid)
+            if record is not None:
+                self.log.done([record])
+            self._release(keys.series_uid)
             return _status(OUT_OF_RESOURCES, "The instance cannot be stored.")
         with self.lock:
-            self.received.append(Received(session.domain, path, uid))
+            self.received.append(Received(session.domain, record, keys, series))
         return SUCCESS
 
     def _conflict(self, uid, domain):
         return DomainConflictError(f"The series {uid} exists in another domain.")
 
     def _reserve(self, domain, data):
-        """Check one instance for ``domain`` and count it as pending; return its series UID.
+        """Check one instance for ``domain`` and count it as pending; return its
+        InstanceKeys and, if its series is new, its series record (else None).
 
         Raises
         ------
         DicomImportError
             NotDicomError, BrokenDicomError, InvalidInstanceError, DomainConflictError.
         """
-        uid = read_keys(io.BytesIO(data), len(data)).series_uid
+        keys = read_keys(io.BytesIO(data), len(data))
+        uid = keys.series_uid
         with self.lock:
             pending = self.pending.get(uid)
             if pending is not None and pending[0] != domain:
                 raise self._conflict(uid, domain)
             if pending is not None or self.known.get(uid) == domain:
                 self._count(uid, domain)
-                return uid
+                return keys, None
         with self.app.app_context():
             stored = db.session.execute(
                 db.select(Series.domain).where(Series.series_uid == uid)).scalar()
         if stored is not None and stored != domain:
             raise self._conflict(uid, domain)
+        series = None
         if stored is None:
-            # A new series: its batch will parse this instance whole; refuse it now if
-            # that would fail, not after the acknowledgement.
+            # A new series: its batch needs this instance parsed whole; refuse it now if
+            # that fails, not after the acknowledgement (and pass the batch the result).
             record = extract_record(read_dataset(io.BytesIO(data), len(data)), self.offset)
             if record.series_uid != uid:
                 raise InvalidInstanceError("The DICOM file cannot be parsed consistently.")
+            series = record.series
         with self.lock:
             pending = self.pending.get(uid)
             if pending is not None and pending[0] != domain:
@@ -506,7 +524,7 @@ class Listener:
             if stored is not None:
                 self._remember(uid, stored)
             self._count(uid, domain)
-        return uid
+        return keys, series
 
     def _count(self, uid, domain, step=1):
         entry = self.pending.setdefault(uid, [domain, 0])
@@ -680,7 +698,7 @@ class Listener:
 
     def _open_folder(self):
         """Create this listener's folder and hold its lock (under a temporary name first,
-        so no other listener takes it for a dead one's)."""
+        so no other listener takes it for a dead one's); its staging log lives there."""
         base = storage.dicom_listener_path()
         os.makedirs(base, exist_ok=True)
         temporary = storage.dicom_listener_path(self.id + ".new")
@@ -691,56 +709,12 @@ class Listener:
         os.rename(temporary, storage.dicom_listener_path(self.id))
         storage.fsync_dir(base)
         storage.fsync_dir(os.path.dirname(base))
-
-    def _domain_folder(self, domain):
-        """This listener's staging folder for ``domain``, created durably with the domain's
-        name in its file ``domain``."""
-        folder = self.folders.get(domain)
-        if folder is not None:
-            return folder
-        key = hashlib.sha1(domain.encode()).hexdigest()[:20]
-        with self.app.app_context():
-            folder = storage.dicom_listener_path(self.id, key)
-            os.makedirs(folder, exist_ok=True)
-            with storage.atomic_file(storage.dicom_listener_path(self.id, key, "domain")) as fh:
-                fh.write(domain.encode())
-            storage.fsync_dir(folder)
-            storage.fsync_dir(storage.dicom_listener_path(self.id))
-        self.folders[domain] = folder
-        return folder
-
-    def _next_name(self):
-        with self.lock:
-            self.counter += 1
-            return f"{self.counter:010d}.dcm"
-
-    def _stage(self, domain, data):
-        """Write ``data`` durably into the staging folder of ``domain``; return its path.
-
-        The file is written under its final name, then its data and its folder are
-        synced (no rename: on ext4 the first fsync commits the new entry too, so the
-        folder's is then nearly free). A crash before the syncs may leave a partial file,
-        never acknowledged: the listener adopting the folder deletes what does not parse.
-        """
-        # The folder came from storage; the name is our counter's.
-        path = os.path.join(self._domain_folder(domain), self._next_name())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
-        os.close(fd)
-        storage.fsync_dir(os.path.dirname(path))
-        return path
+        self.log = staging_log.StagingLog(storage.dicom_listener_path(self.id))
 
     def _adopt_orphans(self):
-        """Move the acknowledged instances of dead listeners (lock free) into this
-        listener's folders; return them as Received items, counted as pending."""
+        """Append what dead listeners (lock free) acknowledged and the index does not have
+        to this listener's log, then remove their folders; return it as Received items,
+        counted as pending."""
         base = storage.dicom_listener_path()
         adopted = []
         for name in sorted(os.listdir(base)):
@@ -756,40 +730,32 @@ class Listener:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its listener runs
-                adopted.extend(self._adopt_folder(name))
+                found = [(r.domain, r.read) for r in staging_log.pending_records(folder)]
+                found.extend(_legacy_files(folder))
+                records = []
+                for domain, read in found:
+                    item = self._adopt(domain, read())
+                    if item is not None:
+                        records.append(item.record)
+                        adopted.append(item)
+                for record in records[-1:]:
+                    self.log.sync(record)  # all of them: the log is a sequence
                 shutil.rmtree(folder, ignore_errors=True)
             finally:
                 os.close(fd)
         storage.fsync_dir(base)
         return adopted
 
-    def _adopt_folder(self, listener):
-        adopted = []
-        for key in sorted(os.listdir(storage.dicom_listener_path(listener))):
-            try:
-                with open(storage.dicom_listener_path(listener, key, "domain"), "rb") as fh:
-                    domain = fh.read().decode()
-            except (OSError, UnicodeDecodeError, storage.UnsafePathError):
-                continue
-            mine = self._domain_folder(domain)
-            for name in sorted(os.listdir(storage.dicom_listener_path(listener, key))):
-                if not name.endswith(".dcm"):
-                    continue
-                target = os.path.join(mine, self._next_name())
-                os.rename(storage.dicom_listener_path(listener, key, name), target)
-                try:
-                    with open(target, "rb") as fh:
-                        uid = read_keys(fh, os.fstat(fh.fileno()).st_size).series_uid
-                except DicomImportError:
-                    # Every acknowledged file was complete and checked: this one was being
-                    # written when its listener died, and never acknowledged.
-                    unlink_quietly(target)
-                    continue
-                with self.lock:
-                    self._count(uid, domain)
-                adopted.append(Received(domain, target, uid))
-            storage.fsync_dir(mine)
-        return adopted
+    def _adopt(self, domain, data):
+        """Append one instance of a dead listener to this listener's log (not synced)."""
+        try:
+            keys = read_keys(io.BytesIO(data), len(data))
+        except DicomImportError:
+            return None  # was acknowledged after this check: never acknowledged
+        item = Received(domain, self.log.append(domain, data), keys)
+        with self.lock:
+            self._count(keys.series_uid, domain)
+        return item
 
     # --- the committer ------------------------------------------------------------------
 
@@ -803,6 +769,7 @@ class Listener:
                     return
                 try:
                     self._commit(items)
+                    self.log.prepare()
                 except Exception:  # the database may be back on the next tick
                     log.exception("Committing received DICOM instances failed; will retry")
                     db.session.rollback()
@@ -840,30 +807,53 @@ class Listener:
     def _commit_batch(self, domain, items):
         with ImportBatch(domain, self.offset) as batch:
             for item in items:
-                batch.add_link(item.path)
+                batch.add_bytes(self.log.read(item.record), keys=item.keys, series=item.series)
             batch.commit()
         with self.lock:
             for item in items:
                 item.done = True
                 self._count(item.series_uid, domain, -1)
                 self._remember(item.series_uid, domain)
-        for item in items:
-            unlink_quietly(item.path)
+        self.log.done([item.record for item in items])
 
     def _refuse(self, items, exc):
         """Keep acknowledged instances the index refused in ``refused/`` for an admin."""
         folder = storage.dicom_listener_path("refused")
         os.makedirs(folder, exist_ok=True)
         for item in items:
+            path = storage.dicom_listener_path("refused", f"{self.id}-{item.record.ticket:010d}.dcm")
             log.error("A received instance cannot be imported into %r (%s); kept as %s",
-                      item.domain, exc, folder)
-            os.replace(item.path, storage.dicom_listener_path(
-                "refused", f"{self.id}-{os.path.basename(item.path)}"))
+                      item.domain, exc, path)
+            with storage.atomic_file(path) as fh:
+                fh.write(self.log.read(item.record))
             with self.lock:
-                if not item.done and item.series_uid:
+                if not item.done:
                     self._count(item.series_uid, item.domain, -1)
                 item.done = True
         storage.fsync_dir(folder)
+        self.log.done([item.record for item in items])
+
+
+def _legacy_files(folder):
+    """``(domain, read)`` of the instances a listener of the previous layout (a folder per
+    domain, its name in ``domain``, one file per instance) left in ``folder``."""
+    found = []
+    for key in sorted(os.listdir(folder)):
+        subfolder = os.path.join(folder, key)
+        try:
+            with open(os.path.join(subfolder, "domain"), "rb") as fh:
+                domain = fh.read().decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for name in sorted(os.listdir(subfolder)):
+            if name.endswith(".dcm"):
+                found.append((domain, functools.partial(_read_file, os.path.join(subfolder, name))))
+    return found
+
+
+def _read_file(path):
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 def run_listener(app, host=None, port=None):

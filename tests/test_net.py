@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from dicom import net
+from dicom import net, staging_log
 from dicom.image_ranges import parse_ranges
 from models import AuditEvent, DicomNode, Series, ServerParam, db
 from tests.dicom_factory import make_dataset
@@ -70,11 +70,14 @@ def series_row(app, uid):
 
 
 def staged_files(app):
-    """Every file left in the listeners' staging folders (lock and domain files aside)."""
+    """What the listeners' staging holds for the index: every record of their logs not
+    marked done, and every other file (lock files and the logs' segment files aside)."""
     base = os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom", ".staging", "net")
     found = []
     for folder, _dirs, names in os.walk(base):
-        found.extend(os.path.join(folder, n) for n in names if n not in ("lock", "domain"))
+        found.extend(f"{r.path}@{r.offset}" for r in staging_log.pending_records(folder))
+        found.extend(os.path.join(folder, n) for n in names
+                     if n != "lock" and not n.startswith(staging_log.PREFIX))
     return found
 
 
@@ -307,6 +310,28 @@ def test_instances_left_staged_by_a_dead_listener_are_imported_at_start(app, dom
         assert staged_files(app) == []
     finally:
         second.stop()
+
+
+def test_instances_a_listener_of_the_file_layout_left_are_imported_at_start(app, domains):
+    # The previous staging layout: a folder per domain (its name in "domain"), a file per
+    # instance, and the dead listener's lock file.
+    base = os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom", ".staging", "net")
+    folder = os.path.join(base, "01OLDLISTENER", "0123456789abcdef0123")
+    os.makedirs(folder)
+    open(os.path.join(base, "01OLDLISTENER", "lock"), "wb").close()
+    with open(os.path.join(folder, "domain"), "wb") as fh:
+        fh.write(b"other")
+    for number in (1, 2):
+        with open(os.path.join(folder, f"{number:010d}.dcm"), "wb") as fh:
+            fh.write(_part10(dataset(instance=number)))
+    with open(os.path.join(folder, "0000000003.dcm"), "wb") as fh:
+        fh.write(_part10(dataset(instance=3))[:-100])  # being written when it died
+    running = net.Listener(app, host="127.0.0.1", port=0).start()
+    try:
+        assert series_row(app, "1.2.826.0.1.3680043.10.1.1") == ("other", "1-2")
+        assert staged_files(app) == []
+    finally:
+        running.stop()
 
 
 def test_a_running_listeners_staged_instances_are_left_alone(app, domains):
