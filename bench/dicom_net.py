@@ -11,12 +11,14 @@ Figures (ratios ours / Orthanc):
   store-ct      `storescu`, one association, the 200-slice CT: MB/s           (goal >= 1.0)
   ceiling       beside store-small and store-ct: the same storescu runs into
                 bench/dicom_ceiling.py, a bare pynetdicom SCP built as our listener (same
-                contexts, transfer syntaxes, maximum PDU, TCP_NODELAY, DUL poll delay, no
-                standard log handlers) whose C-STORE handler returns Success untouched
-                (``null``) or only writes the bytes to /dev/null (``devnull``); printed with
-                ours / ceiling and ceiling / Orthanc. The goals are out of reach when
-                ceiling / Orthanc is below them: pynetdicom's association reactor sleeps
-                1 ms a loop (hard-coded, no setting), its DUL polls every DUL_POLL_SECONDS.
+                contexts, transfer syntaxes, maximum PDU, TCP_NODELAY, DUL poll delay,
+                prompt reactor, no standard log handlers) whose C-STORE handler returns
+                Success untouched (``null``) or only writes the bytes to /dev/null
+                (``devnull``); printed with ours / ceiling and ceiling / Orthanc. The goals
+                are out of reach when ceiling / Orthanc is below them: pynetdicom's DUL
+                thread polls its socket every DUL_POLL_SECONDS and decodes every PDU in
+                Python (its association reactor's fixed 1 ms sleep per loop is replaced
+                by dicom.net.prompt_reactor).
   store-4       4 `storescu` at once on disjoint quarters: total instances/s, beside store-small
   rss           ours only: listener RSS after all 19,000 small instances over its RSS after
                 the first 1,000 (goal <= 1.2)

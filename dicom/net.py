@@ -32,6 +32,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import pynetdicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -78,6 +79,7 @@ KNOWN_MAX = 100000  # series domains remembered
 RETRY_SECONDS = 1.0  # after a commit failed for a reason that may pass (database down)
 MAX_PDU = 4 * 1024 * 1024
 DUL_POLL_SECONDS = 0.0002
+REACTOR_WAIT_SECONDS = 0.001  # the longest the reactor waits for a request between checks
 STOP_GRACE_SECONDS = 10  # after SIGTERM, the process exits within this long
 # Query/retrieve information models: the service each one serves.
 QR_MODELS = {PatientRootQueryRetrieveInformationModelFind: "find",
@@ -155,6 +157,58 @@ def part10(sop_class, sop_instance, syntax, dataset):
     ))
     group_length = _element(0x0000, b"UL", struct.pack("<I", len(meta)))
     return b"".join((b"\0" * 128, b"DICM", group_length, meta, dataset))
+
+
+def prompt_reactor(assoc):
+    """pynetdicom's acceptor reactor (``Association._run_reactor``, 3.0) for ``assoc``,
+    except that between loops it waits on the DIMSE message queue instead of sleeping a
+    fixed 1 ms: a request is served as soon as it is decoded (each C-STORE waited ~0.5 ms
+    for the sleep to end, a third of pynetdicom's own time per small instance)."""
+    messages = assoc.dimse.msg_queue
+
+    def run_reactor():
+        assoc._is_paused = False
+        while not assoc._kill:
+            with messages.not_empty:
+                if not messages._qsize():
+                    messages.not_empty.wait(REACTOR_WAIT_SECONDS)
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc._is_paused = False
+            context_id, msg = assoc.dimse.get_msg(block=False)
+            if msg:
+                assoc._serve_request(msg, context_id)
+            if assoc.is_established and assoc.acse.is_release_requested():
+                assoc.acse.send_release(is_response=True)
+                assoc.is_released = True
+                assoc.is_established = False
+                evt.trigger(assoc, evt.EVT_RELEASED, {})
+                assoc.kill()
+                return
+            if assoc.acse.is_aborted():
+                assoc.dul.receive_pdu(wait=False)
+                assoc.is_aborted = True
+                assoc.is_established = False
+                evt.trigger(assoc, evt.EVT_ABORTED, {})
+                assoc.kill()
+                return
+            if not assoc.dul.is_alive():
+                assoc.kill()
+                return
+            if assoc.dul.idle_timer_expired():
+                log.error("Network timeout reached")
+                if assoc.network_timeout_response == "A-RELEASE":
+                    assoc._is_paused = True
+                    assoc._reactor_checkpoint.wait()
+                    assoc.release()
+                    assoc._is_paused = False
+                else:
+                    assoc.abort()
+                assoc.kill()
+                return
+
+    if pynetdicom.__version__.startswith("3.0.") and hasattr(messages, "not_empty"):
+        assoc._run_reactor = run_reactor
 
 
 def _no_delay(event):
@@ -443,6 +497,7 @@ class Listener:
         # default): a store waits for it up to twice. Shorter polls cost some CPU while an
         # association is open and save ~1 ms an instance.
         assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        prompt_reactor(assoc)
 
     def _allowed(self, event, service):
         session = self.sessions.get(event.assoc)
