@@ -262,14 +262,18 @@ class ImportBatch:
             unlink_quietly(staged)
             raise
 
-    def add_link(self, path):
+    def add_link(self, path, keys=None, series=None):
         """Stage a hard link to ``path``, a file on the DICOM root's file system that must
         stay where it is until the commit succeeds (an instance a DICOM listener has
-        acknowledged: dicom/net.py)."""
+        acknowledged: dicom/net.py). ``keys`` and ``series`` as for ``add_bytes``."""
         staged = self._staged_name()
         os.link(path, staged)
         try:
-            return self.add_staged(staged)
+            if keys is None:
+                return self.add_staged(staged)
+            if series is not None:
+                self.series_values.setdefault(keys.series_uid, series)
+            return self._keep(keys, staged, os.path.getsize(staged))
         except BaseException:
             unlink_quietly(staged)
             raise

@@ -18,7 +18,6 @@ listener holds an ``flock`` on its folder; a starting listener first imports wha
 one (its lock free) left.
 """
 import fcntl
-import functools
 import io
 import logging
 import os
@@ -785,11 +784,9 @@ class Listener:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # its listener runs
-                found = [(r.domain, r.read) for r in staging_log.pending_records(folder)]
-                found.extend(_legacy_files(folder))
                 records = []
-                for domain, read in found:
-                    item = self._adopt(domain, read())
+                for found in staging_log.pending_records(folder):
+                    item = self._adopt(found.domain, found.read())
                     if item is not None:
                         records.append(item.record)
                         adopted.append(item)
@@ -862,7 +859,11 @@ class Listener:
     def _commit_batch(self, domain, items):
         with ImportBatch(domain, self.offset) as batch:
             for item in items:
-                batch.add_bytes(self.log.read(item.record), keys=item.keys, series=item.series)
+                if item.record.path is not None:  # a file of its own: linked, not copied
+                    batch.add_link(item.record.path, keys=item.keys, series=item.series)
+                else:
+                    batch.add_bytes(self.log.read(item.record), keys=item.keys,
+                                    series=item.series)
             batch.commit()
         with self.lock:
             for item in items:
@@ -887,28 +888,6 @@ class Listener:
                 item.done = True
         storage.fsync_dir(folder)
         self.log.done([item.record for item in items])
-
-
-def _legacy_files(folder):
-    """``(domain, read)`` of the instances a listener of the previous layout (a folder per
-    domain, its name in ``domain``, one file per instance) left in ``folder``."""
-    found = []
-    for key in sorted(os.listdir(folder)):
-        subfolder = os.path.join(folder, key)
-        try:
-            with open(os.path.join(subfolder, "domain"), "rb") as fh:
-                domain = fh.read().decode()
-        except (OSError, UnicodeDecodeError):
-            continue
-        for name in sorted(os.listdir(subfolder)):
-            if name.endswith(".dcm"):
-                found.append((domain, functools.partial(_read_file, os.path.join(subfolder, name))))
-    return found
-
-
-def _read_file(path):
-    with open(path, "rb") as fh:
-        return fh.read()
 
 
 def run_listener(app, host=None, port=None):

@@ -13,13 +13,18 @@ A segment holds a header (magic, generation) and then records (magic, generation
 sequence, domain and data lengths, CRC-32, domain, data). Once the index has a record it is
 marked done (its magic; not synced: a mark lost in a crash only imports the instance
 again). A segment whose records are all done is reused under the next generation, its new
-header synced first, so its old records can never be read again. An instance too large
-for a segment gets a segment of its own, removed when done.
+header synced first, so its old records can never be read again.
+
+A large instance (over ``LARGE_BYTES``: a CT slice) is written to a file of its own instead,
+``<domain key>/<sequence>.dcm`` beside a file ``domain`` naming its domain, synced with its
+folder: its data is then written once, the index links the file into place rather than
+copying it out of the log, and the file is removed when done.
 
 ``pending_records(folder)`` lists what a dead listener's log holds: each record not marked
 done, in each segment up to the first that does not check (an append that was never
-acknowledged).
+acknowledged), and each file of its own.
 """
+import hashlib
 import logging
 import os
 import struct
@@ -32,6 +37,7 @@ import storage
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 8 * 1024 * 1024
+LARGE_BYTES = 256 * 1024  # larger instances get a file of their own
 HEADER_BYTES = 64  # a segment's header; its records follow
 ZERO_CHUNK = 1024 * 1024
 _SEGMENT = struct.Struct("<8sQI")  # magic, generation, CRC-32 of the generation
@@ -39,6 +45,7 @@ _SEGMENT_MAGIC = b"CIRCUSSL"
 _RECORD = struct.Struct("<4sQQHII")  # magic, generation, sequence, domain len, data len, CRC
 LIVE, DONE = b"RECD", b"DONE"
 PREFIX = "segment-"
+DOMAIN_FILE = "domain"
 
 
 class StagingLogBroken(OSError):
@@ -49,23 +56,24 @@ class StagingLogBroken(OSError):
 class Segment:
     """One segment file, open for the life of the log."""
 
-    def __init__(self, path, fd, generation, own=False):
+    def __init__(self, path, fd, generation):
         self.path = path
         self.fd = fd
         self.generation = generation
         self.tail = HEADER_BYTES
         self.pending = 0  # records not yet done
-        self.own = own  # a segment of one large record
 
 
 @dataclass(eq=False)
 class Record:
-    """One appended instance: where its data is and which flush makes it durable."""
-    segment: Segment
+    """One appended instance: where its data is (a segment, or a file of its own at
+    ``path``) and which flush makes it durable (0: durable already)."""
+    segment: Segment | None
     offset: int
     domain: str
     size: int
     ticket: int
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,13 @@ def _pwrite_all(fd, buffers, offset):
             offset += written
 
 
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _pread_exactly(fd, size, offset):
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -115,9 +130,11 @@ class StagingLog:
     ``append`` then ``sync`` before acknowledging; ``read`` for the index; ``done`` once
     the index has them; ``prepare`` between commits (a spare segment ahead of need)."""
 
-    def __init__(self, folder, segment_bytes=SEGMENT_BYTES):
+    def __init__(self, folder, segment_bytes=SEGMENT_BYTES, large_bytes=LARGE_BYTES):
         self.folder = folder
         self.segment_bytes = segment_bytes
+        self.large_bytes = min(large_bytes, segment_bytes // 2)
+        self.domain_folders = {}  # domain -> the folder of its files of their own
         self.cond = threading.Condition()
         self.segments = []
         self.active = None
@@ -132,10 +149,10 @@ class StagingLog:
 
     def append(self, domain, data):
         """Write one instance to the log (not yet durable: ``sync``); return its Record."""
+        if len(data) > self.large_bytes:
+            return self._append_file(domain, data)
         name = domain.encode()
         size = _RECORD.size + len(name) + len(data)
-        if size > self.segment_bytes - HEADER_BYTES:
-            return self._append_alone(name, domain, data, size)
         with self.cond:
             if self.broken is not None:
                 raise self.broken
@@ -152,33 +169,38 @@ class StagingLog:
             self.dirty.add(segment)
             return record
 
-    def _append_alone(self, name, domain, data, size):
-        """A record too large for a segment: a segment file of its own, synced now."""
+    def _append_file(self, domain, data):
+        """A large instance: a file of its own, synced now with its folder."""
         with self.cond:
             if self.broken is not None:
                 raise self.broken
-            self.written += 1
-            ticket = self.written
-            path = self._new_name()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self.written += 1  # a sequence number only: no flush waits for it
+            path = os.path.join(self._domain_folder(domain), f"{self.written:010d}.dcm")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _pwrite_all(fd, (_segment_header(1), _record_header(LIVE, 1, ticket, name, data),
-                             name, data), 0)
+            _pwrite_all(fd, [data], 0)
             os.fsync(fd)
-            storage.fsync_dir(self.folder)
         except BaseException:
             os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink_quietly(path)
             raise
-        segment = Segment(path, fd, 1, own=True)
-        segment.tail = HEADER_BYTES + size
-        segment.pending = 1
-        with self.cond:
-            self.segments.append(segment)
-        return Record(segment, HEADER_BYTES, domain, len(data), 0)  # durable already
+        os.close(fd)
+        storage.fsync_dir(os.path.dirname(path))
+        return Record(None, 0, domain, len(data), 0, path)
+
+    def _domain_folder(self, domain):
+        """The folder of the files of their own of ``domain``, created durably with the
+        domain's name in its file ``domain``. Under ``cond``."""
+        folder = self.domain_folders.get(domain)
+        if folder is None:
+            folder = os.path.join(self.folder, hashlib.sha1(domain.encode()).hexdigest()[:20])
+            os.makedirs(folder, exist_ok=True)
+            with storage.atomic_file(os.path.join(folder, DOMAIN_FILE)) as fh:
+                fh.write(domain.encode())
+            storage.fsync_dir(folder)
+            storage.fsync_dir(self.folder)
+            self.domain_folders[domain] = folder
+        return folder
 
     def _new_name(self):
         self.counter += 1
@@ -186,8 +208,8 @@ class StagingLog:
 
     def _next_segment(self):
         """Make a free segment (or a new one) the active one. Under ``cond``."""
-        free = next((s for s in self.segments
-                     if s.pending == 0 and not s.own and s is not self.active), None)
+        free = next((s for s in self.segments if s.pending == 0 and s is not self.active),
+                    None)
         if free is None:
             free = self._create(self._new_name())
             self.segments.append(free)
@@ -212,20 +234,17 @@ class StagingLog:
             storage.fsync_dir(self.folder)
         except BaseException:
             os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink_quietly(path)
             raise
         return Segment(path, fd, 1)
 
     def prepare(self):
-        """Create a spare segment once the active one is half full and none is free, so
-        an append rarely waits for a new segment's zero-fill."""
+        """Create a spare segment once the log is in use and none is free, so an append
+        rarely waits for a new segment's zero-fill."""
         with self.cond:
             active = self.active
-            if active is None or active.tail < self.segment_bytes // 2 or any(
-                    s.pending == 0 and not s.own and s is not active for s in self.segments):
+            if active is None or any(s.pending == 0 and s is not active
+                                     for s in self.segments):
                 return
             path = self._new_name()
         segment = self._create(path)
@@ -278,31 +297,27 @@ class StagingLog:
 
     def read(self, record):
         """The data of ``record``."""
+        if record.path is not None:
+            with open(record.path, "rb") as fh:
+                return _pread_exactly(fh.fileno(), record.size, 0)
         header = _RECORD.size + len(record.domain.encode())
         return _pread_exactly(record.segment.fd, record.size, record.offset + header)
 
     def done(self, records):
         """Mark records done (the index has them, or they were set aside): their segments
-        can be reused, a segment of one record is removed."""
+        can be reused, a file of its own is removed."""
         for record in records:
+            if record.path is not None:
+                _unlink_quietly(record.path)
+                continue
             try:
                 os.pwrite(record.segment.fd, DONE, record.offset)
             except OSError:  # not fatal: the record would only be imported again
                 log.warning("Cannot mark a staging log record done in %s", record.segment.path)
-        removed = []
         with self.cond:
             for record in records:
-                segment = record.segment
-                segment.pending -= 1
-                if segment.own and segment.pending == 0:
-                    self.segments.remove(segment)
-                    removed.append(segment)
-        for segment in removed:
-            os.close(segment.fd)
-            try:
-                os.unlink(segment.path)
-            except OSError:
-                pass
+                if record.segment is not None:
+                    record.segment.pending -= 1
 
     def close(self):
         """Close the segment files (they stay on disk)."""
@@ -319,9 +334,33 @@ def pending_records(folder):
     appended (``Found``, data not read)."""
     found = []
     for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
         if name.startswith(PREFIX):
-            found.extend(_segment_records(os.path.join(folder, name)))
+            found.extend(_segment_records(path))
+        elif os.path.isdir(path):
+            found.extend(_file_records(path))
     return sorted(found, key=lambda record: record.sequence)
+
+
+def _file_records(folder):
+    """The files of their own in ``folder`` (a previous version's layout too: a file
+    per instance, numbered in arrival order)."""
+    try:
+        with open(os.path.join(folder, DOMAIN_FILE), "rb") as fh:
+            domain = fh.read().decode()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        stem, dot, extension = name.partition(".")
+        if dot and extension == "dcm" and stem.isdigit():
+            path = os.path.join(folder, name)
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                continue
+            found.append(Found(int(stem), domain, path, 0, size))
+    return found
 
 
 def _segment_records(path):

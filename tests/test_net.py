@@ -71,14 +71,22 @@ def series_row(app, uid):
 
 def staged_files(app):
     """What the listeners' staging holds for the index: every record of their logs not
-    marked done, and every other file (lock files and the logs' segment files aside)."""
+    marked done, and every other file (lock and domain files and the logs' segment files
+    aside)."""
     base = os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom", ".staging", "net")
-    found = []
+    if not os.path.isdir(base):
+        return []
+    found = set()
+    for name in os.listdir(base):
+        if os.path.isdir(os.path.join(base, name)):
+            found.update(f"{r.path}@{r.offset}" for r in
+                         staging_log.pending_records(os.path.join(base, name)))
     for folder, _dirs, names in os.walk(base):
-        found.extend(f"{r.path}@{r.offset}" for r in staging_log.pending_records(folder))
-        found.extend(os.path.join(folder, n) for n in names
-                     if n != "lock" and not n.startswith(staging_log.PREFIX))
-    return found
+        records = "domain" in names  # its .dcm files are records, counted above
+        found.update(os.path.join(folder, n) for n in names
+                     if n not in ("lock", "domain") and not n.startswith(staging_log.PREFIX)
+                     and not (records and n.endswith(".dcm")))
+    return sorted(found)
 
 
 def dataset(series_uid="1.2.826.0.1.3680043.10.1.1", instance=1, **tags):
@@ -185,6 +193,20 @@ def test_store_reaches_the_index_within_a_second(app, listener):
         stored = dcmread(os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom",
                                       "1.2.826.0.1.3680043.10.1.1", "00000002.dcm"))
     assert stored.InstanceNumber == 2
+    assert wait_for(lambda: staged_files(app) == [])
+
+
+def test_large_instances_reach_the_index_as_sent(app, listener):
+    # Over staging_log.LARGE_BYTES: staged as files of their own, linked into place.
+    sent = [dataset(instance=n, rows=512, columns=512) for n in (1, 2)]
+    assoc = associate(listener)
+    assert [assoc.send_c_store(ds).Status for ds in sent] == [0x0000, 0x0000]
+    assoc.release()
+    assert wait_for(lambda: (series_row(app, "1.2.826.0.1.3680043.10.1.1") or ("", ""))[1]
+                    == "1-2")
+    stored = dcmread(os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom",
+                                  "1.2.826.0.1.3680043.10.1.1", "00000002.dcm"))
+    assert stored.PixelData == sent[1].PixelData and len(stored.PixelData) > 256 * 1024
     assert wait_for(lambda: staged_files(app) == [])
 
 

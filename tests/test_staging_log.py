@@ -78,24 +78,30 @@ def test_segments_rotate_and_are_reused_under_a_new_generation(folder):
     log.close()
 
 
-def test_a_record_larger_than_a_segment_has_its_own_until_done(folder):
+def test_a_large_instance_has_a_file_of_its_own_until_done(folder):
     log = StagingLog(folder, SEGMENT)
+    small = log.append("default", b"s" * 100)
     large = os.urandom(3 * SEGMENT)
-    record = log.append("default", large)
-    log.sync(record)
-    assert log.read(record) == large and read_back(folder) == [("default", large)]
-    own = record.segment.path
+    record = log.append("other", large)
+    log.sync(small)
+    log.sync(record)  # durable already
+    assert record.path is not None and record.segment is None
+    with open(record.path, "rb") as fh:
+        assert fh.read() == large  # the instance as received: the index links it
+    assert log.read(record) == large
+    assert read_back(folder) == [("default", b"s" * 100), ("other", large)]
     log.done([record])
-    assert not os.path.exists(own)
+    assert not os.path.exists(record.path)
+    assert read_back(folder) == [("default", b"s" * 100)]
     log.close()
 
 
-def test_prepare_makes_a_spare_segment_once_the_active_one_is_half_full(folder):
+def test_prepare_keeps_a_spare_segment_once_the_log_is_used(folder):
     log = StagingLog(folder, SEGMENT)
+    log.prepare()
+    assert log.segments == []  # not before
     log.sync(log.append("default", b"x" * 100))
     log.prepare()
-    assert len(log.segments) == 1
-    log.sync(log.append("default", b"x" * (SEGMENT // 2)))
     log.prepare()
     assert len(log.segments) == 2
     log.close()
