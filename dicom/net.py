@@ -36,7 +36,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, AllTransferSyntaxes
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
@@ -94,6 +94,11 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
 NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 MAX_SUBOPERATIONS = 65535  # a C-GET/C-MOVE response counts them in US
 MAX_CONTEXTS = 128
+# pynetdicom accepts the first of the acceptor's syntaxes that the requestor proposes:
+# explicit VR little endian first (pydicom's list starts with implicit VR), as most files
+# are, so that senders need not convert them and a C-GET sends stored files as they are.
+STORAGE_SYNTAXES = [ExplicitVRLittleEndian] + [uid for uid in AllTransferSyntaxes
+                                               if uid != ExplicitVRLittleEndian]
 
 
 @dataclass(frozen=True)
@@ -344,7 +349,7 @@ def make_ae(ae_title, max_associations, timeout):
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         # Both roles: a store SCP for senders, and C-GET peers take the SCP role.
-        ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes,
+        ae.add_supported_context(context.abstract_syntax, STORAGE_SYNTAXES,
                                  scu_role=True, scp_role=True)
     for model in QR_MODELS:
         ae.add_supported_context(model)
