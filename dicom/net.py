@@ -795,8 +795,8 @@ class Listener:
                     if item is not None:
                         records.append(item.record)
                         adopted.append(item)
-                for record in records[-1:]:
-                    self.log.sync(record)  # all of them: the log is a sequence
+                for record in records:  # the first flush covers them all
+                    self.log.sync(record)
                 shutil.rmtree(folder, ignore_errors=True)
             finally:
                 os.close(fd)
