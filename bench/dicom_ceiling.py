@@ -1,7 +1,7 @@
 """The pynetdicom ceiling of bench/dicom_net.py: a bare storage SCP built as our listener
 is (dicom.net: ``make_ae``'s contexts, transfer syntaxes and maximum PDU, TCP_NODELAY on
-accepted sockets, the DUL poll delay, no standard log handlers), whose C-STORE handler does
-no work.
+accepted sockets, the DUL poll delay, the prompt reactor, no standard log handlers), whose
+C-STORE handler does no work.
 
 Modes: ``null`` answers Success without touching the data set; ``devnull`` first writes the
 data set's bytes (``encoded_dataset``, as the listener takes them) to /dev/null. Runs until SIGTERM.
@@ -16,14 +16,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pynetdicom import evt  # noqa: E402
 
-from dicom.net import (DUL_POLL_SECONDS, SUCCESS, _NoDelayServer, make_ae,  # noqa: E402
-                       quiet_standard_handlers)
+from dicom.net import (DUL_POLL_SECONDS, SUCCESS, _NoDelayServer, prompt_reactor,  # noqa: E402
+                       make_ae, quiet_standard_handlers)
 
 MODES = ("null", "devnull")
 
 
 def on_requested(event):
     event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS  # as Listener._on_requested
+    prompt_reactor(event.assoc)  # as Listener._on_requested
 
 
 def on_echo(event):

@@ -172,6 +172,7 @@ class ImportBatch:
         # if the series is new (so a batch stays small in memory and an instance of a
         # known series is never parsed by pydicom).
         self.first_key = {}
+        self.series_values = {}  # seriesUid -> a series record its caller parsed (add_bytes)
         self.bytes = 0
         self._counter = 0
         self.syncing = {}  # staged path -> EarlySync (add_staged with sync_now)
@@ -203,13 +204,18 @@ class ImportBatch:
         offset = self.utc_offset
         return InstanceRecord(number, uid, load=lambda: read_record(path, offset).series)
 
-    def add_bytes(self, data, move_from=None):
+    def add_bytes(self, data, move_from=None, keys=None, series=None):
         """Stage one instance given as bytes; return its InstanceRecord.
 
         ``move_from`` names a file holding the same bytes that may be taken over (a spool
-        file): it is renamed into the staging folder instead of writing a copy.
+        file): it is renamed into the staging folder instead of writing a copy. ``keys``:
+        the ``read_keys`` of these bytes when the caller made that check (not made again);
+        ``series``: their series record, when it parsed them whole (a DICOM listener).
         """
-        keys = read_keys(io.BytesIO(data), len(data))
+        if keys is None:
+            keys = read_keys(io.BytesIO(data), len(data))
+        if series is not None:
+            self.series_values.setdefault(keys.series_uid, series)
         path = self._staged_name()
         try:
             if move_from is None:
@@ -256,14 +262,18 @@ class ImportBatch:
             unlink_quietly(staged)
             raise
 
-    def add_link(self, path):
+    def add_link(self, path, keys=None, series=None):
         """Stage a hard link to ``path``, a file on the DICOM root's file system that must
         stay where it is until the commit succeeds (an instance a DICOM listener has
-        acknowledged: dicom/net.py)."""
+        acknowledged: dicom/net.py). ``keys`` and ``series`` as for ``add_bytes``."""
         staged = self._staged_name()
         os.link(path, staged)
         try:
-            return self.add_staged(staged)
+            if keys is None:
+                return self.add_staged(staged)
+            if series is not None:
+                self.series_values.setdefault(keys.series_uid, series)
+            return self._keep(keys, staged, os.path.getsize(staged))
         except BaseException:
             unlink_quietly(staged)
             raise
@@ -309,6 +319,7 @@ class ImportBatch:
         self.staged = {}
         self.keys = {}
         self.first_key = {}
+        self.series_values = {}
 
     def commit(self, conflicts=None):
         """Make the staged files durable, move them into place and upsert the series rows
@@ -348,6 +359,7 @@ class ImportBatch:
         self.staged = {}
         self.keys = {}
         self.first_key = {}
+        self.series_values = {}
         return BatchResult(instances=sum(len(v) for v in by_series.values()),
                            series_uids=set(by_series), new_instances=len(new_files))
 
@@ -386,7 +398,9 @@ class ImportBatch:
 
     def _series_values(self, uid):
         """The series record of a new series, from the whole header of its first staged
-        instance."""
+        instance (or as its caller parsed it)."""
+        if uid in self.series_values:
+            return dict(self.series_values[uid])
         record = read_record(self.staged[self.first_key[uid]], self.utc_offset)
         if record.series_uid != uid:  # the walk and pydicom disagree: trust neither
             raise BrokenDicomError("The DICOM file cannot be parsed consistently.")

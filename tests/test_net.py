@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from dicom import net
+from dicom import net, staging_log
 from dicom.image_ranges import parse_ranges
 from models import AuditEvent, DicomNode, Series, ServerParam, db
 from tests.dicom_factory import make_dataset
@@ -70,12 +70,23 @@ def series_row(app, uid):
 
 
 def staged_files(app):
-    """Every file left in the listeners' staging folders (lock and domain files aside)."""
+    """What the listeners' staging holds for the index: every record of their logs not
+    marked done, and every other file (lock and domain files and the logs' segment files
+    aside)."""
     base = os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom", ".staging", "net")
-    found = []
+    if not os.path.isdir(base):
+        return []
+    found = set()
+    for name in os.listdir(base):
+        if os.path.isdir(os.path.join(base, name)):
+            found.update(f"{r.path}@{r.offset}" for r in
+                         staging_log.pending_records(os.path.join(base, name)))
     for folder, _dirs, names in os.walk(base):
-        found.extend(os.path.join(folder, n) for n in names if n not in ("lock", "domain"))
-    return found
+        records = "domain" in names  # its .dcm files are records, counted above
+        found.update(os.path.join(folder, n) for n in names
+                     if n not in ("lock", "domain") and not n.startswith(staging_log.PREFIX)
+                     and not (records and n.endswith(".dcm")))
+    return sorted(found)
 
 
 def dataset(series_uid="1.2.826.0.1.3680043.10.1.1", instance=1, **tags):
@@ -182,6 +193,20 @@ def test_store_reaches_the_index_within_a_second(app, listener):
         stored = dcmread(os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom",
                                       "1.2.826.0.1.3680043.10.1.1", "00000002.dcm"))
     assert stored.InstanceNumber == 2
+    assert wait_for(lambda: staged_files(app) == [])
+
+
+def test_large_instances_reach_the_index_as_sent(app, listener):
+    # Over staging_log.LARGE_BYTES: staged as files of their own, linked into place.
+    sent = [dataset(instance=n, rows=512, columns=512) for n in (1, 2)]
+    assoc = associate(listener)
+    assert [assoc.send_c_store(ds).Status for ds in sent] == [0x0000, 0x0000]
+    assoc.release()
+    assert wait_for(lambda: (series_row(app, "1.2.826.0.1.3680043.10.1.1") or ("", ""))[1]
+                    == "1-2")
+    stored = dcmread(os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom",
+                                  "1.2.826.0.1.3680043.10.1.1", "00000002.dcm"))
+    assert stored.PixelData == sent[1].PixelData and len(stored.PixelData) > 256 * 1024
     assert wait_for(lambda: staged_files(app) == [])
 
 
@@ -307,6 +332,28 @@ def test_instances_left_staged_by_a_dead_listener_are_imported_at_start(app, dom
         assert staged_files(app) == []
     finally:
         second.stop()
+
+
+def test_instances_a_listener_of_the_file_layout_left_are_imported_at_start(app, domains):
+    # The previous staging layout: a folder per domain (its name in "domain"), a file per
+    # instance, and the dead listener's lock file.
+    base = os.path.join(app.config["CIRCUS_DATA_DIR"], "dicom", ".staging", "net")
+    folder = os.path.join(base, "01OLDLISTENER", "0123456789abcdef0123")
+    os.makedirs(folder)
+    open(os.path.join(base, "01OLDLISTENER", "lock"), "wb").close()
+    with open(os.path.join(folder, "domain"), "wb") as fh:
+        fh.write(b"other")
+    for number in (1, 2):
+        with open(os.path.join(folder, f"{number:010d}.dcm"), "wb") as fh:
+            fh.write(_part10(dataset(instance=number)))
+    with open(os.path.join(folder, "0000000003.dcm"), "wb") as fh:
+        fh.write(_part10(dataset(instance=3))[:-100])  # being written when it died
+    running = net.Listener(app, host="127.0.0.1", port=0).start()
+    try:
+        assert series_row(app, "1.2.826.0.1.3680043.10.1.1") == ("other", "1-2")
+        assert staged_files(app) == []
+    finally:
+        running.stop()
 
 
 def test_a_running_listeners_staged_instances_are_left_alone(app, domains):
