@@ -235,12 +235,13 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
 
 
 def _rows(statement):
+    """Plain rows of a Core statement, in the session's transaction."""
     return db.session.connection().execute(statement).all()
 
 
 def _local_date_time(value, shift):
-    """(DA, TM) of a stored UTC datetime ``shift`` (the server's UTC offset) later, or
-    (None, None)."""
+    """(DA, TM) of a stored UTC datetime in local time (``shift``: the server's UTC
+    offset), or (None, None)."""
     if value is None:
         return None, None
     text = (value + shift).strftime("%Y%m%d%H%M%S")
