@@ -238,43 +238,53 @@ class FloorStow:
         self.server.stop()
 
 
+STOW_SYSTEMS = (("ours", OurServer), ("peer", Orthanc), ("floor", FloorStow),
+                ("flask", FlaskFloor))  # the floors at one instance per request only
+
+
+def stow_round(folder, index, per_request, small, warm):
+    """One round of STOW-RS on new storage under ``folder``: {system: instances/s}."""
+    systems, speeds = {}, {}
+    try:  # each started one is stopped, whichever fails to start
+        for name, start in STOW_SYSTEMS[:4 if per_request == 1 else 2]:
+            systems[name] = start(folder)
+        clients = {"ours": ours_client(systems["ours"]), "peer": orthanc_client()}
+        if per_request == 1:
+            clients["floor"] = systems["floor"].client()
+            systems["flask"].single(warm)
+        for client in clients.values():  # every module imported, every worker answered
+            stow_all(client, warm, 1)
+        order = list(systems)
+        for name in order[index % len(order):] + order[:index % len(order)]:
+            os.sync()  # no writeback of the passes before to wait for
+            seconds = (systems[name].single(small) if name == "flask" else
+                       stow_all(clients[name], small, per_request))
+            speeds[name] = len(small) / seconds
+    finally:
+        for system in systems.values():
+            system.stop()
+    return speeds
+
+
 def bench_stow(perf, data, count, rounds):
     small = files_of(os.path.join(data, "small10k"), count)
     warm = files_of(os.path.join(data, "extra9k"), 5)
     folders = []
-    for per_request, goal in ((1, 1.0), (50, 2.0)):
-        figures = {"ours": [], "peer": [], "floor": [], "flask": []}
-        for index in range(rounds):
-            folder = os.path.join(perf, f"stow-{uuid.uuid4().hex[:8]}")  # new: see above
-            folders.append(folder)
-            systems = {}
-            try:  # each started one is stopped, whichever fails to start
-                for name, start in (("ours", OurServer), ("peer", Orthanc), ("floor", FloorStow),
-                                    ("flask", FlaskFloor))[:2 if per_request > 1 else 4]:
-                    systems[name] = start(folder)
-                clients = {"ours": ours_client(systems["ours"]), "peer": orthanc_client()}
-                if per_request == 1:
-                    clients["floor"] = systems["floor"].client()
-                for name, client in clients.items():  # every module imported, every worker
-                    stow_all(client, warm, 1)
-                if per_request == 1:
-                    systems["flask"].single(warm)
-                order = list(systems)
-                order = order[index % len(order):] + order[:index % len(order)]
-                for name in order:
-                    os.sync()  # no writeback of the passes before to wait for
-                    seconds = (systems[name].single(small) if name == "flask" else
-                               stow_all(clients[name], small, per_request))
-                    figures[name].append(count / seconds)
-            finally:
-                for system in systems.values():
-                    system.stop()
-        median_ratios(f"stow-{per_request}", figures["ours"], figures["peer"], "inst/s", goal)
-        if per_request == 1:
-            median_ratios("  floor-1", figures["floor"], figures["peer"], "inst/s", who="floor")
-            median_ratios("  flask-1", figures["flask"], figures["peer"], "inst/s", who="flask")
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        for per_request, goal in ((1, 1.0), (50, 2.0)):
+            figures = {name: [] for name, _start in STOW_SYSTEMS}
+            for index in range(rounds):
+                folders.append(os.path.join(perf, f"stow-{uuid.uuid4().hex[:8]}"))  # new: above
+                for name, speed in stow_round(folders[-1], index, per_request, small,
+                                              warm).items():
+                    figures[name].append(speed)
+            median_ratios(f"stow-{per_request}", figures["ours"], figures["peer"], "inst/s", goal)
+            if per_request == 1:
+                median_ratios("  floor-1", figures["floor"], figures["peer"], "inst/s", who="floor")
+                median_ratios("  flask-1", figures["flask"], figures["peer"], "inst/s", who="flask")
+    finally:  # removed last, whatever happened (see the module docstring)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def bench_qido(perf, data, series, seconds, connections, rounds):

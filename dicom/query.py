@@ -86,6 +86,9 @@ _INSTANCE_COLUMNS = (_INSTANCES.sop_instance_uid, _INSTANCES.sop_class_uid,
 # A series' instances, counted in the statement that reads the series (once per row read).
 _INSTANCE_COUNT = (sa.select(sa.func.count()).where(_INSTANCES.series_uid == _SERIES.series_uid)
                    .correlate(Series.__table__).scalar_subquery().label("instance_count"))
+# The selects of series a search narrows, built once (``where`` copies them).
+_SERIES_UIDS = sa.select(_SERIES.series_uid)
+_SERIES_ROWS = sa.select(*_SERIES_COLUMNS, _INSTANCE_COUNT)
 
 
 def _like(value):
@@ -183,9 +186,9 @@ def _split(level, keys, include_patient):
     return series, instance, modalities, ignored
 
 
-def _series_query(domains, series_conditions, modalities):
-    """The UIDs of the matching series (a select of Series.series_uid)."""
-    query = sa.select(_SERIES.series_uid).where(Series.domain.in_(domains), *series_conditions)
+def _series_query(domains, series_conditions, modalities, select=_SERIES_UIDS):
+    """``select`` (by default the UIDs) of the matching series."""
+    query = select.where(Series.domain.in_(domains), *series_conditions)
     if modalities is not None:
         other = sa.orm.aliased(Series)
         query = query.where(sa.exists().where(
@@ -212,11 +215,11 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
     series_c, instance_c, modalities, ignored = _split(level, keys, include_patient)
     if not domains:
         return [], ignored
-    base = _series_query(domains, series_c, modalities)
     if level == "IMAGE":
-        matches = _images(base, instance_c, limit, offset)
+        matches = _images(_series_query(domains, series_c, modalities), instance_c, limit,
+                          offset)
     elif level == "SERIES":
-        rows = _rows(base.with_only_columns(*_SERIES_COLUMNS, _INSTANCE_COUNT)
+        rows = _rows(_series_query(domains, series_c, modalities, _SERIES_ROWS)
                      .order_by(_SERIES.study_uid, _SERIES.series_uid).limit(limit).offset(offset))
         shift = timedelta(minutes=default_offset())
         matches = [{**_series_attributes(r, shift), "NumberOfSeriesRelatedInstances":
@@ -224,7 +227,8 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
     else:
         group = Series.study_uid if level == "STUDY" else Series.patient_id
         picked = db.session.execute(
-            sa.select(group).where(Series.series_uid.in_(base.scalar_subquery()))
+            sa.select(group).where(Series.series_uid.in_(
+                _series_query(domains, series_c, modalities).scalar_subquery()))
             .group_by(group).order_by(group).limit(limit).offset(offset)).scalars().all()
         matches = _groups(level, group, picked, domains)
     if not include_patient:
@@ -235,12 +239,13 @@ def find(level, keys, domains, *, limit=None, offset=0, include_patient=True):
 
 
 def _rows(statement):
+    """Plain rows of a Core statement, in the session's transaction."""
     return db.session.connection().execute(statement).all()
 
 
 def _local_date_time(value, shift):
-    """(DA, TM) of a stored UTC datetime ``shift`` (the server's UTC offset) later, or
-    (None, None)."""
+    """(DA, TM) of a stored UTC datetime in local time (``shift``: the server's UTC
+    offset), or (None, None)."""
     if value is None:
         return None, None
     text = (value + shift).strftime("%Y%m%d%H%M%S")
@@ -271,9 +276,8 @@ def _groups(level, group, picked, domains):
     """One match per study (or patient) of ``picked``, from all its visible series."""
     if not picked:
         return []
-    rows = _rows(sa.select(*_SERIES_COLUMNS, _INSTANCE_COUNT).where(
-        group.in_(picked), Series.domain.in_(domains))
-        .order_by(Series.study_uid, Series.series_uid))
+    rows = _rows(_SERIES_ROWS.where(group.in_(picked), Series.domain.in_(domains))
+                 .order_by(Series.study_uid, Series.series_uid))
     by_group = {}
     for row in rows:
         by_group.setdefault(getattr(row, group.key), []).append(row)
