@@ -54,6 +54,23 @@ def post_worker_init(worker):
     signal.signal(signal.SIGTERM, stop)
 
 
+def on_starting(server):
+    """The store is checked before anything listens: a store that does not answer or
+    refuses the credentials ends gunicorn here with its message alone ("App failed to
+    load", exit 4). Left to the workers, the arbiter could get a worker's refusal while
+    still starting, outside the loop that handles it, and die with a traceback (exit 1)."""
+    import click  # the project's modules, as in post_fork: only when serving it
+    import config
+    import storage
+
+    settings = config.from_environment()
+    try:
+        storage.open_store(settings["STORAGE_URL"], settings["CIRCUS_DATA_DIR"], settings)
+    except click.ClickException as exc:
+        server.log.error("App failed to load: %s", exc.format_message())
+        raise SystemExit(4) from None
+
+
 def post_fork(server, worker):
     """A setting the app refuses at start (a store that does not answer or refuses the
     credentials: a ClickException raised by ``create_app``) ends gunicorn with its message:

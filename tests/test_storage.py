@@ -585,7 +585,7 @@ def assert_start_refused(env, message):
     answered = []
     deadline = time.monotonic() + 120
     while gunicorn.poll() is None and time.monotonic() < deadline:
-        try:  # the arbiter listens while its workers boot: none may answer
+        try:  # the store is refused before anything listens: nothing may answer
             answered.append(requests.get(base + "/api/status", timeout=1).status_code)
         except requests.RequestException:
             time.sleep(0.1)
