@@ -251,12 +251,10 @@ def fsync_dir(path):
 
 
 @contextmanager
-def atomic_file(path, mode="wb", fsync=True):
-    """Write to a temporary file beside ``path`` and rename it into place on success.
-
-    On any exception the temporary file is removed and ``path`` is left untouched.
-    """
-    folder = os.path.dirname(path)
+def _temporary_then(folder, finish, mode="wb", fsync=True):
+    """A temporary file in ``folder`` opened for writing; after the block its data is
+    flushed (and fsynced) and ``finish(tmp)`` puts it in place. On any exception,
+    ``finish``'s included, the temporary file is removed."""
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
@@ -265,13 +263,24 @@ def atomic_file(path, mode="wb", fsync=True):
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        finish(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+@contextmanager
+def atomic_file(path, mode="wb", fsync=True):
+    """Write to a temporary file beside ``path`` and rename it into place on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    with _temporary_then(os.path.dirname(path), lambda tmp: os.replace(tmp, path), mode,
+                         fsync) as fh:
+        yield fh
 
 
 def write_atomic(path, data, fsync=True):
@@ -291,22 +300,9 @@ def published_file(key, fsync=True):
     made durable and published under ``key`` (data directory: renamed into place; object
     store: uploaded, multipart when large). On any exception nothing is published."""
     target = store()
-    staging = target.staging_dir(key)
-    os.makedirs(staging, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            if fsync and target.publish_needs_fsync:
-                os.fsync(fh.fileno())
-        target.publish(tmp, key)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with _temporary_then(target.staging_dir(key), lambda tmp: target.publish(tmp, key),
+                         fsync=fsync and target.publish_needs_fsync) as fh:
+        yield fh
 
 
 # --- the stores ------------------------------------------------------------------------------
