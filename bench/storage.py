@@ -18,6 +18,7 @@ Figures:
 Every API server runs gunicorn with gunicorn.conf.py and one ``flask --app app worker``.
 """
 import argparse
+import contextlib
 import io
 import os
 import shutil
@@ -82,8 +83,9 @@ class Host:
             proc.wait(timeout=60)
 
 
-def database(url):
-    """A fresh database beside DATABASE_URL's (dropped by the caller)."""
+@contextlib.contextmanager
+def scratch_database(url):
+    """A fresh database beside DATABASE_URL's (its URL), dropped afterwards."""
     import sqlalchemy as sa
     name = "circus_bench_" + uuid.uuid4().hex[:8]
     admin = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1)
@@ -91,7 +93,11 @@ def database(url):
                              isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    return admin, admin.url.set(database=name).render_as_string(hide_password=False), name
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def ct_zip(folder, slices):
@@ -217,8 +223,7 @@ def main():
         print(f"{'':28}{'file://':>12}{'s3://':>12}{'ratio':>8}")
         rows = {}
         for store in ("file://", f"s3://circus-bench/{uuid.uuid4().hex[:8]}"):
-            admin, url, name = database(os.environ["DATABASE_URL"])
-            try:
+            with scratch_database(os.environ["DATABASE_URL"]) as url:
                 hosts, token = setup(tmp, store, url, 1)
                 try:
                     uid, body = ct_zip(tmp, args.slices)
@@ -233,17 +238,12 @@ def main():
                 finally:
                     for host in hosts:
                         host.stop()
-            finally:
-                with admin.connect() as conn:
-                    import sqlalchemy as sa
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         for label, (local, s3) in rows.items():
             print(f"{label:28}{local:12.2f}{s3:12.2f}{s3 / local:8.2f}")
         print(f"\n{'s3://, PostgreSQL':28}{'1 host':>12}{'2 hosts':>12}{'ratio':>8}")
         rows = {}
         for n in (1, 2):
-            admin, url, name = database(os.environ["DATABASE_URL"])
-            try:
+            with scratch_database(os.environ["DATABASE_URL"]) as url:
                 hosts, token = setup(tmp, f"s3://circus-bench/{uuid.uuid4().hex[:8]}", url, n)
                 try:
                     zips = [ct_zip(tmp, args.slices) for _ in range(4)]
@@ -254,10 +254,6 @@ def main():
                 finally:
                     for host in hosts:
                         host.stop()
-            finally:
-                with admin.connect() as conn:
-                    import sqlalchemy as sa
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         for label, (one, two) in rows.items():
             print(f"{label:28}{one:12.2f}{two:12.2f}{two / one:8.2f}")
     finally:
