@@ -9,6 +9,9 @@ node STORESCU (any host; echo, store, find, get) registered, the listener on a f
 Figures (ratios ours / Orthanc):
   store-small   `storescu`, one association, --small small instances: instances/s (goal >= 1.5)
   store-ct      `storescu`, one association, the 200-slice CT: MB/s           (goal >= 1.0)
+                Both are medians of ``--rounds`` rounds; each round starts ours and Orthanc on
+                storage never used before (see bench/ingest.py ``new_folder``) and sends to
+                every system in an order that rotates, after a ``sync``
   ceiling       beside store-small and store-ct: the same storescu runs into
                 bench/dicom_ceiling.py, a bare pynetdicom SCP built as our listener (same
                 contexts, transfer syntaxes, maximum PDU, TCP_NODELAY, DUL poll delay,
@@ -36,12 +39,14 @@ import http.client
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from ingest import ORTHANC_AUTH, ROOT, Orthanc, ensure_data, files_of, free_port, rss_kb
+from ingest import (ORTHANC_AUTH, ROOT, Orthanc, ensure_data, files_of, free_port, new_folder,
+                    rss_kb)
 
 STORESCU = "STORESCU"
 CLIENT_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -62,9 +67,7 @@ class Ours:
     host = "127.0.0.1"
 
     def __init__(self, perf):
-        self.dir = os.path.join(perf, "circus-net")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir)
+        self.dir = new_folder(perf, "circus-net")  # never used before: see bench/ingest.py
         self.env = {**os.environ, "CIRCUS_DATA_DIR": self.dir}
         flask = [sys.executable, "-m", "flask", "--app", "app"]
         subprocess.run(flask + ["init-db"], cwd=ROOT, env=self.env, check=True,
@@ -259,12 +262,71 @@ def stop(*targets):
             target.stop()
 
 
+def store_round(perf, index, small, ct, with_orthanc, ceilings):
+    """One round of store-small and store-ct on new storage, the systems in an order that
+    rotates with ``index``: {(figure, system): rate}."""
+    ct_mb = sum(os.path.getsize(f) for f in ct) / 1e6
+    ours, peer = both(perf, with_orthanc)
+    try:
+        systems = [("ours", ours)] + ([("peer", peer)] if peer else []) + \
+            [(f"ceiling {c.mode}", c) for c in ceilings]
+        systems = systems[index % len(systems):] + systems[:index % len(systems)]
+        rates = {}
+        for figure, files, amount in (("store-small", small, len(small)), ("store-ct", ct, ct_mb)):
+            for name, target in systems:
+                os.sync()  # no writeback of the passes before to wait for
+                rates[figure, name] = amount / store(target, files)
+        return rates
+    finally:
+        stop(ours, peer)
+
+
+def bench_store(perf, small, ct, count, rounds, with_orthanc, with_store, with_parallel):
+    """store-small, store-ct (medians of ``rounds``, each on new storage) and store-4."""
+    batch = small[:count]
+    ceilings = [Ceiling(mode) for mode in ("null", "devnull")] if with_store else []
+    try:
+        if with_store:
+            results = [store_round(perf, index, batch, ct, with_orthanc, ceilings)
+                       for index in range(rounds)]
+            for figure, unit, goal in (("store-small", "inst/s", ">= 1.5"),
+                                       ("store-ct", "MB/s", ">= 1.0")):
+                ours = [r[figure, "ours"] for r in results]
+                peer = [r[figure, "peer"] for r in results] if with_orthanc else []
+                ratios = [o / p for o, p in zip(ours, peer)]
+                report(figure, statistics.median(ours), statistics.median(peer) if peer else 0,
+                       unit, goal)
+                if ratios:
+                    print(f"{'':12} ratio per round: {', '.join(f'{r:.2f}' for r in ratios)}, "
+                          f"median {statistics.median(ratios):.2f}", flush=True)
+                report_ceiling([(c, statistics.median(r[figure, f"ceiling {c.mode}"]
+                                                      for r in results)) for c in ceilings],
+                               statistics.median(ours), statistics.median(peer) if peer else 0,
+                               unit)
+    finally:
+        stop(*ceilings)
+    if with_parallel:
+        ours, peer = both(perf, with_orthanc)
+        try:
+            mine = len(batch) / store(ours, batch)
+            batch = small[count:2 * count] or batch
+            four = len(batch) / store_parallel(ours, batch, 4)
+            four_peer = len(batch) / store_parallel(peer, batch, 4) if peer else 0
+            report("store-4", four, four_peer, "inst/s")
+            print(f"{'':12} ours: 4 associations {four:.1f} vs one {mine:.1f} inst/s "
+                  f"({four / mine:.2f}x)", flush=True)
+        finally:
+            stop(ours, peer)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--perf", default="/tmp/perf-dicom-net", help="scratch directory")
     parser.add_argument("--small", type=int, default=2000, help="small instances per store test")
     parser.add_argument("--only", default="store,parallel,rss,find,get")
     parser.add_argument("--find-rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="store rounds, each on new storage; figures are their medians")
     parser.add_argument("--total", type=int, default=None,
                         help="small instances stored for rss/find/get (default: all 19,000)")
     parser.add_argument("--no-orthanc", action="store_true", help="ours and the ceiling only (smoke runs)")
@@ -279,31 +341,8 @@ def main():
     with_orthanc = not args.no_orthanc
 
     if "store" in only or "parallel" in only:
-        ours, peer = both(args.perf, with_orthanc)
-        ceilings = []
-        try:
-            for mode in ("null", "devnull") if "store" in only else ():
-                ceilings.append(Ceiling(mode))
-            batch = small[:args.small]
-            mine = len(batch) / store(ours, batch)
-            theirs = len(batch) / store(peer, batch) if peer else 0
-            report("store-small", mine, theirs, "inst/s", ">= 1.5")
-            report_ceiling([(c, len(batch) / store(c, batch)) for c in ceilings],
-                           mine, theirs, "inst/s")
-            mine_ct = ct_bytes / 1e6 / store(ours, ct)
-            theirs_ct = ct_bytes / 1e6 / store(peer, ct) if peer else 0
-            report("store-ct", mine_ct, theirs_ct, "MB/s", ">= 1.0")
-            report_ceiling([(c, ct_bytes / 1e6 / store(c, ct)) for c in ceilings],
-                           mine_ct, theirs_ct, "MB/s")
-            if "parallel" in only:
-                batch = small[args.small:2 * args.small] or small[:args.small]
-                four = len(batch) / store_parallel(ours, batch, 4)
-                four_peer = len(batch) / store_parallel(peer, batch, 4) if peer else 0
-                report("store-4", four, four_peer, "inst/s")
-                print(f"{'':12} ours: 4 associations {four:.1f} vs one {mine:.1f} inst/s "
-                      f"({four / mine:.2f}x)", flush=True)
-        finally:
-            stop(ours, peer, *ceilings)
+        bench_store(args.perf, small, ct, args.small, args.rounds, with_orthanc,
+                    "store" in only, "parallel" in only)
 
     if only & {"rss", "find", "get"}:
         ours, peer = both(args.perf, with_orthanc and bool(only & {"find", "get"}))
