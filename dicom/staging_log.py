@@ -102,12 +102,17 @@ def _record_header(magic, generation, sequence, name, data):
 
 
 def _pwrite_all(fd, buffers, offset):
-    for buffer in buffers:
-        view = memoryview(buffer)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
+    """Write ``buffers`` at ``offset``: one ``pwritev`` in the usual case, the rest of a
+    short write after it."""
+    views = [memoryview(buffer) for buffer in buffers]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
 
 
 def _unlink_quietly(path):
