@@ -311,11 +311,16 @@ class Series(Timestamps, db.Model):
 
     def set_patient_info(self, info):
         """Store patientInfo and its indexed copies together."""
-        self.patient_info = dict(info or {})
-        self.patient_id = self.patient_info.get("patientId")
-        self.patient_name = self.patient_info.get("patientName")
-        self.patient_age = self.patient_info.get("age")
-        self.patient_sex = self.patient_info.get("sex")
+        for column, value in self.patient_columns(info).items():
+            setattr(self, column, value)
+
+    @staticmethod
+    def patient_columns(info):
+        """The column values of patientInfo ``info``: itself and its indexed copies."""
+        info = dict(info or {})
+        return {"patient_info": info, "patient_id": info.get("patientId"),
+                "patient_name": info.get("patientName"), "patient_age": info.get("age"),
+                "patient_sex": info.get("sex")}
 
     # The columns of a series document, in the order row_to_json unpacks them.
     DOCUMENT_COLUMNS = ("series_uid", "study_uid", "width", "height", "images", "series_date",

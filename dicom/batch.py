@@ -411,7 +411,7 @@ class ImportBatch:
         now = utcnow()
         for chunk in _chunks(sorted(by_series)):
             existing = self._lock_rows(chunk)
-            touched = []
+            inserts = []
             updates = []
             for uid in chunk:
                 numbers = by_series[uid]
@@ -419,12 +419,10 @@ class ImportBatch:
                 if row is None:
                     values = self._series_values(uid)
                     patient_info = values.pop("patient_info")
-                    series = Series(**values, images=images_string(numbers), domain=self.domain,
-                                    storage_id=0, created_at=now, updated_at=now)
-                    series.set_patient_info(patient_info)
-                    db.session.add(series)
+                    inserts.append({**values, **Series.patient_columns(patient_info),
+                                    "images": images_string(numbers), "domain": self.domain,
+                                    "storage_id": 0, "created_at": now, "updated_at": now})
                     new_keys.update((uid, n) for n in numbers)
-                    touched.append(series)
                     continue
                 domain, images = row
                 if domain != self.domain and conflicts is not None:
@@ -440,12 +438,11 @@ class ImportBatch:
                                 if not any(a <= n <= b for a, b in ranges))
                 updates.append({"uid": uid, "images": merge_images(images, numbers),
                                 "now": now})
+            # Core statements on the session's connection: no ORM objects to flush or keep.
             if updates:
                 db.session.connection().execute(_UPDATE_IMAGES, updates)
-            if touched:
-                db.session.flush()
-            for series in touched:  # written; no need to keep them in memory
-                db.session.expunge(series)
+            if inserts:
+                db.session.connection().execute(_INSERT_SERIES, inserts)
         pairs = []
         for (uid, number), staged in sorted(self.staged.items()):
             is_new = (uid, number) in new_keys
@@ -507,6 +504,7 @@ def instance_row(keys):
 
 
 _SERIES = Series.__table__
+_INSERT_SERIES = _SERIES.insert()
 _LOCK_SERIES = (_SERIES.update().where(_SERIES.c.series_uid.in_(sa.bindparam("uids", expanding=True)))
                 .values(images=_SERIES.c.images, updated_at=_SERIES.c.updated_at)
                 .returning(_SERIES.c.series_uid, _SERIES.c.domain, _SERIES.c.images))
